@@ -1,0 +1,118 @@
+"""ExitStats: where tokens left the model, and how many layers really ran."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["ExitStats"]
+
+
+@dataclass
+class ExitStats:
+    """Counters of early exits.
+
+    A token's *depth* is the number of decoder layers its output was computed from:
+    ``c + 1`` if it exited at checkpoint ``c``, else ``num_layers``. ``layers_executed``
+    counts the token-layers that actually ran (a strategy that runs all layers and then
+    selects counts every layer), so ``layers_executed / total_tokens`` against
+    ``mean_depth`` shows what a strategy saved.
+
+    Attributes:
+        num_layers: decoder layers in the model.
+        total_tokens: tokens whose outputs were produced.
+        exits_per_layer: checkpoint layer -> tokens that exited there.
+        layers_executed: token-layers that ran (full layers; KV-fill not included).
+    """
+
+    num_layers: int
+    total_tokens: int = 0
+    exits_per_layer: dict[int, int] = field(default_factory=dict)
+    layers_executed: int = 0
+
+    def record(self, exit_layers: torch.Tensor, layers_executed: int | None = None) -> None:
+        """Add a step's tokens.
+
+        Args:
+            exit_layers: per token, the checkpoint it exited at, or -1 for no exit
+                (any shape; padding must already be removed).
+            layers_executed: token-layers that ran in this step; defaults to the sum
+                of the tokens' depths (a path that really skipped every exited layer).
+        """
+        flat = exit_layers.detach().reshape(-1).to("cpu", torch.int64)
+        n = int(flat.numel())
+        exited = flat[flat >= 0]
+        if exited.numel():
+            layers, counts = torch.unique(exited, return_counts=True)
+            for layer, count in zip(layers.tolist(), counts.tolist()):
+                self.exits_per_layer[layer] = self.exits_per_layer.get(layer, 0) + count
+        self.total_tokens += n
+        if layers_executed is None:
+            layers_executed = int((exited + 1).sum()) + (n - int(exited.numel())) * self.num_layers
+        self.layers_executed += int(layers_executed)
+
+    def merge(self, other: "ExitStats") -> None:
+        """Add ``other``'s counts to these."""
+        if other.num_layers != self.num_layers:
+            raise ValueError(
+                f"cannot merge stats of a {other.num_layers}-layer model into {self.num_layers}"
+            )
+        self.total_tokens += other.total_tokens
+        self.layers_executed += other.layers_executed
+        for layer, count in other.exits_per_layer.items():
+            self.exits_per_layer[layer] = self.exits_per_layer.get(layer, 0) + count
+
+    def reset(self) -> None:
+        self.total_tokens = 0
+        self.exits_per_layer = {}
+        self.layers_executed = 0
+
+    @property
+    def exited_tokens(self) -> int:
+        return sum(self.exits_per_layer.values())
+
+    @property
+    def ran_all_layers(self) -> int:
+        """Tokens that did not exit."""
+        return self.total_tokens - self.exited_tokens
+
+    @property
+    def exit_rate(self) -> float:
+        """Fraction of tokens that exited early (0.0 when no tokens)."""
+        return self.exited_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    @property
+    def mean_depth(self) -> float:
+        """Mean number of layers each token's output was computed from."""
+        if not self.total_tokens:
+            return 0.0
+        depth = sum((layer + 1) * n for layer, n in self.exits_per_layer.items())
+        depth += self.ran_all_layers * self.num_layers
+        return depth / self.total_tokens
+
+    @property
+    def mean_layers_executed(self) -> float:
+        """Mean token-layers that ran per token."""
+        return self.layers_executed / self.total_tokens if self.total_tokens else 0.0
+
+    def summary(self) -> str:
+        """Human-readable summary in the prior TIDE format, plus depth."""
+        n = self.total_tokens
+
+        def pct(k: int) -> str:
+            return f"{100.0 * k / n:.1f}%" if n else "0.0%"
+
+        lines = [f"Total tokens: {n}, Exited: {self.exited_tokens} ({pct(self.exited_tokens)})"]
+        for layer in sorted(self.exits_per_layer):
+            k = self.exits_per_layer[layer]
+            lines.append(f"  Layer {layer}: {k} ({pct(k)})")
+        lines.append(f"Ran all layers: {self.ran_all_layers}")
+        lines.append(f"Mean depth: {self.mean_depth:.2f} / {self.num_layers} layers")
+        lines.append(
+            f"Layers executed per token: {self.mean_layers_executed:.2f} / {self.num_layers}"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
