@@ -1,0 +1,335 @@
+"""The executable spec of early exit: eager, layer by layer, with the model's own modules.
+
+This is the oracle every compiled path is tested against, and the plainest statement of
+what an exit means. It is not the fast path: it runs every layer for every token.
+
+Semantics (DESIGN.md, "The one semantics"):
+
+* A token exits at the first checkpoint ``c`` (in ``routers.checkpoint_layers``, at or
+  after ``min_layers``) where its router score is strictly greater than
+  ``exit_threshold``. Padding tokens never exit.
+* Its logits are ``lm_head(final_norm(E_c(h_c)))``.
+* For every layer ``l > c`` the token's K/V entries are computed by layer ``l``'s own
+  K/V path (input norm, k/v projections, k-norm, rotary) from the frozen state ``h_c``
+  and written to the cache (CALM's state propagation), so later tokens attend normally.
+
+How: the model's own forward runs unchanged, with three kinds of hooks. A forward hook
+on each checkpoint layer scores the tokens that have not exited yet and freezes the
+exiting ones' states. A pre-hook on every later layer feeds exited tokens their frozen
+state as that layer's input, so the layer computes (and caches) their K/V from ``h_c``;
+what the layer computes for them beyond K/V is discarded at the next layer's input. A
+pre-hook on the final norm replaces exited tokens' states by ``E_c(h_c)``. Masks,
+positions, rotary and cache handling are therefore exactly the model's own, for every
+architecture the probe supports.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .config import TIDEConfig
+from .model_probe import ModelProbe, probe
+from .routers import RouterSet
+from .stats import ExitStats
+
+__all__ = ["forward", "generate", "ForwardOutput", "GenerateOutput", "ExitState"]
+
+
+class ForwardOutput(NamedTuple):
+    logits: torch.Tensor
+    """``[batch, seq, vocab]``."""
+    stats: ExitStats
+    exit_layers: torch.Tensor
+    """``[batch, seq]``: the checkpoint each token exited at, -1 for none."""
+    past_key_values: Any
+
+
+class GenerateOutput(NamedTuple):
+    sequences: torch.Tensor
+    """``[batch, prompt + new]``, as ``model.generate`` returns (finished rows padded)."""
+    stats: ExitStats
+
+
+class ExitState:
+    """Per-token exit bookkeeping for one forward call."""
+
+    def __init__(self, batch: int, seq: int, hidden: int, like: torch.Tensor,
+                 valid: torch.Tensor) -> None:
+        self.exited = torch.zeros(batch, seq, dtype=torch.bool, device=like.device)
+        self.exit_layer = torch.full((batch, seq), -1, dtype=torch.long, device=like.device)
+        self.frozen = torch.zeros(batch, seq, hidden, dtype=like.dtype, device=like.device)
+        self.valid = valid
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+def _replace_hidden_arg(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (value, *args[1:]), kwargs
+    kwargs = dict(kwargs)
+    kwargs["hidden_states"] = value
+    return args, kwargs
+
+
+def _layer_output(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _resolve(routers: RouterSet, config: TIDEConfig | None, exit_threshold: float | None
+             ) -> tuple[float, list[int]]:
+    config = config or routers.config
+    threshold = config.exit_threshold if exit_threshold is None else exit_threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"exit_threshold must be in [0, 1], got {threshold!r}")
+    if config.min_layers > routers.num_layers:
+        raise ValueError(
+            f"min_layers={config.min_layers} is beyond the model's {routers.num_layers} layers"
+        )
+    layers = [c for c in routers.checkpoint_layers if c + 1 >= config.min_layers]
+    return float(threshold), layers
+
+
+@torch.no_grad()
+def forward(
+    model: nn.Module,
+    routers: RouterSet,
+    input_ids: torch.Tensor,
+    config: TIDEConfig | None = None,
+    past_key_values: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    position_ids: torch.Tensor | None = None,
+    exit_threshold: float | None = None,
+    _probe: ModelProbe | None = None,
+) -> ForwardOutput:
+    """One forward pass with per-token early exit.
+
+    Args:
+        model: an HF causal LM.
+        routers: routers made for ``model`` (checked).
+        input_ids: ``[batch, seq]``.
+        config: threshold and ``min_layers``; defaults to ``routers.config``.
+        past_key_values: a ``DynamicCache`` or ``StaticCache`` (updated in place), or None.
+        attention_mask: ``[batch, past + seq]``, 0 at padding, as HF models take it.
+        position_ids: passed to the model where it accepts them (left padding).
+        exit_threshold: overrides ``config.exit_threshold``.
+
+    Returns:
+        logits, stats (counted over non-padding tokens), exit layers, the cache.
+    """
+    p = _probe or probe(model)
+    routers.check_model(p)
+    threshold, active = _resolve(routers, config, exit_threshold)
+    batch, seq = input_ids.shape
+    if attention_mask is not None:
+        valid = attention_mask[:, -seq:].bool()
+    else:
+        valid = torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device)
+    param = next(model.parameters())
+    state = ExitState(batch, seq, p.hidden_size, param, valid)
+    first = active[0] if active else p.num_layers
+    handles = []
+
+    def make_checkpoint_hook(c: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            h = _layer_output(output)
+            score = routers.score(c, h)
+            new = (~state.exited) & state.valid & (score > threshold)
+            state.frozen = torch.where(new[..., None], h, state.frozen)
+            state.exit_layer = torch.where(new, torch.full_like(state.exit_layer, c),
+                                           state.exit_layer)
+            state.exited = state.exited | new
+        return hook
+
+    def freeze_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+        if not bool(state.exited.any()):
+            return None
+        h = _hidden_arg(args, kwargs)
+        return _replace_hidden_arg(args, kwargs, torch.where(state.exited[..., None],
+                                                             state.frozen.to(h.dtype), h))
+
+    def final_norm_pre_hook(module: nn.Module, args: tuple):
+        if not bool(state.exited.any()):
+            return None
+        h = args[0]
+        out = h
+        for c in active:
+            rows = state.exit_layer == c
+            if bool(rows.any()):
+                out = torch.where(rows[..., None], routers.exit_state(c, state.frozen).to(h.dtype),
+                                  out)
+        return (out, *args[1:])
+
+    try:
+        for c in active:
+            handles.append(p.layers[c].register_forward_hook(make_checkpoint_hook(c),
+                                                             with_kwargs=True))
+        for layer_idx in range(first + 1, p.num_layers):
+            handles.append(p.layers[layer_idx].register_forward_pre_hook(freeze_pre_hook,
+                                                                         with_kwargs=True))
+        handles.append(p.final_norm.register_forward_pre_hook(final_norm_pre_hook))
+        kwargs: dict[str, Any] = {"use_cache": past_key_values is not None}
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None and _accepts(model, "position_ids"):
+            kwargs["position_ids"] = position_ids
+        out = model(input_ids=input_ids, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    stats = ExitStats(num_layers=p.num_layers)
+    exits = state.exit_layer[state.valid]
+    # The reference runs every layer for every token: count what ran.
+    stats.record(exits, layers_executed=int(exits.numel()) * p.num_layers)
+    return ForwardOutput(out.logits, stats, state.exit_layer,
+                         getattr(out, "past_key_values", past_key_values))
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _eos_ids(model: nn.Module, eos_token_id: int | list[int] | None) -> list[int]:
+    if eos_token_id is None:
+        gen_cfg = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen_cfg, "eos_token_id", None)
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids ``[batch]`` from last-position logits ``[batch, vocab]``.
+
+    Greedy takes the argmax; sampling applies temperature, then top-k, then top-p
+    (the smallest set of tokens whose probability reaches ``top_p``), as HF does.
+    """
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    scores = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        k = min(top_k, scores.shape[-1])
+        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        remove_sorted = cum <= (1 - top_p)
+        remove_sorted[..., -1] = False  # always keep the most likely token
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+        scores = scores.masked_fill(remove, float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as HF generate computes them."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    routers: RouterSet,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    config: TIDEConfig | None = None,
+    exit_threshold: float | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    cache: str = "dynamic",
+) -> GenerateOutput:
+    """Decode with early exit, one token per step, as ``model.generate`` would.
+
+    Left-padded batches take an ``attention_mask``; a row stops at EOS (from the
+    arguments or ``model.generation_config``) and is padded afterwards; decoding stops
+    when every row has stopped or after ``max_new_tokens``.
+
+    Args:
+        cache: ``"dynamic"`` (``DynamicCache``) or ``"static"`` (``StaticCache`` sized
+            to prompt + ``max_new_tokens``).
+    """
+    from transformers import DynamicCache, StaticCache
+
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    p = probe(model)
+    routers.check_model(p)
+    batch, prompt_len = input_ids.shape
+    eos = _eos_ids(model, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if cache == "dynamic":
+        past: Any = DynamicCache(config=model.config)
+    elif cache == "static":
+        past = StaticCache(config=model.config, max_cache_len=prompt_len + max_new_tokens)
+    else:
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+
+    stats = ExitStats(num_layers=p.num_layers)
+    sequences = input_ids
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    step_ids = input_ids
+    positions = position_ids_from_mask(attention_mask)
+    for _ in range(max_new_tokens):
+        out = forward(model, routers, step_ids, config, past_key_values=past,
+                      attention_mask=attention_mask, position_ids=positions,
+                      exit_threshold=exit_threshold, _probe=p)
+        stats.merge(_live_rows(out, step_ids, unfinished, attention_mask, p.num_layers))
+        past = out.past_key_values
+        next_ids = sample_next(out.logits[:, -1, :], do_sample=do_sample, temperature=temperature,
+                               top_k=top_k, top_p=top_p, generator=generator)
+        next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad_token_id))
+        sequences = torch.cat([sequences, next_ids[:, None]], dim=-1)
+        if eos:
+            unfinished = unfinished & ~torch.isin(next_ids, torch.tensor(eos, device=next_ids.device))
+        if not bool(unfinished.any()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+        positions = positions[:, -1:] + 1
+        step_ids = next_ids[:, None]
+    return GenerateOutput(sequences, stats)
+
+
+def _live_rows(out: ForwardOutput, step_ids: torch.Tensor, unfinished: torch.Tensor,
+               attention_mask: torch.Tensor, num_layers: int) -> ExitStats:
+    """Stats of one step counting only real tokens of rows still generating."""
+    seq = step_ids.shape[1]
+    keep = attention_mask[:, -seq:].bool() & unfinished[:, None]
+    stats = ExitStats(num_layers=num_layers)
+    exits = out.exit_layers[keep]
+    stats.record(exits, layers_executed=int(exits.numel()) * num_layers)
+    return stats
