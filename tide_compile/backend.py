@@ -1,0 +1,261 @@
+"""The ``tide`` torch.compile backend: options -> passes -> runner.
+
+``torch.compile(model.forward, backend="tide", options={"routers": routers, ...})``.
+The backend is registered when ``tide_compile`` is imported and, when the package is
+installed, through the ``torch_dynamo_backends`` entry point.
+
+Pipeline, per Dynamo graph:
+
+1. ``passes.layers``: tag nodes with decoder layers; find each layer's input state.
+2. ``passes.insert``: ``tide::route`` at checkpoints, ``tide::exit_select`` at later
+   layer inputs, the exit read-out before the final norm, ``exit_layer`` as an output.
+3. frozen strategy: compile the whole inserted graph.
+   skip strategy: ``passes.segment`` splits the inserted graph at the checkpoints,
+   ``passes.kv_fill`` derives per checkpoint the graph writing the skipped layers'
+   K/V, ``passes.segment.head_graph`` the read-out; each piece compiled on first use.
+4. a runner (:mod:`.runtime.runner`) that executes them and counts stats.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .config import TIDEConfig
+from .passes import PassContext
+from .passes import insert as insert_pass
+from .passes import kv_fill as kv_fill_pass
+from .passes import layers as layers_pass
+from .passes import segment as segment_pass
+from .passes._fx import example_value
+from .routers import RouterSet
+from .runtime.runner import FrozenRunner, SkipRunner
+from .stats import ExitStats
+
+__all__ = ["BackendOptions", "parse_options", "tide_backend", "attach", "detach", "OPTION_KEYS"]
+
+Strategy = Literal["auto", "frozen", "skip"]
+
+
+@dataclass
+class BackendOptions:
+    """Options of the ``tide`` backend (``options={...}`` of ``torch.compile``).
+
+    Attributes:
+        routers: the routers, or a path to a router file; None: routers attached to the
+            model with :func:`attach`.
+        exit_threshold: overrides the routers' config threshold.
+        min_layers: overrides the routers' config ``min_layers``.
+        strategy: ``"frozen"`` (all layers run, exits selected in-graph), ``"skip"``
+            (stop after a checkpoint when every token has exited), ``"auto"`` (skip for
+            one-token steps with static shapes, frozen otherwise, e.g. prefill).
+        inductor: compile the graphs with Inductor (else run the FX graphs as they are).
+        inductor_config: Inductor config patches (as ``torch.compile(options=...)``).
+        mode: Inductor mode (``"default"``, ``"max-autotune-no-cudagraphs"``, ...).
+        stats: the ExitStats to count into (a new one if None; see :func:`last_stats`).
+    """
+
+    routers: RouterSet | None = None
+    exit_threshold: float | None = None
+    min_layers: int | None = None
+    strategy: Strategy = "auto"
+    inductor: bool = True
+    inductor_config: dict[str, Any] = field(default_factory=dict)
+    mode: str | None = None
+    stats: ExitStats | None = None
+
+
+OPTION_KEYS = tuple(f.name for f in dataclasses.fields(BackendOptions))
+
+
+def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
+    """Validate ``options``; unknown keys and bad values raise with the fix named."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown tide backend option(s) {unknown}; known options: {list(OPTION_KEYS)}"
+        )
+    opts = BackendOptions(**options)
+    if isinstance(opts.routers, (str, os.PathLike)):
+        opts.routers = RouterSet.load(opts.routers)
+    if opts.routers is not None and not isinstance(opts.routers, RouterSet):
+        raise TypeError(
+            f"options['routers'] must be a RouterSet or a router file path, got "
+            f"{type(opts.routers).__name__}"
+        )
+    if opts.exit_threshold is not None:
+        TIDEConfig(exit_threshold=opts.exit_threshold)  # validates the range
+    if opts.min_layers is not None:
+        TIDEConfig(min_layers=opts.min_layers)
+    if opts.strategy not in ("auto", "frozen", "skip"):
+        raise ValueError(f"strategy must be 'auto', 'frozen' or 'skip', got {opts.strategy!r}")
+    if not isinstance(opts.inductor_config, dict):
+        raise TypeError("options['inductor_config'] must be a dict of Inductor config patches")
+    return opts
+
+
+# ---------------------------------------------------------------------- attach
+# Routers attached to a model, found again from the graph's parameter placeholders.
+_ATTACHED: dict[int, tuple[weakref.ref, RouterSet, dict[str, Any]]] = {}
+
+
+def _param_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def attach(model: nn.Module, routers: RouterSet, **options: Any) -> nn.Module:
+    """Attach routers (and backend options) so ``torch.compile(model, backend="tide")``
+    needs no ``options``. Returns ``model``."""
+    routers.check_model(model)
+    parse_options({**options, "routers": routers})
+    for p in model.parameters():
+        _ATTACHED[_param_key(p)] = (weakref.ref(model), routers, dict(options))
+    model._tide_routers = routers  # type: ignore[attr-defined]
+    return model
+
+
+def detach(model: nn.Module) -> None:
+    """Undo :func:`attach`."""
+    for p in model.parameters():
+        _ATTACHED.pop(_param_key(p), None)
+    if hasattr(model, "_tide_routers"):
+        del model._tide_routers
+
+
+def _find_attached(example_inputs: Sequence[Any]) -> tuple[RouterSet, dict[str, Any]] | None:
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor):
+            try:
+                hit = _ATTACHED.get(_param_key(t))
+            except Exception:
+                continue
+            if hit is not None and hit[0]() is not None:
+                return hit[1], hit[2]
+    return None
+
+
+_LAST_STATS: list[ExitStats] = []
+
+
+def last_stats() -> ExitStats | None:
+    """The stats of the most recently compiled tide graph (when options gave none)."""
+    return _LAST_STATS[-1] if _LAST_STATS else None
+
+
+# ---------------------------------------------------------------------- compile
+def _compiler(opts: BackendOptions):
+    if not opts.inductor:
+        return lambda gm, example_inputs: gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = dict(opts.inductor_config)
+    if opts.mode is not None and opts.mode != "default":
+        patches = {**torch._inductor.list_mode_options(opts.mode), **patches}
+
+    def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]):
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
+
+    return compile_graph
+
+
+def _is_static(gm: fx.GraphModule) -> bool:
+    return not any(
+        isinstance(example_value(n), torch.SymInt)
+        or (isinstance(example_value(n), torch.Tensor)
+            and any(isinstance(s, torch.SymInt) for s in example_value(n).shape))
+        for n in gm.graph.nodes if n.op == "placeholder"
+    )
+
+
+def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
+                 options: Mapping[str, Any] | None = None):
+    """The ``tide`` backend: early exit compiled into the Dynamo graph."""
+    opts = parse_options(options)
+    if opts.routers is None:
+        found = _find_attached(example_inputs)
+        if found is None:
+            raise RuntimeError(
+                "the tide backend has no routers: pass them as "
+                "torch.compile(..., backend='tide', options={'routers': routers}) "
+                "(a RouterSet or a router file path), or call "
+                "tide_compile.attach(model, routers) before torch.compile(model, backend='tide'). "
+                "Make routers with tide_compile.calibrate(model, tokenizer, dataset=...)."
+            )
+        opts = parse_options({**found[1], **{k: v for k, v in dataclasses.asdict(opts).items()
+                                             if k != "routers" and v != getattr(BackendOptions(), k)},
+                              "routers": found[0]})
+    routers = opts.routers
+    assert routers is not None
+    config = routers.config
+    if opts.min_layers is not None:
+        config = config.replace(min_layers=opts.min_layers)
+    threshold = config.exit_threshold if opts.exit_threshold is None else opts.exit_threshold
+    checkpoints = [c for c in routers.checkpoint_layers if c + 1 >= config.min_layers]
+    num_layers = routers.num_layers
+    stats = opts.stats if opts.stats is not None else ExitStats(num_layers=num_layers)
+    if opts.stats is None:
+        _LAST_STATS[:] = [stats]
+    if stats.num_layers != num_layers:
+        raise ValueError(f"options['stats'] counts a {stats.num_layers}-layer model, routers "
+                         f"are for {num_layers} layers")
+    compiler = _compiler(opts)
+    if not checkpoints:
+        # No checkpoint at or after min_layers: the plain model.
+        return compiler(gm, example_inputs)
+
+    ctx = PassContext(num_layers=num_layers, checkpoint_layers=tuple(checkpoints),
+                      hidden_size=routers.hidden_size)
+    original = copy.deepcopy(gm)
+    info = layers_pass.run(gm, ctx)
+    state = info.state_after(checkpoints[0])
+    ev = example_value(state)
+    one_token_step = (isinstance(ev, torch.Tensor) and ev.dim() >= 2
+                      and not isinstance(ev.shape[-2], torch.SymInt) and ev.shape[-2] == 1)
+    strategy = opts.strategy
+    if strategy == "auto":
+        strategy = "skip" if (one_token_step and _is_static(gm)) else "frozen"
+
+    insert_pass.run(gm, info, routers, checkpoints, threshold)
+    if strategy == "frozen":
+        return FrozenRunner(gm, example_inputs, compiler, stats)
+
+    info_orig = layers_pass.run(original, ctx)
+    split = segment_pass.split(gm, info, checkpoints, with_head=False)
+    kv_fills = {c: kv_fill_pass.kv_fill_graph(original, info_orig, c + 1, num_layers - 1)
+                for c in checkpoints}
+    head = segment_pass.head_graph(original, info_orig)
+    state_names = gm.meta[insert_pass.STATE_NAMES]
+    projections = [
+        (c, proj.down.weight.detach(), proj.up.weight.detach(), proj.up.bias.detach())
+        for c in checkpoints if (proj := routers.exit_projection(c)) is not None
+    ]
+    return SkipRunner(split, kv_fills, head, state_names, projections,
+                      gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats)
+
+
+def _register() -> None:
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends import registry
+
+    if "tide" in registry._COMPILER_FNS:
+        return
+    try:
+        eps = entry_points(group="torch_dynamo_backends")
+        if any(ep.name == "tide" and ep.value.startswith("tide_compile") for ep in eps):
+            return  # Dynamo loads it through the entry point on first use
+    except Exception:
+        pass
+    registry.register_backend(tide_backend, name="tide")
+
+
+_register()

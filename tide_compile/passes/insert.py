@@ -1,0 +1,206 @@
+"""Pass `insert`: put the exit decision and the frozen-state selection into the graph.
+
+Matches: a graph tagged by :mod:`.layers` (its :class:`~.layers.LayerInfo`) and the
+routers of ``ctx`` at the checkpoint layers.
+
+Emits (the frozen strategy, DESIGN.md's in-graph oracle):
+
+- after the first checkpoint's state, an all-false exit state
+  ``(exited, frozen, exit_layer)`` (:func:`init_exit_state`);
+- after each checkpoint's state ``h_c``: ``tide::route(h_c, state..., router weights,
+  threshold, c, eps)`` giving the updated state (tagged with layer ``c``, so a
+  segment cut after layer ``c`` carries the state across);
+- for each layer ``l`` after the first checkpoint, its uses of its input state ``h`` go
+  through ``tide::exit_select(exited, frozen, h)`` (tagged ``l``): an exited token's
+  layer input is its frozen state, so the layer's own K/V path writes K/V computed
+  from ``h_c`` (state propagation);
+- the final norm's input goes through :func:`final_select`: exited tokens read out
+  ``E_c(h_c)`` (the exit projection where one is calibrated);
+- one extra graph output, appended last: ``exit_layer`` (int64, -1 = no exit), which the
+  runner strips before returning the model's outputs.
+
+Router weights become ``get_attr`` constants on ``gm`` (``tide_router_<c>_*``).
+
+Refuses: routers whose checkpoint layers are not layers of the graph.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..kernels import ops  # noqa: F401  (registers tide::route / tide::exit_select)
+from ._fx import PassError
+from .layers import META_KEY, LayerInfo
+
+if TYPE_CHECKING:
+    from ..routers import RouterSet
+
+__all__ = ["run", "init_exit_state", "final_select", "EXIT_LAYER_OUTPUT", "STATE_NAMES"]
+
+#: ``gm.meta`` key holding how many outputs the graph had before this pass.
+EXIT_LAYER_OUTPUT = "tide_user_outputs"
+#: ``gm.meta`` key: checkpoint -> names of the ``(exited, frozen, exit_layer)`` nodes after it.
+STATE_NAMES = "tide_state_names"
+
+
+def init_exit_state(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All-false exit state shaped like ``h`` without its last dim."""
+    lead = h.shape[:-1]
+    return (
+        torch.zeros(lead, dtype=torch.bool, device=h.device),
+        torch.zeros_like(h),
+        torch.full(lead, -1, dtype=torch.int64, device=h.device),
+    )
+
+
+def final_select(
+    exit_layer: torch.Tensor,
+    frozen: torch.Tensor,
+    h: torch.Tensor,
+    projections: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """The state each token is read out from: ``E_c(frozen)`` if it exited at ``c``, else ``h``.
+
+    ``projections`` holds ``(c, down_w, up_w, up_b)`` for checkpoints with an exit
+    projection ``E_c(x) = x + up(down(x))``; other checkpoints use the identity.
+    """
+    out = torch.where((exit_layer >= 0).unsqueeze(-1), frozen.to(h.dtype), h)
+    for c, down_w, up_w, up_b in projections:
+        x = frozen.to(down_w.dtype)
+        proj = x + torch.nn.functional.linear(torch.nn.functional.linear(x, down_w), up_w, up_b)
+        out = torch.where((exit_layer == c).unsqueeze(-1), proj.to(h.dtype), out)
+    return out
+
+
+def _const(gm: fx.GraphModule, name: str, value: torch.Tensor) -> str:
+    gm.register_buffer(name, value.detach().clone(), persistent=False)
+    return name
+
+
+def run(
+    gm: fx.GraphModule,
+    info: LayerInfo,
+    routers: "RouterSet",
+    checkpoints: Sequence[int],
+    threshold: float,
+) -> fx.GraphModule:
+    """Insert the exit state, routes, selections and the exit-layer output (in place)."""
+    graph = gm.graph
+    checkpoints = sorted(checkpoints)
+    bad = [c for c in checkpoints if not 0 <= c < info.num_layers - 1]
+    if bad:
+        raise PassError(
+            f"router checkpoints {bad} are not exit layers of this {info.num_layers}-layer graph"
+        )
+    if not checkpoints:
+        raise PassError("no checkpoint layers to insert routes at")
+    device = None
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            ev = n.meta.get("example_value")
+            if isinstance(ev, torch.Tensor) and ev.is_floating_point():
+                device = ev.device
+                break
+
+    def tag(node: fx.Node, layer: int | str) -> fx.Node:
+        node.meta[META_KEY] = layer
+        return node
+
+    state: tuple[fx.Node, fx.Node, fx.Node] | None = None
+    state_by_layer: dict[int, tuple[fx.Node, fx.Node, fx.Node]] = {}
+    route_end: dict[int, fx.Node] = {}
+    for c in checkpoints:
+        h_c = info.state_after(c)
+        r = routers.router(c)
+        anchor = h_c
+        if state is None:
+            with graph.inserting_after(anchor):
+                init = tag(graph.call_function(init_exit_state, (h_c,)), c)
+            anchor = init
+            parts = []
+            for i in range(3):
+                with graph.inserting_after(anchor):
+                    anchor = tag(graph.call_function(operator.getitem, (init, i)), c)
+                parts.append(anchor)
+            state = (parts[0], parts[1], parts[2])
+        weights = []
+        for suffix, tensor in (("w1", r.down.weight), ("b1", r.down.bias),
+                               ("w2", r.up.weight), ("b2", r.up.bias)):
+            name = _const(gm, f"tide_router_{c}_{suffix}",
+                          tensor.to(device) if device is not None else tensor)
+            with graph.inserting_after(anchor):
+                anchor = tag(graph.get_attr(name), c)
+            weights.append(anchor)
+        with graph.inserting_after(anchor):
+            route = tag(graph.call_function(
+                torch.ops.tide.route.default,
+                (h_c, *state, *weights, float(threshold), int(c), float(r.eps)),
+            ), c)
+        anchor = route
+        parts = []
+        for i in range(3):
+            with graph.inserting_after(anchor):
+                anchor = tag(graph.call_function(operator.getitem, (route, i)), c)
+            parts.append(anchor)
+        state = (parts[0], parts[1], parts[2])
+        state_by_layer[c] = state
+        route_end[c] = anchor
+    gm.meta[STATE_NAMES] = {c: tuple(n.name for n in st) for c, st in state_by_layer.items()}
+
+    # Every layer after the first checkpoint reads its input through exit_select.
+    for l in range(checkpoints[0] + 1, info.num_layers):
+        c = max(k for k in checkpoints if k < l)
+        exited, frozen, _ = state_by_layer[c]
+        h_in = info.layer_inputs[l]
+        users = [u for u in h_in.users if u.meta.get(META_KEY) == l]
+        if not users:
+            raise PassError(f"layer {l} does not read its input state {h_in.name!r}")
+        anchor = route_end[c] if l == c + 1 else h_in
+        with graph.inserting_after(anchor):
+            sel = tag(graph.call_function(torch.ops.tide.exit_select.default,
+                                          (exited, frozen, h_in)), l)
+        for u in users:
+            u.replace_input_with(h_in, sel)
+
+    # The final norm reads E_c(h_c) for exited tokens.
+    _, frozen, exit_layer = state
+    last = info.last_output
+    post_users = [u for u in last.users if u.meta.get(META_KEY) == "post"]
+    projections = []
+    anchor = last
+    for c in checkpoints:
+        proj = routers.exit_projection(c)
+        if proj is None:
+            continue
+        names = []
+        for suffix, tensor in (("down_w", proj.down.weight), ("up_w", proj.up.weight),
+                               ("up_b", proj.up.bias)):
+            name = _const(gm, f"tide_exitproj_{c}_{suffix}",
+                          tensor.to(device) if device is not None else tensor)
+            with graph.inserting_after(anchor):
+                anchor = tag(graph.get_attr(name), "post")
+            names.append(anchor)
+        projections.append((c, *names))
+    with graph.inserting_after(anchor):
+        readout = tag(graph.call_function(final_select,
+                                          (exit_layer, frozen, last, tuple(projections))), "post")
+    for u in post_users:
+        u.replace_input_with(last, readout)
+
+    # Expose exit_layer as the last output.
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    outs = out_node.args[0]
+    if isinstance(outs, (tuple, list)):
+        gm.meta[EXIT_LAYER_OUTPUT] = len(outs)
+        out_node.args = (tuple(outs) + (exit_layer,),)
+    else:
+        gm.meta[EXIT_LAYER_OUTPUT] = None
+        out_node.args = ((outs, exit_layer),)
+    graph.lint()
+    gm.recompile()
+    return gm
