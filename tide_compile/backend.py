@@ -18,6 +18,7 @@ Pipeline, per Dynamo graph:
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import os
@@ -176,6 +177,10 @@ def _is_static(gm: fx.GraphModule) -> bool:
     )
 
 
+#: Graphs compiled by the backend so far, by strategy ("frozen", "skip", "plain").
+COMPILE_COUNTS: collections.Counter[str] = collections.Counter()
+
+
 def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                  options: Mapping[str, Any] | None = None):
     """The ``tide`` backend: early exit compiled into the Dynamo graph."""
@@ -210,11 +215,18 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     compiler = _compiler(opts)
     if not checkpoints:
         # No checkpoint at or after min_layers: the plain model.
+        COMPILE_COUNTS["plain"] += 1
         return compiler(gm, example_inputs)
 
     ctx = PassContext(num_layers=num_layers, checkpoint_layers=tuple(checkpoints),
                       hidden_size=routers.hidden_size)
+    # Work on copies: Dynamo reads its own graph again after the backend returns. Without
+    # Dynamo's compile id, AOT treats the copies as plain graphs (it would otherwise map
+    # every placeholder back to a Dynamo source, and the router inputs have none).
     original = copy.deepcopy(gm)
+    gm = copy.deepcopy(gm)
+    for g in (original, gm):
+        g.meta.pop("dynamo_compile_id", None)
     info = layers_pass.run(gm, ctx)
     state = info.state_after(checkpoints[0])
     ev = example_value(state)
@@ -225,6 +237,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         strategy = "skip" if (one_token_step and _is_static(gm)) else "frozen"
 
     insert_pass.run(gm, info, routers, checkpoints, threshold)
+    COMPILE_COUNTS[strategy] += 1
     if strategy == "frozen":
         return FrozenRunner(gm, example_inputs, compiler, stats)
 
@@ -239,7 +252,8 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         for c in checkpoints if (proj := routers.exit_projection(c)) is not None
     ]
     return SkipRunner(split, kv_fills, head, state_names, projections,
-                      gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats)
+                      gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats,
+                      gm.meta.get(insert_pass.EXTRA_INPUTS, []))
 
 
 def _register() -> None:

@@ -30,6 +30,9 @@ class ExitStats:
     total_tokens: int = 0
     exits_per_layer: dict[int, int] = field(default_factory=dict)
     layers_executed: int = 0
+    #: exit layers and layers executed of the latest :meth:`record` call (not counted).
+    last_exit_layers: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    last_layers_executed: int = field(default=0, repr=False, compare=False)
 
     def record(self, exit_layers: torch.Tensor, layers_executed: int | None = None) -> None:
         """Add a step's tokens.
@@ -51,6 +54,8 @@ class ExitStats:
         if layers_executed is None:
             layers_executed = int((exited + 1).sum()) + (n - int(exited.numel())) * self.num_layers
         self.layers_executed += int(layers_executed)
+        self.last_exit_layers = exit_layers.detach()
+        self.last_layers_executed = int(layers_executed)
 
     def merge(self, other: "ExitStats") -> None:
         """Add ``other``'s counts to these."""
@@ -64,6 +69,8 @@ class ExitStats:
             self.exits_per_layer[layer] = self.exits_per_layer.get(layer, 0) + count
 
     def reset(self) -> None:
+        self.last_exit_layers = None
+        self.last_layers_executed = 0
         self.total_tokens = 0
         self.exits_per_layer = {}
         self.layers_executed = 0

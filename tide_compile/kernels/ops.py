@@ -85,3 +85,37 @@ def exit_select(exited: torch.Tensor, frozen: torch.Tensor, h: torch.Tensor) -> 
 @exit_select.register_fake
 def _exit_select_fake(exited, frozen, h):
     return torch.empty_like(h)
+
+
+# Autograd. The compiled path is for inference, but AOT traces a joint graph whenever the
+# model's parameters require grad (outside torch.no_grad), so both ops define gradients:
+# exit_select routes the gradient to whichever input it selected; route is a hard
+# decision and passes gradient to the frozen state only (none to h through the score).
+def _exit_select_setup(ctx, inputs, output):
+    exited, _frozen, _h = inputs
+    ctx.save_for_backward(exited)
+
+
+def _exit_select_backward(ctx, grad):
+    (exited,) = ctx.saved_tensors
+    sel = exited.unsqueeze(-1)
+    return None, torch.where(sel, grad, 0.0), torch.where(sel, 0.0, grad)
+
+
+exit_select.register_autograd(_exit_select_backward, setup_context=_exit_select_setup)
+
+
+def _route_setup(ctx, inputs, output):
+    h, exited, frozen, exit_layer, *_ = inputs
+    ctx.save_for_backward(exited, output[0])
+
+
+def _route_backward(ctx, grad_exited, grad_frozen, grad_exit_layer):
+    exited_before, exited_after = ctx.saved_tensors
+    new = (exited_after & ~exited_before).unsqueeze(-1)
+    grad_h = None if grad_frozen is None else torch.where(new, grad_frozen, 0.0)
+    grad_prev = None if grad_frozen is None else torch.where(new, 0.0, grad_frozen)
+    return grad_h, None, grad_prev, None, None, None, None, None, None, None, None
+
+
+route.register_autograd(_route_backward, setup_context=_route_setup)

@@ -19,7 +19,10 @@ Emits (the frozen strategy, DESIGN.md's in-graph oracle):
 - one extra graph output, appended last: ``exit_layer`` (int64, -1 = no exit), which the
   runner strips before returning the model's outputs.
 
-Router weights become ``get_attr`` constants on ``gm`` (``tide_router_<c>_*``).
+Router weights become extra graph inputs (placeholders ``tide_router_<c>_*`` and
+``tide_exitproj_<c>_*`` after the original ones; ``gm.meta[EXTRA_INPUTS]`` lists their
+tensors in order, and whoever calls the graph appends them to the arguments). Inputs,
+not ``get_attr`` constants: AOT/Inductor accept only Dynamo's own parameters as those.
 
 Refuses: routers whose checkpoint layers are not layers of the graph.
 """
@@ -40,10 +43,13 @@ from .layers import META_KEY, LayerInfo
 if TYPE_CHECKING:
     from ..routers import RouterSet
 
-__all__ = ["run", "init_exit_state", "final_select", "EXIT_LAYER_OUTPUT", "STATE_NAMES"]
+__all__ = ["run", "init_exit_state", "final_select", "EXIT_LAYER_OUTPUT", "STATE_NAMES",
+           "EXTRA_INPUTS"]
 
 #: ``gm.meta`` key holding how many outputs the graph had before this pass.
 EXIT_LAYER_OUTPUT = "tide_user_outputs"
+#: ``gm.meta`` key: tensors to append to the graph's arguments (router weights).
+EXTRA_INPUTS = "tide_extra_inputs"
 #: ``gm.meta`` key: checkpoint -> names of the ``(exited, frozen, exit_layer)`` nodes after it.
 STATE_NAMES = "tide_state_names"
 
@@ -77,9 +83,15 @@ def final_select(
     return out
 
 
-def _const(gm: fx.GraphModule, name: str, value: torch.Tensor) -> str:
-    gm.register_buffer(name, value.detach().clone(), persistent=False)
-    return name
+def _input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+    """A new placeholder after the existing ones, fed ``value`` by the runner."""
+    graph = gm.graph
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        node = graph.placeholder(name)
+    node.meta["example_value"] = value
+    gm.meta.setdefault(EXTRA_INPUTS, []).append(value)
+    return node
 
 
 def run(
@@ -131,11 +143,10 @@ def run(
         weights = []
         for suffix, tensor in (("w1", r.down.weight), ("b1", r.down.bias),
                                ("w2", r.up.weight), ("b2", r.up.bias)):
-            name = _const(gm, f"tide_router_{c}_{suffix}",
-                          tensor.to(device) if device is not None else tensor)
-            with graph.inserting_after(anchor):
-                anchor = tag(graph.get_attr(name), c)
-            weights.append(anchor)
+            node = _input(gm, f"tide_router_{c}_{suffix}",
+                          (tensor.to(device) if device is not None else tensor).detach())
+            tag(node, c)
+            weights.append(node)
         with graph.inserting_after(anchor):
             route = tag(graph.call_function(
                 torch.ops.tide.route.default,
@@ -180,11 +191,10 @@ def run(
         names = []
         for suffix, tensor in (("down_w", proj.down.weight), ("up_w", proj.up.weight),
                                ("up_b", proj.up.bias)):
-            name = _const(gm, f"tide_exitproj_{c}_{suffix}",
-                          tensor.to(device) if device is not None else tensor)
-            with graph.inserting_after(anchor):
-                anchor = tag(graph.get_attr(name), "post")
-            names.append(anchor)
+            node = _input(gm, f"tide_exitproj_{c}_{suffix}",
+                          (tensor.to(device) if device is not None else tensor).detach())
+            tag(node, "post")
+            names.append(node)
         projections.append((c, *names))
     with graph.inserting_after(anchor):
         readout = tag(graph.call_function(final_select,

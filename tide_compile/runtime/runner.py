@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from ..passes.insert import EXIT_LAYER_OUTPUT, final_select
+from ..passes.insert import EXIT_LAYER_OUTPUT, EXTRA_INPUTS, final_select
 from ..stats import ExitStats
 
 __all__ = ["FrozenRunner", "SkipRunner", "Compiler"]
@@ -68,10 +68,11 @@ class FrozenRunner:
         self.num_layers = stats.num_layers
         self.stats = stats
         self.last_exit_layers: torch.Tensor | None = None
-        self.fn = compiler(gm, list(example_inputs))
+        self.extra = list(gm.meta.get(EXTRA_INPUTS, []))
+        self.fn = compiler(gm, list(example_inputs) + self.extra)
 
     def __call__(self, *args: Any) -> Any:
-        outs, exit_layer = _strip(self.fn(*args), self.user_outputs)
+        outs, exit_layer = _strip(self.fn(*args, *self.extra), self.user_outputs)
         self.last_exit_layers = exit_layer
         self.stats.record(exit_layer, layers_executed=_token_count(exit_layer) * self.num_layers)
         return outs
@@ -95,8 +96,10 @@ class SkipRunner:
     def __init__(self, split: Any, kv_fills: dict[int, Any], head: Any,
                  state_names: dict[int, tuple[str, str, str]],
                  projections: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
-                 user_outputs: int | None, compiler: Compiler, stats: ExitStats) -> None:
+                 user_outputs: int | None, compiler: Compiler, stats: ExitStats,
+                 extra_inputs: Sequence[torch.Tensor] = ()) -> None:
         self.split = split
+        self.extra = list(extra_inputs)
         self.cuts = list(split.checkpoint_layers)
         self.segments = [_Lazy(s.gm, compiler, f"segment{k}") for k, s in enumerate(split.segments)]
         self.kv_fills = {c: _Lazy(g.gm, compiler, f"kv_fill{c}") for c, g in kv_fills.items()}
@@ -113,7 +116,7 @@ class SkipRunner:
         self.last_segments_run = 0
 
     def __call__(self, *args: Any) -> Any:
-        env = self.split.env(*args)
+        env = self.split.env(*args, *self.extra)
         segs = self.split.segments
         for k, seg in enumerate(segs):
             env.update(zip(seg.output_names, self.segments[k](*[env[n] for n in seg.input_names])))

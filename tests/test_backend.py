@@ -1,0 +1,241 @@
+"""The tide backend against the reference (custom runner without Inductor; a few Inductor tests)."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from transformers import DynamicCache, StaticCache
+
+import tide_compile
+from tide_compile import ExitStats, RouterSet, TIDEConfig
+from tide_compile import backend as B
+from tide_compile import reference as R
+from test_reference import random_routers
+from tiny_models import make_model
+
+CFG = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
+ARCHS5 = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3")
+SETTINGS = settings(max_examples=10, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+_MODELS: dict = {}
+
+
+def model_for(arch, num_layers=4):
+    key = (arch, num_layers)
+    if key not in _MODELS:
+        _MODELS[key] = make_model(arch, num_layers=num_layers, seed=7 + len(_MODELS))
+    return _MODELS[key]
+
+
+def new_cache(model, kind, length=24):
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=length)
+    return DynamicCache(config=model.config)
+
+
+def compiled(model, routers, **options):
+    torch._dynamo.reset()
+    stats = ExitStats(num_layers=routers.num_layers)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "inductor": False, "stats": stats, **options})
+    return fn, stats
+
+
+def run_both(model, routers, fn, cache_kind, batch, prompt, steps, threshold, seed):
+    """Prefill + decode steps through the compiled fn and the reference; compare each."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 97, (batch, prompt), generator=g)
+    c_fast, c_ref = new_cache(model, cache_kind), new_cache(model, cache_kind)
+    exits = []
+    for step in range(steps + 1):
+        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"step {step}: {m}")
+        exits.append(ref.exit_layers)
+        ids = ref.logits[:, -1:].argmax(-1)
+    return torch.cat(exits, 1)
+
+
+# ------------------------------------------------------------------ compiled == reference
+@SETTINGS
+@given(arch=st.sampled_from(ARCHS5), cache=st.sampled_from(["static", "dynamic"]),
+       strategy=st.sampled_from(["auto", "frozen", "skip"]), batch=st.integers(1, 3),
+       prompt=st.integers(1, 6), threshold=st.floats(0.05, 0.95), seed=st.integers(0, 10_000))
+def test_compiled_equals_reference(arch, cache, strategy, batch, prompt, threshold, seed):
+    model = model_for(arch)
+    routers = random_routers(model, seed)
+    fn, stats = compiled(model, routers, exit_threshold=threshold, strategy=strategy)
+    exits = run_both(model, routers, fn, cache, batch, prompt, 3, threshold, seed)
+    ref_stats = ExitStats(4)
+    ref_stats.record(exits)
+    assert stats.exits_per_layer == ref_stats.exits_per_layer
+    assert stats.total_tokens == ref_stats.total_tokens
+
+
+@pytest.mark.parametrize("arch", ARCHS5)
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_forced_exit_skips_layers(arch, cache):
+    """Every token exits at layer 1: decode runs 2 of 4 layers, outputs equal the reference."""
+    model = model_for(arch)
+    routers = RouterSet.forced(model, exit_at=1, config=CFG)
+    fn, stats = compiled(model, routers, strategy="skip")
+    run_both(model, routers, fn, cache, 1, 4, 3, CFG.exit_threshold, 0)
+    assert stats.exits_per_layer == {1: 4 + 3}
+    assert stats.mean_layers_executed == 2.0  # layers 2 and 3 really did not run
+    assert stats.mean_depth == 2.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_frozen_runs_all_layers_and_equals_skip(arch):
+    model = model_for(arch)
+    routers = RouterSet.forced(model, exit_at=0, config=CFG)
+    outs = {}
+    for strategy in ("frozen", "skip"):
+        fn, stats = compiled(model, routers, strategy=strategy)
+        cache = new_cache(model, "static")
+        ids = torch.tensor([[5, 6, 7]])
+        logits = [fn(input_ids=ids, past_key_values=cache, use_cache=True).logits]
+        for t in range(3):
+            logits.append(fn(input_ids=torch.tensor([[10 + t]]), past_key_values=cache,
+                             use_cache=True).logits)
+        outs[strategy] = (torch.cat(logits, 1), cache.layers[3].keys.clone(), stats)
+    torch.testing.assert_close(outs["frozen"][0], outs["skip"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs["frozen"][1], outs["skip"][1], rtol=1e-5, atol=1e-5)
+    assert outs["frozen"][2].mean_layers_executed == 4.0
+    assert outs["skip"][2].mean_layers_executed == 1.0
+    assert outs["frozen"][2].exits_per_layer == outs["skip"][2].exits_per_layer
+
+
+@pytest.mark.parametrize("arch", ARCHS5)
+def test_never_exit_equals_plain_model(arch):
+    model = model_for(arch)
+    routers = RouterSet.forced(model, exit_at=None, config=CFG)
+    fn, stats = compiled(model, routers)
+    ids = torch.randint(2, 97, (2, 5))
+    c1, c2 = new_cache(model, "static"), new_cache(model, "static")
+    for _ in range(3):
+        out = fn(input_ids=ids, past_key_values=c1, use_cache=True)
+        with torch.no_grad():
+            ref = model(input_ids=ids, past_key_values=c2, use_cache=True)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+        ids = ref.logits[:, -1:].argmax(-1)
+    assert stats.exit_rate == 0.0
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_no_recompilation_per_decode_step(cache):
+    model = model_for("llama")
+    routers = random_routers(model, 1)
+    fn, _ = compiled(model, routers, exit_threshold=0.5)
+    cc = new_cache(model, cache, length=40)
+    ids = torch.randint(2, 97, (1, 5))
+    counts = []
+    for _ in range(12):
+        fn(input_ids=ids, past_key_values=cc, use_cache=True)
+        counts.append(sum(B.COMPILE_COUNTS.values()))
+        ids = torch.randint(2, 97, (1, 1))
+    # prefill, the first step, and (DynamicCache) one dynamic-shape recompile; then none.
+    assert counts[3:] == [counts[3]] * (len(counts) - 3)
+    assert counts[-1] - counts[0] <= 2
+
+
+# ------------------------------------------------------------------ optimize / generate
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+def test_optimize_generate_equals_reference_generate(arch):
+    model = model_for(arch)
+    routers = random_routers(model, 5)
+    torch._dynamo.reset()
+    fast = tide_compile.optimize(model, routers, exit_threshold=0.5, inductor=False)
+    ids = torch.randint(2, 97, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    got = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
+    ref = R.generate(model, routers, ids, 6, attention_mask=mask, pad_token_id=0,
+                     exit_threshold=0.5, cache="static")
+    assert torch.equal(got, ref.sequences)
+    assert fast.tide_stats.exits_per_layer == ref.stats.exits_per_layer
+    assert fast.tide_stats.total_tokens == ref.stats.total_tokens
+    assert "Total tokens" in fast.tide_stats.summary()
+
+
+def test_optimize_never_exit_generate_equals_hf_generate():
+    model = model_for("llama")
+    routers = RouterSet.forced(model, exit_at=None, config=CFG)
+    torch._dynamo.reset()
+    fast = tide_compile.optimize(model, routers, inductor=False)
+    ids = torch.randint(2, 97, (1, 5))
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast.generate(ids, max_new_tokens=8, pad_token_id=0), expected)
+
+
+def test_attach_then_compile_whole_model():
+    model = model_for("llama")
+    routers = RouterSet.forced(model, exit_at=1, config=CFG)
+    torch._dynamo.reset()
+    tide_compile.attach(model, routers, inductor=False)
+    try:
+        fn = torch.compile(model, backend="tide", fullgraph=True)
+        ids = torch.randint(2, 97, (1, 4))
+        out = fn(ids)
+        ref = R.forward(model, routers, ids, CFG)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    finally:
+        tide_compile.detach(model)
+
+
+# ------------------------------------------------------------------ errors
+def test_backend_is_registered():
+    assert "tide" in torch._dynamo.list_backends()
+
+
+def test_option_errors():
+    model = model_for("llama")
+    routers = RouterSet.forced(model, exit_at=None, config=CFG)
+    with pytest.raises(ValueError, match="unknown tide backend option"):
+        B.parse_options({"routers": routers, "threshold": 0.5})
+    with pytest.raises(ValueError, match="strategy"):
+        B.parse_options({"routers": routers, "strategy": "fast"})
+    with pytest.raises(ValueError, match="exit_threshold"):
+        B.parse_options({"routers": routers, "exit_threshold": 1.5})
+    with pytest.raises(TypeError, match="RouterSet"):
+        B.parse_options({"routers": 3})
+    with pytest.raises(ValueError, match="another model"):
+        tide_compile.optimize(model_for("qwen2"), routers)
+    torch._dynamo.reset()
+    fn = torch.compile(model.forward, backend="tide", options={"inductor": False})
+    with pytest.raises(Exception, match="tide_compile.attach"):
+        fn(torch.ones(1, 3, dtype=torch.long))
+
+
+def test_routers_from_path(tmp_path):
+    model = model_for("llama")
+    routers = RouterSet.forced(model, exit_at=1, config=CFG)
+    routers.save(tmp_path / "r.tide")
+    torch._dynamo.reset()
+    fast = tide_compile.optimize(model, str(tmp_path / "r.tide"), inductor=False)
+    ids = torch.randint(2, 97, (1, 4))
+    torch.testing.assert_close(fast(input_ids=ids).logits, R.forward(model, routers, ids).logits,
+                               rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ Inductor (slow on CPU)
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["frozen", "skip"])
+def test_inductor_equals_reference(strategy):
+    model = model_for("llama", num_layers=3)
+    cfg = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
+    routers = RouterSet.forced(model, exit_at=0, config=cfg)
+    torch._dynamo.reset()
+    stats = ExitStats(3)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "strategy": strategy, "stats": stats})
+    c1, c2 = new_cache(model, "static"), new_cache(model, "static")
+    ids = torch.tensor([[3, 4, 5]])
+    for _ in range(3):
+        out = fn(input_ids=ids, past_key_values=c1, use_cache=True)
+        ref = R.forward(model, routers, ids, cfg, past_key_values=c2)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        ids = ref.logits[:, -1:].argmax(-1)
+    torch.testing.assert_close(c1.layers[2].keys, c2.layers[2].keys, rtol=1e-4, atol=1e-4)
+    assert stats.mean_layers_executed == (1.0 if strategy == "skip" else 3.0)
