@@ -1,13 +1,27 @@
 """tide-compile: token-level early exit for HuggingFace causal LMs.
 
-Public API: :class:`TIDEConfig`, :class:`TokenRouter`, :class:`RouterSet`,
-:class:`ExitStats`. Everything else is importable from its module but not exported.
+Public API: :class:`TIDEConfig`, :class:`TokenRouter`,
+:class:`RouterSet`, :class:`ExitStats`, :func:`optimize`, :func:`attach`. Everything else is importable from its module but not exported.
 """
 
 from .config import TIDEConfig
 from .routers import ExitProjection, RouterSet, TokenRouter
 from .stats import ExitStats
+from .backend import attach, detach  # registers the "tide" torch.compile backend
+from .runtime.model import TIDEModel, optimize
 
 __version__ = "0.3.0.dev0"
 
-__all__ = ["TIDEConfig", "TokenRouter", "ExitProjection", "RouterSet", "ExitStats", "__version__"]
+__all__ = [
+
+    "optimize",
+    "attach",
+    "detach",
+    "TIDEConfig",
+    "TokenRouter",
+    "ExitProjection",
+    "RouterSet",
+    "ExitStats",
+    "TIDEModel",
+    "__version__",
+]
