@@ -49,7 +49,7 @@ import torch
 import torch.fx as fx
 
 from ._fx import PassError, eliminate_dead_code, example_value, extract, mutated_args, target_name
-from .layers import LAYER_PATH, META_KEY, LayerInfo, _normalize_path
+from .layers import META_KEY, LayerInfo, _normalize_path
 from .segment import output_nodes
 
 if TYPE_CHECKING:

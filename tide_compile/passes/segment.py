@@ -49,8 +49,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Segment", "SplitGraph", "HeadGraph", "run", "split", "head_graph", "output_nodes"]
 
-OutputRef = "str | None"
-
 
 @dataclass
 class Segment:
