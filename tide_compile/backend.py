@@ -36,8 +36,9 @@ from .passes import insert as insert_pass
 from .passes import kv_fill as kv_fill_pass
 from .passes import layers as layers_pass
 from .passes import segment as segment_pass
-from .passes._fx import example_value
+from .passes._fx import example_value, mutated_args, storage_key
 from .routers import RouterSet
+from .runtime.cudagraphs import GraphedSkipRunner
 from .runtime.runner import FrozenRunner, SkipRunner
 from .stats import ExitStats
 
@@ -62,6 +63,9 @@ class BackendOptions:
         inductor_config: Inductor config patches (as ``torch.compile(options=...)``).
         mode: Inductor mode (``"default"``, ``"max-autotune-no-cudagraphs"``, ...).
         stats: the ExitStats to count into (a new one if None; see :func:`last_stats`).
+        cuda_graphs: skip strategy only: capture each compiled piece into its own CUDA
+            graph and replay them (one host flag read per checkpoint). None: on when
+            compiling with Inductor for a CUDA model.
     """
 
     routers: RouterSet | None = None
@@ -72,6 +76,7 @@ class BackendOptions:
     inductor_config: dict[str, Any] = field(default_factory=dict)
     mode: str | None = None
     stats: ExitStats | None = None
+    cuda_graphs: bool | None = None
 
 
 OPTION_KEYS = tuple(f.name for f in dataclasses.fields(BackendOptions))
@@ -251,9 +256,29 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         (c, proj.down.weight.detach(), proj.up.weight.detach(), proj.up.bias.detach())
         for c in checkpoints if (proj := routers.exit_projection(c)) is not None
     ]
-    return SkipRunner(split, kv_fills, head, state_names, projections,
-                      gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats,
-                      gm.meta.get(insert_pass.EXTRA_INPUTS, []))
+    runner = SkipRunner(split, kv_fills, head, state_names, projections,
+                        gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats,
+                        gm.meta.get(insert_pass.EXTRA_INPUTS, []))
+    use_graphs = opts.cuda_graphs
+    if use_graphs is None:
+        use_graphs = opts.inductor and _on_cuda(example_inputs)
+    if use_graphs:
+        if not _on_cuda(example_inputs):
+            raise ValueError("options['cuda_graphs']=True needs the model on a CUDA device")
+        return GraphedSkipRunner(runner, _mutated_inputs(original))
+    return runner
+
+
+def _on_cuda(example_inputs: Sequence[Any]) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs)
+
+
+def _mutated_inputs(gm: fx.GraphModule) -> set[int]:
+    """Indices of the placeholders the graph writes in place (directly or through a view)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = {storage_key(a) for n in gm.graph.nodes for a in mutated_args(n)}
+    written.discard(None)
+    return {i for i, p in enumerate(placeholders) if storage_key(p) in written}
 
 
 def _register() -> None:

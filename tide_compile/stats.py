@@ -57,6 +57,16 @@ class ExitStats:
         self.last_exit_layers = exit_layers.detach()
         self.last_layers_executed = int(layers_executed)
 
+    def record_uniform(self, exit_layer: int, tokens: int, layers_executed: int) -> None:
+        """Add ``tokens`` tokens that all exited at ``exit_layer`` (-1: none), without
+        reading any device tensor (the runner already knows)."""
+        if exit_layer >= 0:
+            self.exits_per_layer[exit_layer] = self.exits_per_layer.get(exit_layer, 0) + tokens
+        self.total_tokens += tokens
+        self.layers_executed += int(layers_executed)
+        self.last_exit_layers = torch.full((tokens,), exit_layer, dtype=torch.int64)
+        self.last_layers_executed = int(layers_executed)
+
     def merge(self, other: "ExitStats") -> None:
         """Add ``other``'s counts to these."""
         if other.num_layers != self.num_layers:

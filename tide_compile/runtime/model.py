@@ -40,6 +40,7 @@ class TIDEModel(nn.Module):
         self.model = model
         self.routers = routers
         self._raw_stats = ExitStats(num_layers=routers.num_layers)
+        self._caches: dict[tuple[int, int, torch.device], Any] = {}
         self.tide_stats = ExitStats(num_layers=routers.num_layers)
         opts = {**options, "routers": routers, "stats": self._raw_stats}
         parse_options(opts)
@@ -108,18 +109,33 @@ class TIDEModel(nn.Module):
         if cache_len < prompt_len + max_new_tokens:
             raise ValueError(f"max_cache_len={cache_len} < prompt {prompt_len} + "
                              f"max_new_tokens {max_new_tokens}")
-        past = StaticCache(config=self.model.config, max_cache_len=cache_len)
+        # One cache per shape, reset between calls: a new cache would be new graph inputs
+        # (Dynamo guards on the static addresses of cache tensors) and recompile.
+        key = (batch, cache_len, input_ids.device)
+        past = self._caches.get(key)
+        if past is None:
+            past = StaticCache(config=self.model.config, max_cache_len=cache_len)
+            self._caches[key] = past
+        else:
+            past.reset()
         eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         positions = position_ids_from_mask(attention_mask)
+        # The mask spans the whole cache (same shape every step, so no recompilation);
+        # without padding there is none at all.
+        padded = not bool(attention_mask.bool().all())
+        mask = None
+        if padded:
+            mask = attention_mask.new_zeros(batch, cache_len)
+            mask[:, :prompt_len] = attention_mask
         step_ids = input_ids
         sequences = input_ids
-        mask = attention_mask
+        written = prompt_len
         for _ in range(max_new_tokens):
             out = self.compiled_forward(input_ids=step_ids, attention_mask=mask,
                                         position_ids=positions, past_key_values=past,
                                         use_cache=True)
-            self._count(step_ids.shape[1], mask, unfinished)
+            self._count(step_ids.shape[1], mask, unfinished, written)
             next_ids = sample_next(out.logits[:, -1, :], do_sample=do_sample,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator)
@@ -129,21 +145,32 @@ class TIDEModel(nn.Module):
                 unfinished = unfinished & ~torch.isin(next_ids, eos_t)
             if not bool(unfinished.any()):
                 break
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
+            if mask is not None:
+                mask[:, written] = 1
+            written += 1
             positions = positions[:, -1:] + 1
             # A fresh tensor: CUDA-graph outputs are overwritten by the next replay.
             step_ids = next_ids[:, None].clone()
         return sequences
 
-    def _count(self, seq: int, mask: torch.Tensor, unfinished: torch.Tensor) -> None:
-        exits = self._raw_stats.last_exit_layers
+    def _count(self, seq: int, mask: torch.Tensor | None, unfinished: torch.Tensor,
+               written: int) -> None:
+        """Count the step's real tokens: no padding, no rows that already stopped."""
+        raw = self._raw_stats
+        exits = raw.last_exit_layers
         if exits is None:
             return
-        exits = exits.reshape(mask.shape[0], seq)
-        keep = mask[:, -seq:].bool() & unfinished[:, None]
-        executed = self._raw_stats.last_layers_executed
+        batch = unfinished.shape[0]
+        executed = raw.last_layers_executed
         per_token = executed // max(1, exits.numel())
-        kept = exits[keep]
+        if mask is None and batch == 1:
+            # Nothing to drop (a stopped single row ends the loop): no device read.
+            self.tide_stats.record(exits, layers_executed=executed)
+            return
+        keep = unfinished[:, None].expand(batch, seq)
+        if mask is not None:
+            keep = keep & mask[:, written - seq: written].bool()
+        kept = exits.reshape(batch, seq).to(keep.device)[keep]
         self.tide_stats.record(kept, layers_executed=per_token * int(kept.numel()))
 
 

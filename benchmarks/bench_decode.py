@@ -1,0 +1,205 @@
+"""Batch-1 decode on a Llama-3.1-8B-shaped model (bf16, random weights), side by side.
+
+Rows, all in one process on one GPU, same prompt, same StaticCache size:
+
+* ``hf_eager``: ``model.generate`` (greedy), per new token.
+* ``inductor``: ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)``
+  in a hand decode loop on a StaticCache (cudagraph_mark_step_begin + clone per step).
+* ``tide_never``: the tide backend (skip strategy, segments captured as CUDA graphs) with
+  routers that never exit: the overhead of the checkpoints.
+* ``tide_exit@d``: tide with ``RouterSet.forced`` exiting every token after ``d`` layers.
+
+The tide rows and the Inductor row use the same decode loop; prefill runs eagerly on the
+StaticCache for all of them (not timed). For each exit depth the weight-bytes bound is
+full-model bytes / (bytes of executed layers + K/V projection bytes of skipped layers +
+final norm and lm_head): the speedup no implementation of that exit could beat when
+decode is memory-bound.
+
+Usage: python benchmarks/bench_decode.py [--tiny] [--steps 64] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import tide_compile  # noqa: E402
+from tide_compile import ExitStats, RouterSet, TIDEConfig  # noqa: E402
+from tide_compile.model_probe import probe  # noqa: E402
+
+
+def build_model(tiny: bool, device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if tiny:
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                          max_position_embeddings=1024)
+    else:
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                          max_position_embeddings=8192, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def weight_bytes(model) -> dict[str, int]:
+    p = probe(model)
+    layer = sum(t.numel() * t.element_size() for t in p.layers[0].parameters())
+    attn = p.layers[0].self_attn
+    kv = sum(t.numel() * t.element_size() for t in
+             [attn.k_proj.weight, attn.v_proj.weight, p.layers[0].input_layernorm.weight])
+    head = sum(t.numel() * t.element_size() for t in
+               list(p.lm_head.parameters()) + list(p.final_norm.parameters()))
+    return {"layer": layer, "kv": kv, "head": head, "num_layers": p.num_layers}
+
+
+def bound_speedup(b: dict[str, int], depth: int) -> float:
+    full = b["num_layers"] * b["layer"] + b["head"]
+    part = depth * b["layer"] + (b["num_layers"] - depth) * b["kv"] + b["head"]
+    return full / part
+
+
+@torch.no_grad()
+def decode_loop(fn, model, prompt, steps: int, cache_len: int, device: str,
+                mark_step: bool) -> list[float]:
+    """Eager prefill on a fresh StaticCache, then `steps` compiled decode steps.
+    Returns per-step wall times (ms), each step synchronized by the argmax read-back
+    being fed to the next step (as in generate)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    pos = torch.full((1, 1), prompt.shape[1], device=device, dtype=torch.long)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        if mark_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = fn(input_ids=token, position_ids=pos, past_key_values=cache,
+                    use_cache=True).logits
+        token = logits[:, -1:].argmax(-1).clone()
+        pos = pos + 1
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def summarize(times: list[float], skip: int) -> float:
+    return statistics.median(times[skip:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="small model (CPU smoke test)")
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--interval", type=int, default=8, help="checkpoint_interval")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--time-budget", type=float, default=480.0,
+                    help="stop starting new rows after this many seconds")
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    start = time.time()
+    model = build_model(args.tiny, device, dtype)
+    b = weight_bytes(model)
+    cfg = TIDEConfig(checkpoint_interval=args.interval)
+    checkpoints = cfg.checkpoint_layers(b["num_layers"])
+    torch.manual_seed(1)
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
+    cache_len = args.prompt + args.steps + 8
+    rows: list[dict] = []
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda"
+           else "cpu", "dtype": str(dtype), "prompt": args.prompt, "steps": args.steps,
+           "checkpoints": checkpoints}
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except Exception:
+        pass
+    print(json.dumps(env), flush=True)
+
+    def row(name, ms, **extra):
+        r = {"name": name, "ms_per_token": round(ms, 3), **extra}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    # HF eager generate: (t(1 + n) - t(1)) / n new tokens.
+    with torch.no_grad():
+        n = 16
+        for _ in range(2):
+            sync(device); t0 = time.perf_counter()
+            model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False,
+                           pad_token_id=0)
+            sync(device); t1 = time.perf_counter()
+            model.generate(prompt, max_new_tokens=1 + n, min_new_tokens=1 + n, do_sample=False,
+                           pad_token_id=0)
+            sync(device); t2 = time.perf_counter()
+        row("hf_eager_generate", ((t2 - t1) - (t1 - t0)) * 1e3 / n)
+
+    # Inductor baseline on the same static cache.
+    torch._dynamo.reset()
+    t0 = time.time()
+    mode = "reduce-overhead" if device == "cuda" else None
+    ind = torch.compile(model.forward, mode=mode, fullgraph=True)
+    times = decode_loop(ind, model, prompt, args.steps, cache_len, device, device == "cuda")
+    base = summarize(times, args.warmup)
+    row("inductor", base, compile_and_first_s=round(time.time() - t0, 1))
+
+    def tide_row(name, exit_at):
+        if time.time() - start > args.time_budget:
+            print(f"# skipped {name}: time budget", flush=True)
+            return
+        torch._dynamo.reset()
+        routers = RouterSet.forced(model, exit_at=exit_at, config=cfg)
+        stats = ExitStats(b["num_layers"])
+        t0 = time.time()
+        fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                           options={"routers": routers, "stats": stats, "strategy": "skip"})
+        times = decode_loop(fn, model, prompt, args.steps, cache_len, device, False)
+        ms = summarize(times, args.warmup)
+        depth = b["num_layers"] if exit_at is None else exit_at + 1
+        bound = bound_speedup(b, depth)
+        speedup = base / ms
+        row(name, ms, depth=depth, speedup_vs_inductor=round(speedup, 3),
+            bound_speedup=round(bound, 3), fraction_of_bound=round(speedup / bound, 3),
+            mean_layers_executed=round(stats.mean_layers_executed, 2),
+            compile_and_first_s=round(time.time() - t0, 1))
+
+    tide_row("tide_never_exit", None)
+    for c in checkpoints:
+        tide_row(f"tide_exit@{c + 1}", c)
+
+    print("\n| row | ms/token | x Inductor | bound | of bound | layers run |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['ms_per_token']:.3f} | "
+              f"{r.get('speedup_vs_inductor', base / r['ms_per_token']):.2f} | "
+              f"{r.get('bound_speedup', '')} | {r.get('fraction_of_bound', '')} | "
+              f"{r.get('mean_layers_executed', '')} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "bytes": b, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""GPU tests (marked gpu; skipped without CUDA): Inductor-compiled segments captured into
+CUDA graphs, against the reference, on tiny models."""
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import tide_compile
+from tide_compile import ExitStats, RouterSet, TIDEConfig
+from tide_compile import reference as R
+from tide_compile.runtime.cudagraphs import GraphedSkipRunner
+from tiny_models import make_model
+
+pytestmark = pytest.mark.gpu
+CFG = TIDEConfig(checkpoint_interval=2, router_bottleneck_dim=8)
+TOL = {torch.float32: 2e-3, torch.bfloat16: 5e-2}
+
+
+def _routers(model, seed):
+    from test_reference import random_routers
+    return random_routers(model, seed, config=CFG).to("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["forced", "never", "random"])
+def test_graphed_skip_equals_reference(dtype, kind):
+    torch._dynamo.reset()
+    model = make_model("llama", num_layers=6, dtype=dtype).cuda()
+    if kind == "random":
+        routers = _routers(model, 3)
+    else:
+        routers = RouterSet.forced(model, exit_at=1 if kind == "forced" else None, config=CFG)
+    stats = ExitStats(6)
+    captured = {}
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "exit_threshold": 0.5, "stats": stats})
+    c_fast = StaticCache(config=model.config, max_cache_len=32)
+    c_ref = StaticCache(config=model.config, max_cache_len=32)
+    ids = torch.randint(2, 97, (1, 5), device="cuda")
+    # Prefill eagerly through the reference semantics on both caches' paths.
+    R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=0.5)
+    out0 = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    tol = TOL[dtype]
+    for step in range(8):
+        nid = torch.randint(2, 97, (1, 1), device="cuda")
+        out = fn(input_ids=nid, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, nid, CFG, past_key_values=c_ref, exit_threshold=0.5)
+        torch.testing.assert_close(out.logits.float(), ref.logits.float(), rtol=tol, atol=tol)
+    del out0
+    torch.testing.assert_close(c_fast.layers[5].keys.float(), c_ref.layers[5].keys.float(),
+                               rtol=tol, atol=tol)
+    if kind == "forced":
+        assert stats.exits_per_layer.get(1, 0) >= 8
+
+
+def test_optimize_generate_cuda_matches_reference():
+    torch._dynamo.reset()
+    model = make_model("llama", num_layers=6).cuda()
+    routers = _routers(model, 5)
+    fast = tide_compile.optimize(model, routers, exit_threshold=0.5)
+    ids = torch.randint(2, 97, (1, 6), device="cuda")
+    for _ in range(2):  # the second call reuses the cache and the captured graphs
+        got = fast.generate(ids, max_new_tokens=10, pad_token_id=0)
+    ref = R.generate(model, routers, ids, 10, pad_token_id=0, exit_threshold=0.5, cache="static")
+    assert torch.equal(got, ref.sequences)
+
+
+def test_runner_is_graphed_on_cuda():
+    torch._dynamo.reset()
+    model = make_model("llama", num_layers=4).cuda()
+    routers = RouterSet.forced(model, exit_at=1, config=TIDEConfig(checkpoint_interval=2))
+    runners = []
+    from tide_compile import backend as B
+    orig = B.GraphedSkipRunner
+
+    class Spy(orig):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            runners.append(self)
+
+    B.GraphedSkipRunner = Spy
+    try:
+        fn = torch.compile(model.forward, backend="tide", options={"routers": routers})
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        fn(input_ids=torch.tensor([[3, 4]], device="cuda"), past_key_values=cache, use_cache=True)
+        for t in range(4):
+            fn(input_ids=torch.tensor([[5 + t]], device="cuda"), past_key_values=cache,
+               use_cache=True)
+    finally:
+        B.GraphedSkipRunner = orig
+    assert runners and runners[0].captured
+    assert runners[0].runner.last_segments_run == 1

@@ -1,0 +1,212 @@
+"""The skip strategy with each piece captured into its own CUDA graph.
+
+Measured on the H200 (DESIGN.md): after every segment the runner must read a flag on
+the host; through ``torch.compile(mode="reduce-overhead")`` wrappers that costs about
+0.26 ms per checkpoint, through raw ``torch.cuda.CUDAGraph`` replays about 13 us. So:
+compile each piece with Inductor (no CUDA graphs of its own), capture
+
+* one graph per segment, ending with a copy of ``exited.all()`` into pinned host memory,
+* one graph per checkpoint ``c`` for the exit tail: KV-fill of layers ``c+1 ..``, the
+  exit read-out and the head,
+
+all in one memory pool, each reading the previous graph's outputs at their fixed
+addresses. A call then is: copy the changing inputs into static buffers, replay
+segment 0, read the flag, branch (replay the next segment, or the exit tail and stop).
+
+Inputs whose address changes between calls (token ids, positions, masks) are copied
+into static buffers; inputs whose address stays (parameters, cache tensors, counters)
+are used in place. If one of the latter moves (a new cache), the graphs are captured
+again after a fresh warm-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..passes.insert import final_select
+from .runner import SkipRunner, _strip
+
+__all__ = ["GraphedSkipRunner"]
+
+
+class GraphedSkipRunner:
+    """Wraps a :class:`SkipRunner` (CUDA, static shapes) and replays captured graphs."""
+
+    strategy = "skip"
+
+    def __init__(self, runner: SkipRunner, mutated_inputs: set[int],
+                 warmup_calls: int = 2) -> None:
+        self.runner = runner
+        self.mutated_inputs = set(mutated_inputs)
+        self.warmup_calls = max(2, warmup_calls)
+        self.stats = runner.stats
+        self._reset()
+
+    # ------------------------------------------------------------------ state
+    def _reset(self) -> None:
+        self.calls = 0
+        self.captured = False
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.exit_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.env: dict[str, Any] = {}
+        self.exit_env: dict[int, dict[int, Any]] = {}
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.static_ptrs: list[tuple[int, int]] = []
+
+    @property
+    def last_exit_layers(self) -> torch.Tensor | None:
+        return self.stats.last_exit_layers
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, *args: Any) -> Any:
+        if self.captured:
+            if all(args[i].data_ptr() == p for i, p in self.static_ptrs):
+                return self._replay(args)
+            self._reset()  # a static input moved (e.g. a new cache): warm up and capture again
+        out = self.runner(*args)
+        self.calls += 1
+        if self.calls >= self.warmup_calls:
+            self._capture(args)
+        return out
+
+    # ------------------------------------------------------------------ capture
+    def _capture(self, args: tuple) -> None:
+        r = self.runner
+        # Parameters, tensors marked static (HF marks its StaticCache tensors and write
+        # counters with torch._dynamo.mark_static_address, except when the cache was
+        # created inside a compiled prefill) and inputs the graph writes in place are used
+        # in place; every other tensor input is copied into a static buffer per replay.
+        dynamic = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
+                   and not _is_static(a) and i not in self.mutated_inputs}
+        for i in dynamic:
+            self.buffers[i] = args[i].clone()
+        self.static_ptrs = [
+            (i, a.data_ptr()) for i, a in enumerate(args)
+            if isinstance(a, torch.Tensor) and i not in dynamic
+            and not isinstance(a, torch.nn.Parameter)
+        ]
+        static_args = [self.buffers.get(i, a) for i, a in enumerate(args)]
+        mutable = [a for i, a in enumerate(args) if isinstance(a, torch.Tensor)
+                   and i not in dynamic and not isinstance(a, torch.nn.Parameter)]
+        snapshot = [a.clone() for a in mutable]
+        segs = r.split.segments
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+
+        def run_segment(env: dict[str, Any], k: int) -> None:
+            seg = segs[k]
+            env.update(zip(seg.output_names, r.segments[k](*[env[n] for n in seg.input_names])))
+
+        def run_exit(env: dict[str, Any], c: int) -> dict[int, Any]:
+            _, frozen_name, exit_layer_name = r.state_names[c]
+            local = dict(env)
+            frozen, exit_layer = env[frozen_name], env[exit_layer_name]
+            local["h_frozen"] = frozen
+            kv = r.kv_meta[c]
+            outs: dict[int, Any] = {}
+            outs.update(zip(kv.output_positions,
+                            r.kv_fills[c](*[local[n] for n in kv.input_names])))
+            local["h"] = final_select(exit_layer, frozen, frozen, r.projections)
+            outs.update(zip(r.head_meta.output_positions,
+                            r.head(*[local[n] for n in r.head_meta.input_names])))
+            return outs
+
+        # Warm-up of every piece on the side stream (loads kernels, compiles pieces not
+        # run yet). It writes caches and counters: restore them afterwards.
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                env = r.split.env(*static_args, *r.extra)
+                for k in range(len(segs)):
+                    run_segment(env, k)
+                    if k < len(r.cuts):
+                        # The exit tail advances the skipped layers' write counters:
+                        # undo it before the next segment writes those layers.
+                        before = [a.clone() for a in mutable]
+                        run_exit(env, r.cuts[k])
+                        for a, s in zip(mutable, before):
+                            a.copy_(s)
+                for a, s in zip(mutable, snapshot):
+                    a.copy_(s)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+
+        pool = torch.cuda.graph_pool_handle()
+        self.host_flags = torch.zeros(max(1, len(r.cuts)), dtype=torch.bool, pin_memory=True)
+        env = r.split.env(*static_args, *r.extra)
+        graphs = []
+        for k in range(len(segs)):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool, stream=side):
+                run_segment(env, k)
+                if k < len(r.cuts):
+                    exited_name = r.state_names[r.cuts[k]][0]
+                    self.host_flags[k].copy_(env[exited_name].all(), non_blocking=True)
+            graphs.append(g)
+            if k < len(r.cuts):
+                c = r.cuts[k]
+                ge = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(ge, pool=pool, stream=side):
+                    self.exit_env[c] = run_exit(env, c)
+                self.exit_graphs[c] = ge
+        torch.cuda.synchronize()
+        for a, s in zip(mutable, snapshot):  # capture ran nothing, but be exact
+            a.copy_(s)
+        self.graphs = graphs
+        self.env = env
+        self.captured = True
+
+    # ------------------------------------------------------------------ replay
+    def _replay(self, args: tuple) -> Any:
+        r = self.runner
+        for i, buf in self.buffers.items():
+            buf.copy_(args[i], non_blocking=True)
+        env = self.env
+        ntok = None
+        for k, g in enumerate(self.graphs):
+            g.replay()
+            if k == len(r.cuts):
+                break
+            torch.cuda.current_stream().synchronize()  # the one host sync per checkpoint
+            if bool(self.host_flags[k]):
+                c = r.cuts[k]
+                exit_layer = env[r.state_names[c][2]]
+                self.exit_graphs[c].replay()
+                layout = r.split.output_layout
+                exit_outs = self.exit_env[c]
+                outs = []
+                for i, name in enumerate(layout):
+                    if i == len(layout) - 1:
+                        outs.append(exit_layer)
+                    elif i in exit_outs:
+                        outs.append(exit_outs[i])
+                    elif name is None:
+                        outs.append(None)
+                    else:
+                        outs.append(env[name])
+                result, exit_layer = _strip(outs, r.user_outputs)
+                ntok = exit_layer.numel()
+                self.stats.record_uniform(c, ntok, (c + 1) * ntok)
+                r.last_segments_run = k + 1
+                return _clone(result)
+        r.last_segments_run = len(self.graphs)
+        result, exit_layer = _strip(r.split.outputs(env), r.user_outputs)
+        ntok = exit_layer.numel()
+        if ntok == 1:
+            # One token that did not exit at any checkpoint (else a flag was set).
+            self.stats.record_uniform(-1, 1, r.num_layers)
+        else:
+            self.stats.record(exit_layer, layers_executed=ntok * r.num_layers)
+        return _clone(result)
+
+
+def _is_static(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.nn.Parameter) or hasattr(t, "_dynamo_static_input_type")
+
+
+def _clone(result: Any) -> Any:
+    """Fresh outputs: the graphs' own are overwritten by the next replay."""
+    if isinstance(result, tuple):
+        return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in result)
+    return result.clone() if isinstance(result, torch.Tensor) else result
