@@ -88,6 +88,7 @@ class GraphedSkipRunner:
             and not isinstance(a, torch.nn.Parameter)
         ]
         static_args = [self.buffers.get(i, a) for i, a in enumerate(args)]
+        self.input_ptrs = {a.data_ptr() for a in static_args if isinstance(a, torch.Tensor)}
         mutable = [a for i, a in enumerate(args) if isinstance(a, torch.Tensor)
                    and i not in dynamic and not isinstance(a, torch.nn.Parameter)]
         snapshot = [a.clone() for a in mutable]
@@ -189,7 +190,7 @@ class GraphedSkipRunner:
                 ntok = exit_layer.numel()
                 self.stats.record_uniform(c, ntok, (c + 1) * ntok)
                 r.last_segments_run = k + 1
-                return _clone(result)
+                return _clone(result, self.input_ptrs)
         r.last_segments_run = len(self.graphs)
         result, exit_layer = _strip(r.split.outputs(env), r.user_outputs)
         ntok = exit_layer.numel()
@@ -198,15 +199,22 @@ class GraphedSkipRunner:
             self.stats.record_uniform(-1, 1, r.num_layers)
         else:
             self.stats.record(exit_layer, layers_executed=ntok * r.num_layers)
-        return _clone(result)
+        return _clone(result, self.input_ptrs)
 
 
 def _is_static(t: torch.Tensor) -> bool:
     return isinstance(t, torch.nn.Parameter) or hasattr(t, "_dynamo_static_input_type")
 
 
-def _clone(result: Any) -> Any:
-    """Fresh outputs: the graphs' own are overwritten by the next replay."""
+def _clone(result: Any, inputs: set[int]) -> Any:
+    """Fresh outputs: the graphs' own are overwritten by the next replay. Outputs that
+    are inputs themselves (aliases of cache tensors or counters) are returned as they are."""
+
+    def fresh(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.data_ptr() not in inputs:
+            return x.clone()
+        return x
+
     if isinstance(result, tuple):
-        return tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in result)
-    return result.clone() if isinstance(result, torch.Tensor) else result
+        return tuple(fresh(x) for x in result)
+    return fresh(result)
