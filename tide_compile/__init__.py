@@ -1,9 +1,10 @@
 """tide-compile: token-level early exit for HuggingFace causal LMs.
 
-Public API: :class:`TIDEConfig`, :class:`TokenRouter`,
+Public API: :func:`calibrate`, :class:`TIDEConfig`, :class:`TokenRouter`,
 :class:`RouterSet`, :class:`ExitStats`, :func:`optimize`, :func:`attach`. Everything else is importable from its module but not exported.
 """
 
+from .calibration import calibrate
 from .config import TIDEConfig
 from .routers import ExitProjection, RouterSet, TokenRouter
 from .stats import ExitStats
@@ -13,7 +14,7 @@ from .runtime.model import TIDEModel, optimize
 __version__ = "0.3.0.dev0"
 
 __all__ = [
-
+    "calibrate",
     "optimize",
     "attach",
     "detach",

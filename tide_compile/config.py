@@ -11,7 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["TIDEConfig", "checkpoint_layers"]
+__all__ = ["TIDEConfig", "checkpoint_layers", "EXIT_STRATEGIES"]
+
+#: Values of :attr:`TIDEConfig.exit_strategy`.
+EXIT_STRATEGIES = ("identity", "projection")
 
 
 def checkpoint_layers(num_layers: int, checkpoint_interval: int, min_layers: int) -> list[int]:
@@ -75,12 +78,29 @@ class TIDEConfig:
         checkpoint_interval: a checkpoint every this many layers (>= 1); see
             :func:`checkpoint_layers`.
         router_bottleneck_dim: hidden width of each router MLP (>= 1).
+        calibration_samples: number of text samples (each up to the calibration
+            ``max_length`` tokens) that :func:`tide_compile.calibrate` runs through the
+            model (>= 1).
+        calibration_dataset: default calibration text source when ``calibrate`` gets
+            no ``dataset``: a local text file or folder, or a HuggingFace dataset name
+            (None: ``calibrate`` must be given one).
+        convergence_threshold: with calibration labels ``"cosine"``, a token counts as
+            done at a checkpoint when the cosine similarity of ``final_norm(h_c)`` and
+            ``final_norm(h_final)`` exceeds this, in [0, 1]. Unused by the default
+            ``"agree"`` labels.
+        exit_strategy: ``"identity"`` reads an exiting token out as
+            ``lm_head(final_norm(h_c))``; ``"projection"`` calibrates a low-rank exit
+            projection ``E_c`` per checkpoint and reads out ``lm_head(final_norm(E_c(h_c)))``.
     """
 
     exit_threshold: float = 0.85
     min_layers: int = 1
     checkpoint_interval: int = 4
     router_bottleneck_dim: int = 128
+    calibration_samples: int = 2000
+    calibration_dataset: str | None = None
+    convergence_threshold: float = 0.95
+    exit_strategy: str = "identity"
 
     def __post_init__(self) -> None:
         _check_range("exit_threshold", self.exit_threshold, 0.0, 1.0, integer=False)
@@ -88,6 +108,21 @@ class TIDEConfig:
         _check_range("checkpoint_interval", self.checkpoint_interval, 1, 1 << 20, integer=True)
         _check_range("router_bottleneck_dim", self.router_bottleneck_dim, 1, 1 << 16, integer=True)
         object.__setattr__(self, "exit_threshold", float(self.exit_threshold))
+        _check_range("calibration_samples", self.calibration_samples, 1, 1 << 30, integer=True)
+        if self.calibration_dataset is not None and (
+            not isinstance(self.calibration_dataset, str) or not self.calibration_dataset.strip()
+        ):
+            raise ValueError(
+                "TIDEConfig.calibration_dataset must be None or a non-empty string (a local "
+                f"text file or folder, or a HuggingFace dataset name), got {self.calibration_dataset!r}"
+            )
+        _check_range("convergence_threshold", self.convergence_threshold, 0.0, 1.0, integer=False)
+        object.__setattr__(self, "convergence_threshold", float(self.convergence_threshold))
+        if self.exit_strategy not in EXIT_STRATEGIES:
+            raise ValueError(
+                f"TIDEConfig.exit_strategy must be one of {', '.join(map(repr, EXIT_STRATEGIES))}, "
+                f"got {self.exit_strategy!r}"
+            )
 
     def checkpoint_layers(self, num_layers: int) -> list[int]:
         """This config's checkpoint layers for a ``num_layers``-layer model."""

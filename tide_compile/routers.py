@@ -232,6 +232,31 @@ class RouterSet(nn.Module):
             calibration={"kind": "forced", "exit_at": exit_at},
         ).to(device)
 
+    # ------------------------------------------------------------------ quality
+    def threshold_for(self, target_agreement: float = 0.99, confidence: float = 0.9) -> float:
+        """Smallest calibrated threshold whose held-out first-exit agreement meets the target.
+
+        Agreement = fraction of exiting tokens whose exit-head top-1 equals the full
+        model's, with the threshold applied at every checkpoint (first exit); it must
+        hold as a lower confidence bound at ``confidence`` (0.5: the estimate itself).
+        See :func:`tide_compile.calibration.quality.threshold_for`.
+        """
+        from .calibration import quality
+
+        return quality.threshold_for(self.quality_table, target_agreement, confidence)
+
+    def report(self) -> Any:
+        """The held-out quality table (prints as text; ``.rows`` has the numbers)."""
+        from .calibration import quality
+
+        return quality.report(self)
+
+    def plot(self, path: str | os.PathLike[str]) -> None:
+        """Draw the quality table to ``path`` (needs matplotlib: the ``bench`` extra)."""
+        from .calibration import quality
+
+        quality.plot(self, os.fspath(path))
+
     # ------------------------------------------------------------------ files
     def metadata(self) -> dict[str, Any]:
         """The JSON metadata stored beside the tensors."""
