@@ -1,9 +1,7 @@
 """``tide::route`` and ``tide::exit_select``: the two ops the insert pass puts in graphs.
 
-Both are ``torch.library.custom_op``s whose body is the plain-torch reference and whose
-fake implementation gives shapes only, so they trace through Dynamo, AOT and Inductor
-as single nodes (Inductor calls them as extern kernels). Triton kernels replace the
-bodies on CUDA in a later step; the references below stay the specification.
+Both are ``torch.library`` ops whose (CompositeImplicitAutograd) body is the plain-torch
+reference below, which stays their specification.
 
 Shapes: ``h``, ``frozen``: ``[..., H]`` (any leading dims: batch, or batch x seq);
 ``exited``: bool ``[...]``; ``exit_layer``: int64 ``[...]`` (-1 = not exited).
@@ -55,67 +53,20 @@ def exit_select_reference(
     return torch.where(exited.unsqueeze(-1), frozen.to(h.dtype), h)
 
 
-@torch.library.custom_op("tide::route", mutates_args=())
-def route(
-    h: torch.Tensor,
-    exited: torch.Tensor,
-    frozen: torch.Tensor,
-    exit_layer: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    threshold: float,
-    layer: int,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return route_reference(h, exited, frozen, exit_layer, w1, b1, w2, b2, threshold, layer, eps)
+# The ops are CompositeImplicitAutograd: AOT/Inductor trace through their torch bodies,
+# so Inductor fuses them with their neighbours (exit_select into the next layer's input
+# norm, the router MLP into a few kernels) and autograd comes for free; in the FX graph
+# the insert pass builds they are single named nodes, ``tide::route`` and
+# ``tide::exit_select``. A device-specific kernel registered for these names later
+# takes precedence over the composite on that device.
+_LIB = torch.library.Library("tide", "DEF")
+_LIB.define(
+    "route(Tensor h, Tensor exited, Tensor frozen, Tensor exit_layer, Tensor w1, Tensor b1, "
+    "Tensor w2, Tensor b2, float threshold, int layer, float eps) -> (Tensor, Tensor, Tensor)"
+)
+_LIB.impl("route", route_reference, "CompositeImplicitAutograd")
+_LIB.define("exit_select(Tensor exited, Tensor frozen, Tensor h) -> Tensor")
+_LIB.impl("exit_select", exit_select_reference, "CompositeImplicitAutograd")
 
-
-@route.register_fake
-def _route_fake(h, exited, frozen, exit_layer, w1, b1, w2, b2, threshold, layer, eps):
-    return torch.empty_like(exited), torch.empty_like(frozen), torch.empty_like(exit_layer)
-
-
-@torch.library.custom_op("tide::exit_select", mutates_args=())
-def exit_select(exited: torch.Tensor, frozen: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return exit_select_reference(exited, frozen, h)
-
-
-@exit_select.register_fake
-def _exit_select_fake(exited, frozen, h):
-    return torch.empty_like(h)
-
-
-# Autograd. The compiled path is for inference, but AOT traces a joint graph whenever the
-# model's parameters require grad (outside torch.no_grad), so both ops define gradients:
-# exit_select routes the gradient to whichever input it selected; route is a hard
-# decision and passes gradient to the frozen state only (none to h through the score).
-def _exit_select_setup(ctx, inputs, output):
-    exited, _frozen, _h = inputs
-    ctx.save_for_backward(exited)
-
-
-def _exit_select_backward(ctx, grad):
-    (exited,) = ctx.saved_tensors
-    sel = exited.unsqueeze(-1)
-    return None, torch.where(sel, grad, 0.0), torch.where(sel, 0.0, grad)
-
-
-exit_select.register_autograd(_exit_select_backward, setup_context=_exit_select_setup)
-
-
-def _route_setup(ctx, inputs, output):
-    h, exited, frozen, exit_layer, *_ = inputs
-    ctx.save_for_backward(exited, output[0])
-
-
-def _route_backward(ctx, grad_exited, grad_frozen, grad_exit_layer):
-    exited_before, exited_after = ctx.saved_tensors
-    new = (exited_after & ~exited_before).unsqueeze(-1)
-    grad_h = None if grad_frozen is None else torch.where(new, grad_frozen, 0.0)
-    grad_prev = None if grad_frozen is None else torch.where(new, 0.0, grad_frozen)
-    return grad_h, None, grad_prev, None, None, None, None, None, None, None, None
-
-
-route.register_autograd(_route_backward, setup_context=_route_setup)
+route = torch.ops.tide.route.default
+exit_select = torch.ops.tide.exit_select.default
