@@ -239,3 +239,33 @@ def test_inductor_equals_reference(strategy):
         ids = ref.logits[:, -1:].argmax(-1)
     torch.testing.assert_close(c1.layers[2].keys, c2.layers[2].keys, rtol=1e-4, atol=1e-4)
     assert stats.mean_layers_executed == (1.0 if strategy == "skip" else 3.0)
+
+
+def test_hf_generate_with_compile_config_uses_tide():
+    """transformers' own compiled generate (CompileConfig(backend="tide")) exits too."""
+    from transformers import CompileConfig
+
+    model = model_for("llama")
+    routers = RouterSet.forced(model, exit_at=1, config=CFG)
+    torch._dynamo.reset()
+    tide_compile.attach(model, routers, inductor=False)
+    before = B.COMPILE_COUNTS["skip"]
+    try:
+        cc = CompileConfig(backend="tide", fullgraph=True)
+        cc._compile_all_devices = True  # HF compiles only on accelerators unless told
+        ids = torch.randint(2, 97, (1, 5))
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                             cache_implementation="static", compile_config=cc)
+    finally:
+        tide_compile.detach(model)
+    # HF runs the prefill eagerly and compiles only the decode step: expected = a plain
+    # prefill, then reference decode steps with exits.
+    cache = StaticCache(config=model.config, max_cache_len=13)
+    with torch.no_grad():
+        logits = model(ids, past_key_values=cache, use_cache=True).logits
+    seq = [ids, logits[:, -1:].argmax(-1)]
+    for _ in range(7):
+        step = R.forward(model, routers, seq[-1], CFG, past_key_values=cache)
+        seq.append(step.logits[:, -1:].argmax(-1))
+    assert torch.equal(out, torch.cat(seq, 1))
+    assert B.COMPILE_COUNTS["skip"] > before

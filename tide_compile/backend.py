@@ -158,7 +158,10 @@ def last_stats() -> ExitStats | None:
 
 
 # ---------------------------------------------------------------------- compile
-def _compiler(opts: BackendOptions):
+def _compiler(opts: BackendOptions, pieces: bool = False):
+    """``compile(gm, example_inputs)``. ``pieces``: for the skip strategy's segments,
+    which the runner captures into CUDA graphs itself, so Inductor's own CUDA graphs
+    (``mode="reduce-overhead"``) are left out."""
     if not opts.inductor:
         return lambda gm, example_inputs: gm.forward
     from torch._inductor.compile_fx import compile_fx
@@ -166,6 +169,8 @@ def _compiler(opts: BackendOptions):
     patches = dict(opts.inductor_config)
     if opts.mode is not None and opts.mode != "default":
         patches = {**torch._inductor.list_mode_options(opts.mode), **patches}
+    if pieces:
+        patches.pop("triton.cudagraphs", None)
 
     def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]):
         return compile_fx(gm, list(example_inputs), config_patches=patches)
@@ -187,9 +192,15 @@ COMPILE_COUNTS: collections.Counter[str] = collections.Counter()
 
 
 def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
-                 options: Mapping[str, Any] | None = None):
-    """The ``tide`` backend: early exit compiled into the Dynamo graph."""
+                 options: Mapping[str, Any] | None = None, mode: str | None = None):
+    """The ``tide`` backend: early exit compiled into the Dynamo graph.
+
+    ``mode`` is ``torch.compile``'s (HF's ``CompileConfig`` passes ``"reduce-overhead"``):
+    it sets the Inductor mode unless ``options["mode"]`` does.
+    """
     opts = parse_options(options)
+    if mode is not None and opts.mode is None:
+        opts.mode = mode
     if opts.routers is None:
         found = _find_attached(example_inputs)
         if found is None:
@@ -200,9 +211,11 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                 "tide_compile.attach(model, routers) before torch.compile(model, backend='tide'). "
                 "Make routers with tide_compile.calibrate(model, tokenizer, dataset=...)."
             )
-        opts = parse_options({**found[1], **{k: v for k, v in dataclasses.asdict(opts).items()
-                                             if k != "routers" and v != getattr(BackendOptions(), k)},
-                              "routers": found[0]})
+        # Options given to torch.compile win over those given to attach().
+        defaults = BackendOptions()
+        given = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)
+                 if f.name != "routers" and getattr(opts, f.name) != getattr(defaults, f.name)}
+        opts = parse_options({**found[1], **given, "routers": found[0]})
     routers = opts.routers
     assert routers is not None
     config = routers.config
@@ -257,7 +270,8 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         for c in checkpoints if (proj := routers.exit_projection(c)) is not None
     ]
     runner = SkipRunner(split, kv_fills, head, state_names, projections,
-                        gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats,
+                        gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), _compiler(opts, pieces=True),
+                        stats,
                         gm.meta.get(insert_pass.EXTRA_INPUTS, []))
     use_graphs = opts.cuda_graphs
     if use_graphs is None:
