@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..passes.insert import final_select
-from .runner import SkipRunner, _strip
+from .runner import SkipRunner, _strip, exit_outputs
 
 __all__ = ["GraphedSkipRunner"]
 
@@ -174,18 +174,7 @@ class GraphedSkipRunner:
                 c = r.cuts[k]
                 exit_layer = env[r.state_names[c][2]]
                 self.exit_graphs[c].replay()
-                layout = r.split.output_layout
-                exit_outs = self.exit_env[c]
-                outs = []
-                for i, name in enumerate(layout):
-                    if i == len(layout) - 1:
-                        outs.append(exit_layer)
-                    elif i in exit_outs:
-                        outs.append(exit_outs[i])
-                    elif name is None:
-                        outs.append(None)
-                    else:
-                        outs.append(env[name])
+                outs = exit_outputs(r.split.output_layout, exit_layer, self.exit_env[c], env)
                 result, exit_layer = _strip(outs, r.user_outputs)
                 ntok = exit_layer.numel()
                 self.stats.record_uniform(c, ntok, (c + 1) * ntok)

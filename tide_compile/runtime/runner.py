@@ -57,6 +57,29 @@ def _strip(outs: Any, user_outputs: int | None) -> tuple[Any, Any]:
     return outs[:user_outputs], exit_layer
 
 
+def exit_outputs(layout: Sequence[str | None], exit_layer: torch.Tensor,
+                 override: dict[int, Any], env: dict[str, Any]) -> list[Any]:
+    """The graph's outputs after an exit at a checkpoint: the KV-fill's and the head's
+    outputs by position (``override``), the rest from the segments that ran (``env``),
+    and the exit layers last."""
+    outs: list[Any] = []
+    for i, name in enumerate(layout):
+        if i == len(layout) - 1:
+            outs.append(exit_layer)
+        elif i in override:
+            outs.append(override[i])
+        elif name is None:
+            outs.append(None)
+        elif name in env:
+            outs.append(env[name])
+        else:
+            raise RuntimeError(
+                f"output {i} ({name!r}) of the graph is computed only by skipped segments "
+                "and by neither the KV-fill nor the head graph"
+            )
+    return outs
+
+
 class FrozenRunner:
     """Run the inserted whole graph (the frozen strategy)."""
 
@@ -148,22 +171,7 @@ class SkipRunner:
         env["h"] = final_select(exit_layer, frozen, frozen, self.projections)
         head_outs = self.head(*[env[n] for n in self.head_meta.input_names])
         override.update(zip(self.head_meta.output_positions, head_outs))
-        layout = self.split.output_layout
-        outs = []
-        for i, name in enumerate(layout):
-            if i == len(layout) - 1:
-                outs.append(exit_layer)
-            elif i in override:
-                outs.append(override[i])
-            elif name is None:
-                outs.append(None)
-            elif name in env:
-                outs.append(env[name])
-            else:
-                raise RuntimeError(
-                    f"output {i} ({name!r}) of the graph is computed only by skipped segments "
-                    "and by neither the KV-fill nor the head graph"
-                )
+        outs = exit_outputs(self.split.output_layout, exit_layer, override, env)
         result, exit_layer = _strip(outs, self.user_outputs)
         self._record(exit_layer, c + 1)
         return result
