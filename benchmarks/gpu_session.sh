@@ -1,20 +1,34 @@
 #!/usr/bin/env bash
-# One device call: install, GPU tests, calibration throughput, decode benchmark.
-# Usage (on the lent GPU, repo root): bash benchmarks/gpu_session.sh [OUTDIR]
+# One device call: install, GPU tests, benchmarks. Prints short tables at the end.
+# Usage (on a CUDA machine, repo root): bash benchmarks/gpu_session.sh [OUTDIR]
+# STEPS selects what runs (default: all): "tests calibration decode speculative".
 set -u
 OUT=${1:-${OUT:-/tmp/tide_out}}
+STEPS=${STEPS:-"tests calibration decode speculative"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/tide_inductor_cache
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-echo "== GPU tests"
-timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -x -m gpu tests/test_gpu.py -p no:cacheprovider \
-  >"$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -25 "$OUT/gpu_tests.log"
-echo "== calibration throughput"
-timeout ${CALIB_TIMEOUT:-130} python3 benchmarks/bench_calibration.py --json "$OUT/bench_calibration.json" \
-  >"$OUT/bench_calibration.log" 2>&1; echo "calibration rc=$?"; tail -3 "$OUT/bench_calibration.log"
-echo "== decode"
-timeout ${DECODE_TIMEOUT:-280} python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.json" \
-  --time-budget ${DECODE_BUDGET:-200} >"$OUT/bench_decode.log" 2>&1; echo "decode rc=$?"
-tail -12 "$OUT/bench_decode.log"
+has() { [[ " $STEPS " == *" $1 "* ]]; }
+if has tests; then
+  echo "== GPU tests"
+  timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -x -m gpu tests/test_gpu.py -p no:cacheprovider \
+    ${TEST_ARGS:-} >"$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
+fi
+if has calibration; then
+  echo "== calibration throughput"
+  timeout ${CALIB_TIMEOUT:-130} python3 benchmarks/bench_calibration.py --json "$OUT/bench_calibration.json" \
+    >"$OUT/bench_calibration.log" 2>&1; echo "calibration rc=$?"; tail -2 "$OUT/bench_calibration.log"
+fi
+if has speculative && [ -f benchmarks/bench_speculative.py ]; then
+  echo "== speculative (demo model)"
+  timeout ${SPEC_TIMEOUT:-150} python3 benchmarks/bench_speculative.py --out "$OUT/bench_speculative.json" \
+    >"$OUT/bench_speculative.log" 2>&1; echo "speculative rc=$?"; tail -15 "$OUT/bench_speculative.log"
+fi
+if has decode; then
+  echo "== decode"
+  timeout ${DECODE_TIMEOUT:-280} python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.json" \
+    --time-budget ${DECODE_BUDGET:-200} >"$OUT/bench_decode.log" 2>&1; echo "decode rc=$?"
+  tail -9 "$OUT/bench_decode.log"
+fi
