@@ -269,3 +269,21 @@ def test_hf_generate_with_compile_config_uses_tide():
         seq.append(step.logits[:, -1:].argmax(-1))
     assert torch.equal(out, torch.cat(seq, 1))
     assert B.COMPILE_COUNTS["skip"] > before
+
+
+def test_generate_twice_does_not_recompile():
+    model = model_for("llama")
+    routers = random_routers(model, 2)
+    torch._dynamo.reset()
+    fast = tide_compile.optimize(model, routers, exit_threshold=0.5, inductor=False)
+    ids = torch.randint(2, 97, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    first = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
+    compiled = sum(B.COMPILE_COUNTS.values())
+    second = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
+    assert torch.equal(first, second)
+    assert sum(B.COMPILE_COUNTS.values()) - compiled <= 1  # at most the re-initialized prefill
+    third = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
+    assert torch.equal(first, third)
+    assert sum(B.COMPILE_COUNTS.values()) - compiled <= 1
