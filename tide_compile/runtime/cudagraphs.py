@@ -37,16 +37,17 @@ class GraphedSkipRunner:
     strategy = "skip"
 
     def __init__(self, runner: SkipRunner, mutated_inputs: set[int],
-                 warmup_calls: int = 2) -> None:
+                 warmup_calls: int = 3) -> None:
         self.runner = runner
         self.mutated_inputs = set(mutated_inputs)
-        self.warmup_calls = max(2, warmup_calls)
+        self.warmup_calls = max(3, warmup_calls)
         self.stats = runner.stats
         self._reset()
 
     # ------------------------------------------------------------------ state
     def _reset(self) -> None:
         self.calls = 0
+        self.ptr_history: list[list[int | None]] = []
         self.captured = False
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.exit_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -66,6 +67,8 @@ class GraphedSkipRunner:
                 return self._replay(args)
             self._reset()  # a static input moved (e.g. a new cache): warm up and capture again
         out = self.runner(*args)
+        self.ptr_history.append([a.data_ptr() if isinstance(a, torch.Tensor) else None
+                                 for a in args])
         self.calls += 1
         if self.calls >= self.warmup_calls:
             self._capture(args)
@@ -78,8 +81,13 @@ class GraphedSkipRunner:
         # counters with torch._dynamo.mark_static_address, except when the cache was
         # created inside a compiled prefill) and inputs the graph writes in place are used
         # in place; every other tensor input is copied into a static buffer per replay.
+        # Also in place: tensors that stayed at one address over the warm-up calls (model
+        # buffers such as rotary tables). If one of them moves later, the check at the
+        # top of __call__ sees it and the graphs are captured again.
+        stayed = {i for i, ptrs in enumerate(zip(*self.ptr_history))
+                  if ptrs[0] is not None and len(set(ptrs)) == 1}
         dynamic = {i for i, a in enumerate(args) if isinstance(a, torch.Tensor)
-                   and not _is_static(a) and i not in self.mutated_inputs}
+                   and not _is_static(a) and i not in self.mutated_inputs and i not in stayed}
         for i in dynamic:
             self.buffers[i] = args[i].clone()
         self.static_ptrs = [
