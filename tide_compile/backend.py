@@ -66,6 +66,9 @@ class BackendOptions:
         cuda_graphs: skip strategy only: capture each compiled piece into its own CUDA
             graph and replay them (one host flag read per checkpoint). None: on when
             compiling with Inductor for a CUDA model.
+        kernels: ``"inductor"``: the route and exit-select ops are torch composites that
+            Inductor fuses with their neighbours; ``"triton"``: the hand Triton kernels
+            (``tide::route_fused``, ``tide::exit_select_fused``) on CUDA.
     """
 
     routers: RouterSet | None = None
@@ -77,6 +80,7 @@ class BackendOptions:
     mode: str | None = None
     stats: ExitStats | None = None
     cuda_graphs: bool | None = None
+    kernels: Literal["inductor", "triton"] = "inductor"
 
 
 OPTION_KEYS = tuple(f.name for f in dataclasses.fields(BackendOptions))
@@ -104,6 +108,8 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         TIDEConfig(min_layers=opts.min_layers)
     if opts.strategy not in ("auto", "frozen", "skip"):
         raise ValueError(f"strategy must be 'auto', 'frozen' or 'skip', got {opts.strategy!r}")
+    if opts.kernels not in ("inductor", "triton"):
+        raise ValueError(f"kernels must be 'inductor' or 'triton', got {opts.kernels!r}")
     if not isinstance(opts.inductor_config, dict):
         raise TypeError("options['inductor_config'] must be a dict of Inductor config patches")
     return opts
@@ -254,7 +260,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if strategy == "auto":
         strategy = "skip" if (one_token_step and _is_static(gm)) else "frozen"
 
-    insert_pass.run(gm, info, routers, checkpoints, threshold)
+    insert_pass.run(gm, info, routers, checkpoints, threshold, kernels=opts.kernels)
     COMPILE_COUNTS[strategy] += 1
     if strategy == "frozen":
         return FrozenRunner(gm, example_inputs, compiler, stats)

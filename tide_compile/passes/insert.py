@@ -36,7 +36,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..kernels import ops  # noqa: F401  (registers tide::route / tide::exit_select)
+from ..kernels import exit_select_op, route_op
 from ._fx import PassError
 from .layers import META_KEY, LayerInfo
 
@@ -100,8 +100,13 @@ def run(
     routers: "RouterSet",
     checkpoints: Sequence[int],
     threshold: float,
+    kernels: str = "inductor",
 ) -> fx.GraphModule:
-    """Insert the exit state, routes, selections and the exit-layer output (in place)."""
+    """Insert the exit state, routes, selections and the exit-layer output (in place).
+
+    ``kernels="triton"`` emits the hand-kernel ops ``tide::route_fused`` /
+    ``tide::exit_select_fused`` instead of the composites Inductor fuses itself.
+    """
     graph = gm.graph
     checkpoints = sorted(checkpoints)
     bad = [c for c in checkpoints if not 0 <= c < info.num_layers - 1]
@@ -149,7 +154,7 @@ def run(
             weights.append(node)
         with graph.inserting_after(anchor):
             route = tag(graph.call_function(
-                torch.ops.tide.route.default,
+                route_op(kernels),
                 (h_c, *state, *weights, float(threshold), int(c), float(r.eps)),
             ), c)
         anchor = route
@@ -173,7 +178,7 @@ def run(
             raise PassError(f"layer {l} does not read its input state {h_in.name!r}")
         anchor = route_end[c] if l == c + 1 else h_in
         with graph.inserting_after(anchor):
-            sel = tag(graph.call_function(torch.ops.tide.exit_select.default,
+            sel = tag(graph.call_function(exit_select_op(kernels),
                                           (exited, frozen, h_in)), l)
         for u in users:
             u.replace_input_with(h_in, sel)

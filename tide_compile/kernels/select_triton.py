@@ -1,0 +1,136 @@
+"""Exit selection: ``tide::exit_select_fused`` and the in-place scatter of exited rows.
+
+* select (frozen strategy, every layer input after a checkpoint)::
+
+      out[m] = frozen[m] (cast to h's dtype)  if exited[m]  else  h[m]
+
+  the reference is :func:`.ops.exit_select_reference`. Each row reads only the tensor
+  it takes (masked loads), so the kernel moves ``M * H`` elements in and out, not
+  ``2 M H`` in.
+
+* scatter (the frozen-state update done in place, e.g. by a runner)::
+
+      frozen[m] = h[m]  for every m with mask[m]         (:func:`exit_scatter_reference`)
+
+  rows without ``mask`` are not touched; their programs return at once.
+
+Grid: ``(rows, cdiv(H, BLOCK_H))``; any ``H``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import exit_select_reference
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+__all__ = ["exit_select_fused", "exit_select_triton", "exit_select_reference",
+           "exit_scatter_triton", "exit_scatter_reference"]
+
+_BLOCK_H = 1024
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _exit_select_kernel(exited_ptr, frozen_ptr, h_ptr, out_ptr, H,
+                            stride_f, stride_h, stride_o, BLOCK_H: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        ok = cols < H
+        # The row's flag, broadcast to the block (Triton's interpreter rejects a scalar
+        # flag and-ed into a block mask).
+        ex = (tl.zeros([BLOCK_H], dtype=tl.int32) + (tl.load(exited_ptr + row) != 0).to(tl.int32)) != 0
+        fv = tl.load(frozen_ptr + row * stride_f + cols, mask=ok & ex, other=0.0)
+        hv = tl.load(h_ptr + row * stride_h + cols, mask=ok & (ex == 0), other=0.0)
+        tl.store(out_ptr + row * stride_o + cols, tl.where(ex, fv.to(hv.dtype), hv), mask=ok)
+
+    @triton.jit
+    def _exit_scatter_kernel(mask_ptr, h_ptr, frozen_ptr, H, stride_h, stride_f,
+                             BLOCK_H: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        if tl.load(mask_ptr + row) != 0:
+            cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+            ok = cols < H
+            hv = tl.load(h_ptr + row * stride_h + cols, mask=ok)
+            tl.store(frozen_ptr + row * stride_f + cols, hv, mask=ok)
+
+
+def _rows(t: torch.Tensor, H: int) -> torch.Tensor:
+    t2 = t.reshape(-1, H)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _block(H: int) -> int:
+    return min(1 << max(H - 1, 0).bit_length(), _BLOCK_H)
+
+
+def _launch_select(kernel, exited, frozen, h):
+    H = h.shape[-1]
+    h2, f2 = _rows(h, H), _rows(frozen, H)
+    ex = exited.reshape(-1).contiguous()
+    out = torch.empty((h2.shape[0], H), dtype=h.dtype, device=h.device)
+    block = _block(H)
+    grid = (h2.shape[0], triton.cdiv(H, block))
+    kernel[grid](ex, f2, h2, out, H, f2.stride(0), h2.stride(0), out.stride(0),
+                 BLOCK_H=block, num_warps=4)
+    return out.reshape(h.shape)
+
+
+def exit_select_triton(exited: torch.Tensor, frozen: torch.Tensor,
+                       h: torch.Tensor) -> torch.Tensor:
+    """Launch the select kernel directly (also under ``TRITON_INTERPRET=1``)."""
+    if h.numel() == 0:
+        return exit_select_reference(exited, frozen, h)
+    return _launch_select(_exit_select_kernel, exited, frozen, h)
+
+
+def exit_scatter_reference(frozen: torch.Tensor, h: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+    """``frozen[mask] = h[mask]`` in place (cast to frozen's dtype); returns ``frozen``."""
+    frozen[mask] = h[mask].to(frozen.dtype)
+    return frozen
+
+
+def exit_scatter_triton(frozen: torch.Tensor, h: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:
+    """In-place scatter of the masked rows of ``h`` into ``frozen`` (a kernel launch).
+
+    ``frozen`` must have a unit last stride and rows reachable by one row stride (any
+    contiguous ``[..., H]`` tensor). Returns ``frozen``.
+    """
+    H = h.shape[-1]
+    if h.numel() == 0:
+        return frozen
+    f2 = frozen.view(-1, H)  # a view: the writes must land in frozen
+    h2 = _rows(h, H)
+    m = mask.reshape(-1).contiguous()
+    block = _block(H)
+    _exit_scatter_kernel[(h2.shape[0], triton.cdiv(H, block))](
+        m, h2, f2, H, h2.stride(0), f2.stride(0), BLOCK_H=block, num_warps=4)
+    return frozen
+
+
+def _exit_select_body(exited: torch.Tensor, frozen: torch.Tensor,
+                      h: torch.Tensor) -> torch.Tensor:
+    if h.device.type != "cuda" or h.numel() == 0:
+        return exit_select_reference(exited, frozen, h)
+    from torch.library import wrap_triton
+
+    return _launch_select(wrap_triton(_exit_select_kernel), exited, frozen, h)
+
+
+if HAS_TRITON:
+    exit_select_fused = torch.library.triton_op("tide::exit_select_fused", _exit_select_body,
+                                                mutates_args=())
+else:  # pragma: no cover
+    exit_select_fused = torch.library.custom_op("tide::exit_select_fused", _exit_select_body,
+                                                mutates_args=())
+    exit_select_fused.register_fake(lambda exited, frozen, h: torch.empty_like(h))
