@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One device call: install, GPU tests, benchmarks. Prints short tables at the end.
 # Usage (on a CUDA machine, repo root): bash benchmarks/gpu_session.sh [OUTDIR]
-# STEPS selects what runs (default: all): "tests calibration decode speculative".
+# STEPS selects what runs (default: all): "tests calibration router speculative decode".
 set -u
 OUT=${1:-${OUT:-/tmp/tide_out}}
-STEPS=${STEPS:-"tests calibration decode speculative"}
+STEPS=${STEPS:-"tests calibration router speculative decode"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/tide_inductor_cache
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
@@ -13,13 +13,19 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 if has tests; then
   echo "== GPU tests"
-  timeout ${TEST_TIMEOUT:-170} python3 -m pytest -q -x -m gpu tests/test_gpu.py -p no:cacheprovider \
-    ${TEST_ARGS:-} >"$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -3 "$OUT/gpu_tests.log"
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -m gpu ${TEST_FILES:-tests/test_gpu.py tests/test_kernels.py} \
+    ${TEST_K:+-k "$TEST_K"} -p no:cacheprovider >"$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"
+  grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -8
 fi
 if has calibration; then
   echo "== calibration throughput"
   timeout ${CALIB_TIMEOUT:-130} python3 benchmarks/bench_calibration.py --json "$OUT/bench_calibration.json" \
     >"$OUT/bench_calibration.log" 2>&1; echo "calibration rc=$?"; tail -2 "$OUT/bench_calibration.log"
+fi
+if has router; then
+  echo "== router cost"
+  timeout ${ROUTER_TIMEOUT:-90} python3 benchmarks/bench_router.py --out "$OUT/bench_router.json" \
+    >"$OUT/bench_router.log" 2>&1; echo "router rc=$?"; tail -12 "$OUT/bench_router.log"
 fi
 if has speculative && [ -f benchmarks/bench_speculative.py ]; then
   echo "== speculative (demo model)"
