@@ -2,9 +2,15 @@
 
 One function per subcommand: ``_add_<name>(subparsers)`` declares its arguments and sets
 ``func`` to ``_run_<name>(args) -> int``. Adding a subcommand = writing that pair and
-listing the adder in ``_SUBCOMMANDS``.
+listing the adder in ``_SUBCOMMANDS``. The work of ``demo``/``generate``
+(:mod:`.cli_demo`), ``tune`` (:mod:`.tune`) and ``bench`` (:mod:`.cli_bench`) lives in
+their own modules, imported when the subcommand runs (``--help`` stays fast).
 
+    tide-compile demo                                  # the shipped demo model, offline
     tide-compile calibrate --model PATH --data FILE... --out router.tide
+    tide-compile generate --model PATH --routers router.tide --prompt "..."
+    tide-compile tune --model PATH --routers router.tide --data FILE... --out tune/
+    tide-compile bench --out bench/                    # GPU; --tiny for the CPU smoke modes
 """
 
 from __future__ import annotations
@@ -138,8 +144,219 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from .cli_demo import DEMO_PROMPT
+
+    p = sub.add_parser(
+        "demo",
+        help="early exit on the shipped demo model: text, exit stats, tokens/s vs the plain model",
+        description="Load the small demo model shipped with tide_compile (offline), load its shipped "
+                    "routers (or calibrate them), compile it with backend='tide', generate from a "
+                    "prompt, and print the text, the exit stats and tokens/s of tide against plain "
+                    "model.generate (same prompt, same length, greedy) measured in the same run.",
+    )
+    p.add_argument("--prompt", default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64,
+                   help="tokens to generate, exactly (EOS ignored) (default: %(default)s)")
+    p.add_argument("--threshold", type=_probability, default=None,
+                   help="exit_threshold (default: the routers' saved one)")
+    p.add_argument("--routers", default=None, metavar="FILE", help="router file instead of the shipped one")
+    p.add_argument("--calibrate", action="store_true",
+                   help="calibrate routers now (held-out plays of a source checkout, or --data) "
+                        "instead of loading the shipped ones")
+    p.add_argument("--data", nargs="+", metavar="FILE", default=None,
+                   help="with --calibrate: text files or folders to calibrate on")
+    p.add_argument("--calibration-samples", type=_positive_int, default=None,
+                   help="with --calibrate: samples of 128 tokens (default: 400, as the shipped routers)")
+    p.add_argument("--save-routers", default=None, metavar="FILE", help="also save the routers used")
+    p.add_argument("--inductor", action="store_true",
+                   help="compile tide's graphs with Inductor (on a 2-core CPU this takes minutes)")
+    p.add_argument("--repeats", type=_positive_int, default=3,
+                   help="timed generations per model; the median is printed (default: %(default)s)")
+    p.add_argument("--compare-never-exit", action="store_true",
+                   help="also time tide with exit_threshold 1.0 (same loop, no exits; compiles again)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads for both models (default: %(default)s: this model's "
+                        "matmuls are too small to split across cores)")
+    p.add_argument("--device", default=None, help="cpu (default) or cuda")
+    p.add_argument("--quiet", action="store_true", help="no calibration progress bar")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .cli_demo import run_demo
+
+    return run_demo(args)
+
+
+# ---------------------------------------------------------------------------- generate
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --do-sample (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="with --do-sample: keep the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="with --do-sample: nucleus probability")
+    p.add_argument("--seed", type=int, default=0, help="with --do-sample (default: %(default)s)")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate with early exit from a local model and a router file",
+        description="Compile a local HuggingFace causal LM with backend='tide' and its routers, "
+                    "generate from a prompt, print the text and the exit stats.",
+    )
+    p.add_argument("--model", required=True, help="local HuggingFace model folder, or `demo`")
+    p.add_argument("--routers", default=None, metavar="FILE",
+                   help="router file from `tide-compile calibrate` (default for `demo`: the shipped one)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="(default: %(default)s; stops at EOS)")
+    p.add_argument("--threshold", type=_probability, default=None,
+                   help="exit_threshold (default: the routers' saved one)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="model dtype (default: as saved)")
+    p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile tide's graphs with Inductor (default: on for CUDA, off on CPU)")
+    _add_sampling(p)
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .cli_demo import run_generate
+
+    return run_generate(args)
+
+
+# ---------------------------------------------------------------------------- tune
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tune",
+        help="sweep exit thresholds on held-out text: quality, depth and speed per threshold",
+        description="For each threshold: exit rate, mean depth, top-1 agreement with the full model "
+                    "and perplexity change (teacher-forced on windows of held-out text), and "
+                    "tokens/s of tide's generate against plain model.generate. Writes tune.md, "
+                    "tune.csv, tune.json and tune.png into --out.",
+    )
+    p.add_argument("--model", required=True, help="local HuggingFace model folder, or `demo`")
+    p.add_argument("--routers", default=None, metavar="FILE",
+                   help="router file (default for `demo`: the shipped one)")
+    p.add_argument("--data", nargs="+", metavar="FILE", default=None,
+                   help="held-out text files or folders, not the calibration text "
+                        "(default for `demo`: demo.heldout_text())")
+    p.add_argument("--thresholds", default="0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.99",
+                   help="comma-separated thresholds (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for tune.md/.csv/.json/.png")
+    p.add_argument("--window", type=_positive_int, default=128, help="tokens per window (default: %(default)s)")
+    p.add_argument("--max-tokens", type=_positive_int, default=4096,
+                   help="held-out tokens scored in all (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="windows per forward (default: %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32,
+                   help="tokens generated per speed run; 0: no speed measurement (default: %(default)s)")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=16,
+                   help="speed prompt: the first N tokens of the text (default: %(default)s)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per threshold (default: %(default)s)")
+    p.add_argument("--target", type=_probability, default=None, metavar="AGREEMENT",
+                   help="also print the smallest swept threshold reaching this agreement")
+    p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
+                   help="Inductor for the speed runs (default: on for CUDA, off on CPU)")
+    p.add_argument("--no-plot", action="store_true", help="no PNG (no matplotlib needed)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; demo: cpu)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="model dtype (default: as saved)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_run_tune)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
+    from .cli_demo import cpu_threads
+
+    with cpu_threads(args.threads):
+        return _tune(args)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import tune
+    from .cli_demo import load_any, routers_for
+
+    thresholds = tune.parse_thresholds(args.thresholds)
+    if args.new_tokens < 0:
+        raise ValueError(f"--new-tokens must be >= 0, got {args.new_tokens}")
+    if args.data:
+        from .calibration.data import find_text_files
+
+        files = [f for path in args.data for f in find_text_files(path)]
+    elif args.model != "demo":
+        raise ValueError("--data FILE... is required: held-out text the routers were not calibrated on")
+    if args.model != "demo" and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"no model folder at {args.model!r} (pass a local HuggingFace "
+                                "model folder, or `demo`)")
+    model, tokenizer = load_any(args.model, args.device, args.dtype)
+    routers = routers_for(model, args.model, args.routers)
+    if args.data:
+        texts = [Path(f).read_text(encoding="utf-8") for f in files]
+    else:
+        from . import demo
+
+        texts = [demo.heldout_text()]
+    device = next(model.parameters()).device
+    inductor = args.inductor if args.inductor is not None else device.type == "cuda"
+    say = None if args.quiet else (lambda line: print(line, flush=True))
+    result = tune.sweep(
+        model, tokenizer, routers, texts, thresholds, window=args.window, max_tokens=args.max_tokens,
+        batch_size=args.batch_size, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+        repeats=args.repeats, inductor=inductor, progress=say,
+    )
+    paths = tune.write_tables(result, args.out)
+    print()
+    print(f"{result.scored_tokens} held-out tokens in windows of {result.window}; checkpoints "
+          f"{result.checkpoint_layers} of {result.num_layers} layers; speed: {device}, Inductor "
+          f"{'on' if inductor else 'off'}, {args.new_tokens} new tokens after a "
+          f"{args.prompt_tokens}-token prompt")
+    print(result.markdown())
+    if args.target is not None:
+        best = result.smallest_threshold(args.target)
+        print(f"smallest swept threshold with top-1 agreement >= {args.target}: "
+              + ("none (lower the target or sweep higher thresholds)" if best is None else f"{best:g}"))
+    if not args.no_plot:
+        png = Path(args.out) / "tune.png"
+        tune.plot(result, png)
+        paths.append(png)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+# ---------------------------------------------------------------------------- bench
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run the GPU benchmarks of a source checkout (benchmarks/), write their tables",
+        description="Run benchmarks/bench_decode.py and benchmarks/bench_calibration.py (each in "
+                    "its own process) and write their JSON results, logs and markdown tables into "
+                    "--out. They need a CUDA GPU; --tiny runs their tiny CPU smoke modes.",
+    )
+    p.add_argument("--out", default="bench_results", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--tiny", "--allow-cpu", dest="tiny", action="store_true",
+                   help="tiny smoke modes (any device; checks that the scripts run, measures nothing useful)")
+    p.add_argument("--only", nargs="+", choices=("decode", "calibration"), default=None,
+                   help="run only these benchmarks")
+    p.add_argument("--benchmarks", default=None, metavar="DIR",
+                   help="the benchmarks/ folder (default: the one beside the package, in a source checkout)")
+    p.add_argument("--timeout", type=_positive_int, default=1800, help="seconds per script (default: %(default)s)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .cli_bench import run_bench
+
+    return run_bench(args)
+
+
 # ---------------------------------------------------------------------------- main
-_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_calibrate,)
+_SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_demo, _add_calibrate, _add_generate, _add_tune, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,183 @@
+"""The command line: demo, generate, tune, bench, and the ``python -m`` entry point.
+
+Subcommands run in-process through ``main(argv)`` on the shipped demo model (CPU,
+Inductor off, small settings); one subprocess checks ``python -m tide_compile``.
+Speed numbers are printed, never asserted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tide_compile import RouterSet, TIDEConfig, demo
+from tide_compile.cli import main
+from tide_compile.cli_demo import DEMO_ROUTERS, demo_calibration_texts
+from tide_compile.tune import TuneResult, TuneRow, parse_thresholds
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_python_m_help() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tide_compile", "--help"], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("demo", "calibrate", "generate", "tune", "bench"):
+        assert name in proc.stdout
+
+
+def test_shipped_routers_fit_the_demo_model() -> None:
+    model, _ = demo.load()
+    routers = RouterSet.load(DEMO_ROUTERS, model=model)
+    assert routers.checkpoint_layers == [1, 3, 5]
+    assert 0.0 < routers.config.exit_threshold < 1.0
+    assert routers.calibration["target_agreement"] == 0.95
+
+
+def test_demo_calibration_text_is_disjoint_from_heldout() -> None:
+    paragraphs = demo_calibration_texts()
+    taken = set(demo.heldout_text().split("\n\n"))
+    assert len(paragraphs) > 1000 and not taken.intersection(paragraphs)
+
+
+def test_demo(capsys) -> None:
+    before = torch.get_num_threads()
+    rc, out, _ = run(["demo", "--max-new-tokens", "16", "--repeats", "1"], capsys)
+    assert rc == 0
+    assert "Total tokens" in out and "Mean depth" in out and "Layers executed per token" in out
+    assert "routers: shipped" in out
+    assert out.count("tokens/s") >= 2
+    assert "plain model.generate (eager)" in out and "tide, threshold" in out
+    assert "tide / plain:" in out
+    assert "Is this a dagger" in out  # the prompt, echoed in the generated text
+    assert torch.get_num_threads() == before  # --threads is restored
+
+
+def test_generate_with_saved_routers(tmp_path, capsys) -> None:
+    model, _ = demo.load()
+    # Forced routers: every token exits at layer 1 for any threshold below 1.
+    forced = RouterSet.forced(model, exit_at=1, config=TIDEConfig(checkpoint_interval=2))
+    path = tmp_path / "forced.tide"
+    forced.save(path)
+    rc, out, _ = run(["generate", "--model", str(demo.DEMO_DIR), "--routers", str(path),
+                      "--prompt", "ROMEO.\nWhat light", "--max-new-tokens", "6", "--threshold", "0.5",
+                      "--dtype", "fp32", "--device", "cpu"], capsys)
+    assert rc == 0
+    assert out.startswith("ROMEO.\nWhat light")
+    assert "Layer 1:" in out and "(100.0%)" in out and "Mean depth: 2.00 / 8 layers" in out
+    assert "new tokens in" in out
+
+
+def test_generate_errors(tmp_path, capsys) -> None:
+    rc, _, err = run(["generate", "--model", str(tmp_path / "nope"), "--routers", "r.tide",
+                      "--prompt", "x"], capsys)
+    assert rc == 1 and "no model folder" in err
+    rc, _, err = run(["generate", "--model", "demo", "--routers", str(tmp_path / "missing.tide"),
+                      "--prompt", "x"], capsys)
+    assert rc == 1 and "no router file" in err
+
+
+def test_tune_writes_table_and_png(tmp_path, capsys) -> None:
+    out_dir = tmp_path / "tune"
+    rc, out, _ = run(["tune", "--model", "demo", "--thresholds", "0.9,1.0", "--window", "64",
+                      "--max-tokens", "256", "--new-tokens", "4", "--prompt-tokens", "8",
+                      "--repeats", "1", "--target", "0.5", "--out", str(out_dir), "--quiet"], capsys)
+    assert rc == 0
+    assert "| threshold | exit rate |" in out and "smallest swept threshold" in out
+    for name in ("tune.md", "tune.csv", "tune.json", "tune.png"):
+        assert (out_dir / name).is_file(), name
+    assert (out_dir / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((out_dir / "tune.csv").open()))
+    assert [float(r["threshold"]) for r in rows] == [0.9, 1.0]
+    result = json.loads((out_dir / "tune.json").read_text())
+    assert result["scored_tokens"] == 256
+    never = result["rows"][1]
+    # threshold 1.0 never exits: tide's logits are the full model's
+    assert never["exit_rate"] == 0.0 and never["mean_depth"] == 8.0 and never["agreement"] == 1.0
+    assert abs(never["perplexity_change"]) < 1e-6
+    assert never["tokens_per_s"] > 0 and never["plain_tokens_per_s"] > 0
+    assert never["decode_layers_per_token"] == 8.0
+    low = result["rows"][0]
+    assert low["exit_rate"] > 0 and low["mean_depth"] < 8.0
+
+
+def test_tune_without_matplotlib_says_how(tmp_path, capsys, monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    rc, _, err = run(["tune", "--model", "demo", "--thresholds", "0.9", "--window", "32",
+                      "--max-tokens", "32", "--new-tokens", "0", "--out", str(tmp_path), "--quiet"], capsys)
+    assert rc == 1 and "tide-compile[bench]" in err and "--no-plot" in err
+    assert (tmp_path / "tune.md").is_file()  # the table is written before the plot
+
+
+def test_tune_bad_input(tmp_path, capsys) -> None:
+    rc, _, err = run(["tune", "--model", "demo", "--thresholds", "0.5,1.5", "--out", str(tmp_path)], capsys)
+    assert rc == 1 and "outside [0, 1]" in err
+    rc, _, err = run(["tune", "--model", str(tmp_path), "--routers", "r.tide", "--out", str(tmp_path)], capsys)
+    assert rc == 1 and "--data" in err
+
+
+def test_parse_thresholds_and_smallest() -> None:
+    assert parse_thresholds("0.9, 0.5,0.9") == [0.5, 0.9]
+    with pytest.raises(ValueError, match="not a number"):
+        parse_thresholds("0.5,x")
+    rows = [TuneRow(t, 0.1, 7.0, a, 10.0, 0.01) for t, a in ((0.5, 0.90), (0.7, 0.97), (0.8, 0.94), (0.9, 0.99))]
+    result = TuneResult(rows, 8, [1, 3, 5], 100, 64, 9.0, None)
+    assert result.smallest_threshold(0.95) == 0.9  # 0.7 passes, but 0.8 above it does not
+    assert result.smallest_threshold(0.999) is None
+    assert "| full model (plain generate) |" in result.markdown() and "n/a" in result.markdown()
+
+
+def test_bench_without_cuda(tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc, _, err = run(["bench", "--out", str(tmp_path / "b")], capsys)
+    assert rc != 0
+    assert "no CUDA GPU" in err and "--tiny" in err and "RESULTS.md" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_missing_scripts(tmp_path, capsys) -> None:
+    rc, _, err = run(["bench", "--benchmarks", str(tmp_path), "--tiny"], capsys)
+    assert rc == 1 and "source checkout" in err
+
+
+def test_bench_tiny_calibration_runs(tmp_path, capsys) -> None:
+    out_dir = tmp_path / "b"
+    rc, out, err = run(["bench", "--tiny", "--only", "calibration", "--out", str(out_dir)], capsys)
+    assert rc == 0, err
+    result = json.loads((out_dir / "bench_calibration.json").read_text())
+    assert result["shape"] == "tiny"
+    assert "| samples | 32 |" in (out_dir / "bench_calibration.md").read_text()
+    assert (out_dir / "summary.md").is_file() and "| field | value |" in out
+
+
+def test_bench_tables_of_recorded_gpu_results() -> None:
+    from tide_compile.cli_bench import calibration_markdown, decode_markdown
+
+    decode = json.loads((REPO / "benchmarks" / "results" / "bench_decode.json").read_text())
+    table = decode_markdown(decode)
+    assert "NVIDIA H200" in table and "| tide_exit@8 | 2.538 | 2.36 | 3.036 | 0.778 | 8.0 |" in table
+    calib = json.loads((REPO / "benchmarks" / "results" / "bench_calibration.json").read_text())
+    assert "| total_min | 0.563 |" in calibration_markdown(calib)

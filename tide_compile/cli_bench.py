@@ -1,0 +1,137 @@
+"""``tide-compile bench``: run the GPU benchmark scripts of a source checkout.
+
+The scripts live in ``benchmarks/`` next to the package (a source checkout; they are not
+part of the installed package): ``bench_decode.py`` (batch-1 decode on the
+Llama-3.1-8B shape: plain HF generate, Inductor, tide never-exit and forced exits) and
+``bench_calibration.py`` (calibration throughput). Each runs in its own process (a fresh
+Dynamo and CUDA state, as ``benchmarks/gpu_session.sh`` runs them); their JSON results,
+logs and markdown tables go to ``--out``.
+
+They need a CUDA GPU. ``--tiny`` runs their tiny smoke modes instead (small random
+models, any device, CPU included): it checks that they run, it measures nothing useful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BENCHMARKS", "TINY_ARGS", "find_benchmarks", "run_bench", "decode_markdown", "calibration_markdown"]
+
+#: name -> (script, argument that names its JSON output)
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "decode": ("bench_decode.py", "--out"),
+    "calibration": ("bench_calibration.py", "--json"),
+}
+#: Arguments of the tiny smoke modes. bench_decode's default ``--interval 8`` leaves the
+#: tiny 8-layer model no checkpoint, and its default 48 steps after a 128-token prompt
+#: take minutes on a 2-core CPU.
+TINY_ARGS: dict[str, list[str]] = {
+    "decode": ["--tiny", "--interval", "4", "--steps", "8", "--warmup", "2", "--prompt", "16"],
+    "calibration": ["--tiny"],
+}
+
+
+def find_benchmarks(explicit: str | None = None) -> Path:
+    """The ``benchmarks/`` folder: ``explicit``, else the one beside the package."""
+    here = Path(explicit) if explicit else Path(__file__).resolve().parent.parent / "benchmarks"
+    missing = [s for s, _ in BENCHMARKS.values() if not (here / s).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"benchmark scripts {missing} not found in {here}: `tide-compile bench` runs the "
+            "scripts of a source checkout (git clone the repository and `pip install -e .` "
+            "there), or pass --benchmarks DIR"
+        )
+    return here
+
+
+def decode_markdown(result: dict[str, Any]) -> str:
+    env = result.get("env", {})
+    lines = [
+        f"Batch-1 decode, {env.get('device')}, {env.get('dtype')}, torch {env.get('torch')}, "
+        f"transformers {env.get('transformers')}; prompt {env.get('prompt')} tokens, "
+        f"{env.get('steps')} steps, checkpoints {env.get('checkpoints')}.",
+        "",
+        "| row | ms/token | x Inductor | weight-bytes bound | fraction of bound | layers run/token |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = result.get("rows", [])
+    base = next((r["ms_per_token"] for r in rows if r["name"] == "inductor"), None)
+    for r in rows:
+        x = r.get("speedup_vs_inductor", base / r["ms_per_token"] if base else None)
+        lines.append(
+            f"| {r['name']} | {r['ms_per_token']:.3f} | {'' if x is None else f'{x:.2f}'} | "
+            f"{r.get('bound_speedup', '')} | {r.get('fraction_of_bound', '')} | "
+            f"{r.get('mean_layers_executed', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def calibration_markdown(result: dict[str, Any]) -> str:
+    keys = ["shape", "device", "dtype", "samples", "max_length", "tokens", "tokens_kept",
+            "checkpoints", "exit_strategy", "collect_s", "total_s", "total_min", "samples_per_s",
+            "peak_gpu_gib", "torch", "transformers"]
+    lines = ["| field | value |", "|---|---|"]
+    lines += [f"| {k} | {result[k]} |" for k in keys if k in result]
+    return "\n".join(lines)
+
+
+_MARKDOWN = {"decode": decode_markdown, "calibration": calibration_markdown}
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    bench_dir = find_benchmarks(args.benchmarks)
+    if not torch.cuda.is_available() and not args.tiny:
+        print(
+            "tide-compile bench: error: no CUDA GPU here (torch.cuda.is_available() is False). "
+            "The benchmarks measure decode on a Llama-3.1-8B-shaped model in bf16 and need a "
+            "GPU; recorded results are in benchmarks/RESULTS.md. Pass --tiny (or --allow-cpu) "
+            "to run their tiny CPU smoke modes, which check that they run and measure nothing "
+            "useful.",
+            file=sys.stderr,
+        )
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = args.only or list(BENCHMARKS)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    status = 0
+    summary = [f"# tide-compile bench ({'tiny smoke modes' if args.tiny else 'GPU'})", ""]
+    for name in names:
+        script, out_flag = BENCHMARKS[name]
+        json_path = out / f"bench_{name}.json"
+        log_path = out / f"bench_{name}.log"
+        cmd = [sys.executable, str(bench_dir / script), out_flag, str(json_path)]
+        if args.tiny:
+            cmd += TINY_ARGS[name]
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        t0 = time.perf_counter()
+        with log_path.open("w", encoding="utf-8") as log:
+            try:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    timeout=args.timeout).returncode
+            except subprocess.TimeoutExpired:
+                rc = 124
+        took = time.perf_counter() - t0
+        if rc != 0 or not json_path.is_file():
+            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+            print(f"{name} failed (rc={rc}, {took:.0f} s); last lines of {log_path}:", file=sys.stderr)
+            print("\n".join(tail), file=sys.stderr)
+            status = 1
+            continue
+        table = _MARKDOWN[name](json.loads(json_path.read_text(encoding="utf-8")))
+        (out / f"bench_{name}.md").write_text(table + "\n", encoding="utf-8")
+        summary += [f"## {name}", "", f"`{' '.join(cmd)}` ({took:.0f} s)", "", table, ""]
+        print(table)
+        print(f"({took:.0f} s; wrote {json_path}, {out / f'bench_{name}.md'}, {log_path})", flush=True)
+    (out / "summary.md").write_text("\n".join(summary), encoding="utf-8")
+    print(f"wrote {out / 'summary.md'}")
+    return status

@@ -1,0 +1,278 @@
+"""``tide-compile demo`` and ``tide-compile generate``: early exit on a prompt, with stats.
+
+``demo`` runs on the small model shipped with the package (:mod:`tide_compile.demo`),
+offline: routers (shipped in ``demo_model/routers.tide``, or calibrated now with
+``--calibrate``), ``optimize(model, routers)`` with the ``tide`` backend, a greedy
+generation from a prompt, the exit stats, and tokens/s of tide against plain
+``model.generate`` on the same prompt and length, measured in the same run.
+
+``generate`` does the generation part for any local model and router file.
+
+The shipped router file is written by::
+
+    python -m tide_compile demo --calibrate --save-routers tide_compile/demo_model/routers.tide
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DEMO_ROUTERS", "DEMO_PROMPT", "demo_calibration_texts", "calibrate_demo_routers",
+           "cpu_threads", "load_any", "routers_for", "run_demo", "run_generate"]
+
+_PACKAGE = Path(__file__).resolve().parent
+DEMO_ROUTERS: Path = _PACKAGE / "demo_model" / "routers.tide"
+"""Routers shipped with the demo model (see the module docstring for how they are made)."""
+DEMO_PROMPT = "MACBETH.\nIs this a dagger which I see before me,"
+#: Where a source checkout keeps the plays the demo model never saw in training.
+_HELDOUT_PLAYS = _PACKAGE.parent / "data" / "shakespeare" / "heldout"
+#: Calibration of the shipped routers (docs/calibration.md, "Measured on the demo model").
+_DEMO_CALIBRATION = dict(checkpoint_interval=2, samples=400, max_length=128, max_tokens=60_000,
+                         target=0.95, seed=0)
+
+
+def demo_calibration_texts() -> list[str]:
+    """Paragraphs of the held-out plays (``data/shakespeare/heldout`` of a source checkout)
+    that are not in ``demo.heldout_text()``: text the model never saw, disjoint from the
+    text ``tune`` measures on by default."""
+    from . import demo
+
+    if not _HELDOUT_PLAYS.is_dir():
+        raise FileNotFoundError(
+            f"demo calibration text not found at {_HELDOUT_PLAYS} (it is in a source checkout "
+            "of tide-compile, not in the installed package): pass --data FILE... with text the "
+            "demo model has not seen, or use the shipped routers (drop --calibrate)"
+        )
+    taken = set(demo.heldout_text().split("\n\n"))
+    return [
+        para
+        for path in sorted(_HELDOUT_PLAYS.glob("*.txt"))
+        for para in path.read_text(encoding="utf-8").split("\n\n")
+        if para not in taken
+    ]
+
+
+def calibrate_demo_routers(model: Any, tokenizer: Any, texts: Any = None, *, samples: int | None = None,
+                           progress: bool = False) -> Any:
+    """Routers for the demo model, calibrated as the shipped ones are (checkpoints 1, 3, 5;
+    ``exit_threshold`` = ``threshold_for(0.95)``)."""
+    from .calibration import calibrate
+    from .config import TIDEConfig
+
+    c = _DEMO_CALIBRATION
+    config = TIDEConfig(checkpoint_interval=c["checkpoint_interval"],
+                        calibration_samples=samples or c["samples"])
+    return calibrate(
+        model, tokenizer, texts if texts is not None else demo_calibration_texts(), config,
+        max_length=c["max_length"], max_tokens_per_checkpoint=c["max_tokens"],
+        target_agreement=c["target"], seed=c["seed"], progress=progress,
+    )
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` for the block (None: leave as is), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _common_prefix(a: Any, b: Any) -> int:
+    n = 0
+    for x, y in zip(a.tolist(), b.tolist()):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _describe_routers(routers: Any, source: str) -> str:
+    cal = routers.calibration or {}
+    line = f"routers: {source} (checkpoints {routers.checkpoint_layers}"
+    if cal.get("kind") == "calibrated":
+        line += f"; calibrated on {cal.get('samples')} samples, {cal.get('source')}"
+        if cal.get("target_agreement") is not None:
+            line += f"; saved exit_threshold {routers.config.exit_threshold:.2f} = held-out agreement >= {cal['target_agreement']}"
+    return line + ")"
+
+
+# ---------------------------------------------------------------------------- demo
+def run_demo(args: argparse.Namespace) -> int:
+    with cpu_threads(args.threads):
+        return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import demo
+    from .routers import RouterSet
+    from .runtime.model import optimize
+    from .tune import time_plain_generate, time_tide_generate
+
+    t_start = time.perf_counter()
+    device = args.device or "cpu"
+    model, tokenizer = demo.load(device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tide-compile demo: the {model.config.num_hidden_layers}-layer Llama shipped with "
+          f"tide_compile ({n_params / 1e6:.1f}M parameters, {demo.DEMO_DIR}), on {device}, "
+          f"float32, {torch.get_num_threads()} thread(s)")
+
+    if args.routers and args.calibrate:
+        raise ValueError("pass either --routers FILE or --calibrate, not both")
+    if args.routers:
+        routers = RouterSet.load(args.routers, model=model)
+        source = args.routers
+    elif args.calibrate or not DEMO_ROUTERS.is_file():
+        if not args.calibrate:
+            print(f"no shipped routers at {DEMO_ROUTERS}: calibrating now")
+        texts = None
+        if args.data:
+            from .calibration.data import find_text_files
+
+            texts = [Path(p) for path in args.data for p in find_text_files(path)]
+        t0 = time.perf_counter()
+        routers = calibrate_demo_routers(model, tokenizer, texts, samples=args.calibration_samples,
+                                         progress=not args.quiet)
+        source = f"calibrated now in {time.perf_counter() - t0:.1f} s"
+    else:
+        routers = RouterSet.load(DEMO_ROUTERS, model=model)
+        source = f"shipped, {DEMO_ROUTERS.name}"
+    if args.save_routers:
+        routers.save(args.save_routers)
+        print(f"wrote {args.save_routers}")
+    print(_describe_routers(routers, source))
+    threshold = routers.config.exit_threshold if args.threshold is None else args.threshold
+
+    enc = tokenizer(args.prompt, return_tensors="pt")
+    ids = enc["input_ids"].to(device)
+    n = args.max_new_tokens
+    # A CLI process compiles once; in-process callers (tests) may have compiled this
+    # model class before, and Dynamo's per-function recompile limit would send this
+    # compilation to eager.
+    torch._dynamo.reset()
+    fast = optimize(model, routers, exit_threshold=threshold, inductor=args.inductor)
+    print(f'compiling with backend="tide" (exit_threshold {threshold:.2f}, strategy auto: prefill '
+          f"frozen, decode steps skip; Inductor {'on' if args.inductor else 'off'}) ...", flush=True)
+    tide_rate, compile_s, out = time_tide_generate(fast, ids, n, repeats=args.repeats)
+    print(f"compiled in {compile_s:.1f} s (two warm-up generations: prefill and decode graphs)")
+    plain_rate, plain_out = time_plain_generate(model, ids, n, repeats=args.repeats)
+    never_rate = None
+    if args.compare_never_exit:
+        torch._dynamo.reset()
+        never = optimize(model, routers, exit_threshold=1.0, inductor=args.inductor)
+        never_rate, _, _ = time_tide_generate(never, ids, n, repeats=args.repeats)
+
+    prompt_len = ids.shape[1]
+    print()
+    print(f"--- tide output (greedy, {n} new tokens) ---")
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    print("---")
+    print()
+    print(f"Exit stats (one generation; every token that ran through the model: {prompt_len} "
+          f"prompt tokens and {n - 1} generated tokens fed back):")
+    print(fast.tide_stats.summary())
+    same = _common_prefix(out[0, prompt_len:], plain_out[0, prompt_len:])
+    print()
+    print(f"Speed ({n} new tokens, greedy, same prompt, median of {args.repeats} runs after warm-up):")
+    lines = [("plain model.generate (eager)", plain_rate)]
+    if never_rate is not None:
+        lines.append(("tide, threshold 1.00 (never exits)", never_rate))
+    lines.append((f"tide, threshold {threshold:.2f} (Inductor {'on' if args.inductor else 'off'})", tide_rate))
+    width = max(len(name) for name, _ in lines)
+    for name, rate in lines:
+        print(f"  {name:<{width}}  {rate:8.1f} tokens/s")
+    print(f"  tide / plain: {tide_rate / plain_rate:.2f}x")
+    print(f"Text: tide's first {same} of {n} new tokens equal the plain model's greedy tokens"
+          + ("." if same == n else
+             " (exits change the logits of exiting tokens and, through the K/V they propagate, "
+             "of later ones; greedy texts part at the first different token)."))
+    if device == "cpu":
+        print("Note: with a 4M-parameter model on a CPU, per-step Python and dispatch overhead is a "
+              "large part of each step, in both loops (tide's static-cache loop vs HF generate); "
+              "exits save little here. GPU results on an 8B-shaped model: benchmarks/RESULTS.md.")
+    print(f"Total time: {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------- generate
+def load_any(model: str, device: str | None, dtype: str) -> tuple[Any, Any]:
+    """``demo`` or a local HuggingFace folder -> (model, tokenizer)."""
+    import torch
+
+    if model == "demo":
+        from . import demo
+
+        from .cli import _DTYPES
+
+        name = _DTYPES[dtype] or "float32"
+        return demo.load(dtype=getattr(torch, name), device=device or "cpu")
+    from .cli import load_model
+
+    return load_model(model, device, dtype)
+
+
+def routers_for(model: Any, model_arg: str, routers_arg: str | None) -> Any:
+    from .routers import RouterSet
+
+    if routers_arg:
+        return RouterSet.load(routers_arg, model=model)
+    if model_arg == "demo" and DEMO_ROUTERS.is_file():
+        return RouterSet.load(DEMO_ROUTERS, model=model)
+    raise ValueError("--routers FILE is required (make one with `tide-compile calibrate`)")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    with cpu_threads(args.threads):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .runtime.model import optimize
+
+    if args.model != "demo" and not Path(args.model).is_dir():
+        raise FileNotFoundError(f"no model folder at {args.model!r} (pass a local HuggingFace "
+                                "model folder, or `demo`)")
+    model, tokenizer = load_any(args.model, args.device, args.dtype)
+    routers = routers_for(model, args.model, args.routers)
+    device = next(model.parameters()).device
+    inductor = args.inductor if args.inductor is not None else device.type == "cuda"
+    options: dict[str, Any] = {"inductor": inductor}
+    if args.threshold is not None:
+        options["exit_threshold"] = args.threshold
+    threshold = routers.config.exit_threshold if args.threshold is None else args.threshold
+    enc = tokenizer(args.prompt, return_tensors="pt")
+    ids = enc["input_ids"].to(device)
+    mask = enc.get("attention_mask")
+    torch._dynamo.reset()  # see run_demo
+    fast = optimize(model, routers, **options)
+    generator = None
+    if args.do_sample:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    out = fast.generate(ids, max_new_tokens=args.max_new_tokens,
+                        attention_mask=None if mask is None else mask.to(device),
+                        do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, generator=generator)
+    elapsed = time.perf_counter() - t0
+    new = out.shape[1] - ids.shape[1]
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    print()
+    print(fast.tide_stats.summary())
+    print(f"{new} new tokens in {elapsed:.1f} s, compilation included (exit_threshold "
+          f"{threshold:.2f}, Inductor {'on' if inductor else 'off'}, {device}; steady-state "
+          "tokens/s: `tide-compile tune` or `tide-compile demo`)")
+    return 0
