@@ -175,18 +175,35 @@ class TIDEModel(nn.Module):
 
 
 def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = True,
-             dynamic: bool | None = None, **options: Any) -> TIDEModel:
+             dynamic: bool | None = None, mode: str = "exit", **options: Any) -> Any:
     """Compile ``model`` with early exit.
 
     Args:
         model: an HF causal LM (eval mode).
         routers: a RouterSet or a router file path (checked against the model).
         fullgraph, dynamic: passed to ``torch.compile``.
+        mode: ``"exit"`` (a :class:`TIDEModel`: tokens exit early, outputs approximate)
+            or ``"speculative"`` (a :class:`~.speculative.SpeculativeModel`: early-exit
+            drafts verified at full depth, outputs those of the plain model; takes
+            ``max_draft``, ``max_draft_depth``, ``verify_mode``; batch 1). Any other
+            value is the backend's Inductor ``mode`` option (as before ``mode`` chose
+            the decoding mode), in mode ``"exit"``.
         **options: the ``tide`` backend options (``exit_threshold``, ``min_layers``,
-            ``strategy``, ``inductor``, ``inductor_config``, ``mode``).
+            ``strategy``, ``inductor``, ``inductor_config``; the Inductor mode as
+            ``inductor_mode``).
     """
     if isinstance(routers, str):
         routers = RouterSet.load(routers, model=model)
+    if "inductor_mode" in options:
+        options["mode"] = options.pop("inductor_mode")
+    if mode == "speculative":
+        from .speculative import SpeculativeModel
+
+        if dynamic:
+            raise ValueError("mode='speculative' compiles static shapes; drop dynamic=True")
+        return SpeculativeModel(model, routers, fullgraph=fullgraph, **options)
+    if mode != "exit":
+        options["mode"] = mode
     if "routers" in options or "stats" in options:
         raise TypeError("pass routers positionally; optimize() keeps its own stats "
                         "(read fast.tide_stats)")
