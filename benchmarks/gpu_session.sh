@@ -29,7 +29,7 @@ if has router; then
 fi
 if has speculative && [ -f benchmarks/bench_speculative.py ]; then
   echo "== speculative (demo model)"
-  timeout ${SPEC_TIMEOUT:-150} python3 benchmarks/bench_speculative.py --out "$OUT/bench_speculative.json" \
+  timeout ${SPEC_TIMEOUT:-150} python3 benchmarks/bench_speculative.py --out "$OUT/bench_speculative.json" ${SPEC_ARGS:-} \
     >"$OUT/bench_speculative.log" 2>&1; echo "speculative rc=$?"; tail -15 "$OUT/bench_speculative.log"
 fi
 if has decode; then
