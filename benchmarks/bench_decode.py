@@ -102,6 +102,20 @@ def decode_loop(fn, model, prompt, steps: int, cache_len: int, device: str,
     return times
 
 
+@torch.no_grad()
+def hf_eager_ms(model, prompt, device: str, n: int = 16) -> float:
+    """HF eager generate per new token: (t(1 + n) - t(1)) / n, second of two runs."""
+    for _ in range(2):
+        sync(device); t0 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False,
+                       pad_token_id=0)
+        sync(device); t1 = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1 + n, min_new_tokens=1 + n, do_sample=False,
+                       pad_token_id=0)
+        sync(device); t2 = time.perf_counter()
+    return ((t2 - t1) - (t1 - t0)) * 1e3 / n
+
+
 def summarize(times: list[float], skip: int) -> float:
     return statistics.median(times[skip:])
 
@@ -113,6 +127,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--interval", type=int, default=8, help="checkpoint_interval")
+    ap.add_argument("--kernels", choices=("inductor", "triton"), default="inductor",
+                    help="tide backend option: route/exit-select as Inductor-fused composites "
+                         "or hand Triton kernels")
+    ap.add_argument("--rows", default="eager,inductor,never,exits",
+                    help="comma list of: eager, inductor, never, exits")
     ap.add_argument("--out", default=None)
     ap.add_argument("--time-budget", type=float, default=480.0,
                     help="stop starting new rows after this many seconds")
@@ -143,20 +162,12 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    # HF eager generate: (t(1 + n) - t(1)) / n new tokens.
-    with torch.no_grad():
-        n = 16
-        for _ in range(2):
-            sync(device); t0 = time.perf_counter()
-            model.generate(prompt, max_new_tokens=1, min_new_tokens=1, do_sample=False,
-                           pad_token_id=0)
-            sync(device); t1 = time.perf_counter()
-            model.generate(prompt, max_new_tokens=1 + n, min_new_tokens=1 + n, do_sample=False,
-                           pad_token_id=0)
-            sync(device); t2 = time.perf_counter()
-        row("hf_eager_generate", ((t2 - t1) - (t1 - t0)) * 1e3 / n)
+    wanted = set(args.rows.split(","))
+    env["kernels"] = args.kernels
+    if "eager" in wanted:
+        row("hf_eager_generate", hf_eager_ms(model, prompt, device))
 
-    # Inductor baseline on the same static cache.
+    # Inductor baseline on the same static cache (always: the other rows are relative to it).
     torch._dynamo.reset()
     t0 = time.time()
     mode = "reduce-overhead" if device == "cuda" else None
@@ -174,7 +185,8 @@ def main() -> None:
         stats = ExitStats(b["num_layers"])
         t0 = time.time()
         fn = torch.compile(model.forward, backend="tide", fullgraph=True,
-                           options={"routers": routers, "stats": stats, "strategy": "skip"})
+                           options={"routers": routers, "stats": stats, "strategy": "skip",
+                                    "kernels": args.kernels})
         times = decode_loop(fn, model, prompt, args.steps, cache_len, device, False)
         ms = summarize(times, args.warmup)
         depth = b["num_layers"] if exit_at is None else exit_at + 1
@@ -185,9 +197,11 @@ def main() -> None:
             mean_layers_executed=round(stats.mean_layers_executed, 2),
             compile_and_first_s=round(time.time() - t0, 1))
 
-    tide_row("tide_never_exit", None)
-    for c in checkpoints:
-        tide_row(f"tide_exit@{c + 1}", c)
+    if "never" in wanted:
+        tide_row("tide_never_exit", None)
+    if "exits" in wanted:
+        for c in checkpoints:
+            tide_row(f"tide_exit@{c + 1}", c)
 
     print("\n| row | ms/token | x Inductor | bound | of bound | layers run |")
     print("|---|---|---|---|---|---|")

@@ -263,7 +263,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     insert_pass.run(gm, info, routers, checkpoints, threshold, kernels=opts.kernels)
     COMPILE_COUNTS[strategy] += 1
     if strategy == "frozen":
-        return FrozenRunner(gm, example_inputs, compiler, stats)
+        return FrozenRunner(gm, example_inputs, compiler, stats, lazy=_is_static(gm))
 
     info_orig = layers_pass.run(original, ctx)
     split = segment_pass.split(gm, info, checkpoints, with_head=False)

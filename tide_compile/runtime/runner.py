@@ -86,13 +86,18 @@ class FrozenRunner:
     strategy = "frozen"
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: Compiler,
-                 stats: ExitStats) -> None:
+                 stats: ExitStats, lazy: bool = False) -> None:
         self.user_outputs = gm.meta.get(EXIT_LAYER_OUTPUT)
         self.num_layers = stats.num_layers
         self.stats = stats
         self.last_exit_layers: torch.Tensor | None = None
         self.extra = list(gm.meta.get(EXTRA_INPUTS, []))
-        self.fn = compiler(gm, list(example_inputs) + self.extra)
+        # lazy (static shapes): compile at the first call, outside Dynamo's tracing
+        # context, like the skip strategy's pieces. Inside it, Inductor would trace the
+        # router inputs (which Dynamo has no source for) in Dynamo's shape environment,
+        # and a guard on one of their sizes (seen: CUDA's pad_mm) cannot be built.
+        self.fn = (_Lazy(gm, compiler, "frozen") if lazy
+                   else compiler(gm, list(example_inputs) + self.extra))
 
     def __call__(self, *args: Any) -> Any:
         outs, exit_layer = _strip(self.fn(*args, *self.extra), self.user_outputs)
