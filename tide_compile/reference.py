@@ -225,6 +225,14 @@ def sample_next(
     """
     if not do_sample:
         return logits.argmax(-1)
+    probs = processed_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def processed_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """Sampling probabilities ``[..., vocab]`` (float32) from logits: temperature, then
+    top-k, then top-p (the smallest set of tokens whose probability reaches ``top_p``)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     scores = logits.float() / temperature
@@ -239,8 +247,7 @@ def sample_next(
         remove_sorted[..., -1] = False  # always keep the most likely token
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         scores = scores.masked_fill(remove, float("-inf"))
-    probs = scores.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return scores.softmax(-1)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..backend import parse_options
+from ..reference import processed_probs
 from ..routers import RouterSet
 from ..stats import ExitStats
 
@@ -57,28 +58,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- sampling
-def processed_probs(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-                    top_p: float | None = None) -> torch.Tensor:
-    """Sampling probabilities ``[..., vocab]`` (float32) from logits, exactly as
-    :func:`tide_compile.reference.sample_next` samples: temperature, then top-k, then top-p
-    (the smallest set of tokens whose probability reaches ``top_p``)."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    scores = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        k = min(top_k, scores.shape[-1])
-        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
-        cum = sorted_scores.softmax(-1).cumsum(-1)
-        remove_sorted = cum <= (1 - top_p)
-        remove_sorted[..., -1] = False  # always keep the most likely token
-        remove = remove_sorted.scatter(-1, order, remove_sorted)
-        scores = scores.masked_fill(remove, float("-inf"))
-    return scores.softmax(-1)
-
-
 def speculative_accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor,
                        target_probs: torch.Tensor, generator: torch.Generator | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
