@@ -287,3 +287,22 @@ def test_generate_twice_does_not_recompile():
     third = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
     assert torch.equal(first, third)
     assert sum(B.COMPILE_COUNTS.values()) - compiled <= 1
+
+
+@pytest.mark.slow
+def test_inductor_dynamic_cache_equals_reference():
+    """DynamicCache decode recompiles with dynamic shapes at the second step: that graph is
+    compiled inside Dynamo's tracing context (the static ones at their first call)."""
+    model = model_for("llama", num_layers=3)
+    cfg = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
+    routers = random_routers(model, 4, config=cfg)
+    torch._dynamo.reset()
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "strategy": "frozen", "exit_threshold": 0.5})
+    c1, c2 = new_cache(model, "dynamic"), new_cache(model, "dynamic")
+    ids = torch.tensor([[3, 4, 5]])
+    for _ in range(4):
+        out = fn(input_ids=ids, past_key_values=c1, use_cache=True)
+        ref = R.forward(model, routers, ids, cfg, past_key_values=c2, exit_threshold=0.5)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        ids = ref.logits[:, -1:].argmax(-1)

@@ -167,10 +167,11 @@ def last_stats() -> ExitStats | None:
 
 
 # ---------------------------------------------------------------------- compile
-def _compiler(opts: BackendOptions, pieces: bool = False):
+def _compiler(opts: BackendOptions, pieces: bool = False, dynamic: bool = False):
     """``compile(gm, example_inputs)``. ``pieces``: for the skip strategy's segments,
     which the runner captures into CUDA graphs itself, so Inductor's own CUDA graphs
-    (``mode="reduce-overhead"``) are left out."""
+    (``mode="reduce-overhead"``) are left out. ``dynamic``: a graph with symbolic shapes,
+    compiled at once inside Dynamo's tracing context (static ones compile at first call)."""
     if not opts.inductor:
         return lambda gm, example_inputs: gm.forward
     from torch._inductor.compile_fx import compile_fx
@@ -180,6 +181,11 @@ def _compiler(opts: BackendOptions, pieces: bool = False):
         patches = {**torch._inductor.list_mode_options(opts.mode), **patches}
     if pieces:
         patches.pop("triton.cudagraphs", None)
+    if dynamic:
+        # Graphs compiled inside Dynamo's tracing context (dynamic shapes) share its shape
+        # environment; Inductor's matmul padding guards on sizes there, and a guard on a
+        # size of a router input (no Dynamo source) cannot be built (seen on CUDA).
+        patches.setdefault("shape_padding", False)
 
     def compile_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]):
         return compile_fx(gm, list(example_inputs), config_patches=patches)
@@ -239,7 +245,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if stats.num_layers != num_layers:
         raise ValueError(f"options['stats'] counts a {stats.num_layers}-layer model, routers "
                          f"are for {num_layers} layers")
-    compiler = _compiler(opts)
+    compiler = _compiler(opts, dynamic=not _is_static(gm))
     if not checkpoints:
         # No checkpoint at or after min_layers: the plain model.
         COMPILE_COUNTS["plain"] += 1
