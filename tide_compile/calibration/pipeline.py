@@ -49,6 +49,7 @@ def calibrate(
     projection_rank: int = 64,
     projection_loss: str = "kl",
     target_agreement: float | None = None,
+    protect_first_token: bool = True,
     seed: int = 0,
     progress: bool = True,
 ) -> RouterSet:
@@ -74,6 +75,10 @@ def calibrate(
         projection_loss: ``"kl"`` (match the full distribution) or ``"ce"`` (its top-1).
         target_agreement: if given, the returned routers' ``config.exit_threshold`` is
             :meth:`RouterSet.threshold_for` of it.
+        protect_first_token: label the first token of every sample "do not exit" (in
+            router training and in the quality table). Every later token attends to it
+            (the attention sink), so K/V propagated from its early state cost more than
+            its own next-token agreement shows.
         seed: seeds the sample choice, token subset, splits, initializations and batch order.
         progress: show tqdm progress bars.
 
@@ -134,6 +139,7 @@ def calibrate(
     exit_agreement: dict[str, dict[str, float | None]] = {}
     scores: dict[int, torch.Tensor] = {}
     agree_held: dict[int, torch.Tensor] = {}
+    first = collected.position == 0
     for c in layers:
         states = collected.states[c]
         proj = projections.get(c)
@@ -143,6 +149,11 @@ def calibrate(
             target = agree
         else:
             target = cosine_labels(p, states, collected.final, config.convergence_threshold, proj)
+        table_agree = agree
+        if protect_first_token:
+            # An exiting first token counts as a disagreement in the table too.
+            target = target & ~first
+            table_agree = agree & ~first
         router, info = train_router(
             states, target, splits, bottleneck_dim=config.router_bottleneck_dim, device=device, seed=seed + 100 * c
         )
@@ -150,7 +161,7 @@ def calibrate(
         router_info[str(c)] = info
         with torch.no_grad():
             scores[c] = router(states[held].to(device)).cpu()
-        agree_held[c] = agree[held]
+        agree_held[c] = table_agree[held]
 
         def rate(flags: torch.Tensor) -> float | None:
             return round(float(flags[held].float().mean()), 6) if held.numel() else None
@@ -173,6 +184,7 @@ def calibrate(
         "max_tokens_per_checkpoint": max_tokens_per_checkpoint,
         "split_tokens": splits.sizes(),
         "seed": seed,
+        "protect_first_token": protect_first_token,
         "exit_agreement": exit_agreement,
         "router_training": router_info,
         "projection_training": projection_info or None,
