@@ -463,3 +463,20 @@ def test_demo_routers_meet_target_on_heldout(demo_setup):
     )
     assert agreement >= 0.95, (t, agreement, exit_rate, per_layer)
     assert exit_rate > 0.02 and per_layer[1] + per_layer[3] > 0, per_layer  # exits before the last checkpoint
+
+
+def test_shipped_demo_routers_never_exit_the_first_token():
+    """protect_first_token: the routers learned that the first token (<s>, the attention
+    sink every later token reads) stays; other tokens still exit."""
+    from tide_compile import demo
+    from tide_compile import reference as R
+
+    model, tok = demo.load()
+    routers = RouterSet.load(demo.DEMO_DIR / "routers.tide", model=model)
+    assert routers.calibration.get("protect_first_token") is True
+    ids = tok(demo.heldout_text()[:20000], return_tensors="pt").input_ids[0]
+    windows = torch.stack([torch.cat([torch.tensor([tok.bos_token_id]), ids[i:i + 63]])
+                           for i in range(1, 1 + 16 * 63, 63)])
+    out = R.forward(model, routers, windows, exit_threshold=routers.config.exit_threshold)
+    assert not (out.exit_layers[:, 0] >= 0).any()
+    assert out.stats.exit_rate > 0.02
