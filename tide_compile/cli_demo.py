@@ -31,7 +31,7 @@ DEMO_ROUTERS: Path = _PACKAGE / "demo_model" / "routers.tide"
 DEMO_PROMPT = "MACBETH.\nIs this a dagger which I see before me,"
 #: Where a source checkout keeps the plays the demo model never saw in training.
 _HELDOUT_PLAYS = _PACKAGE.parent / "data" / "shakespeare" / "heldout"
-#: Calibration of the shipped routers (docs/calibration.md, "Measured on the demo model").
+#: Calibration of the shipped routers (the README, "Calibration", "Measured on the demo model").
 _DEMO_CALIBRATION = dict(checkpoint_interval=2, samples=400, max_length=128, max_tokens=60_000,
                          target=0.95, seed=0)
 
