@@ -200,13 +200,20 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
-def _eos_ids(model: nn.Module, eos_token_id: int | list[int] | None) -> list[int]:
+def eos_and_pad(model: nn.Module, eos_token_id: int | list[int] | None,
+                pad_token_id: int | None) -> tuple[list[int], int]:
+    """EOS ids and the pad id as ``model.generate`` resolves them: the arguments, else
+    ``model.generation_config``; pad falls back to the first EOS id, else 0."""
+    gen_cfg = getattr(model, "generation_config", None)
     if eos_token_id is None:
-        gen_cfg = getattr(model, "generation_config", None)
         eos_token_id = getattr(gen_cfg, "eos_token_id", None)
-    if eos_token_id is None:
-        return []
-    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos = ([] if eos_token_id is None
+           else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_cfg, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    return eos, int(pad_token_id)
 
 
 def sample_next(
@@ -292,11 +299,7 @@ def generate(
     p = probe(model)
     routers.check_model(p)
     batch, prompt_len = input_ids.shape
-    eos = _eos_ids(model, eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    if pad_token_id is None:
-        pad_token_id = eos[0] if eos else 0
+    eos, pad_token_id = eos_and_pad(model, eos_token_id, pad_token_id)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if cache == "dynamic":

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..backend import parse_options
-from ..reference import position_ids_from_mask, sample_next
+from ..reference import eos_and_pad, position_ids_from_mask, sample_next
 from ..routers import RouterSet
 from ..stats import ExitStats
 
@@ -93,15 +93,7 @@ class TIDEModel(nn.Module):
             )
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        gen_cfg = getattr(self.model, "generation_config", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(gen_cfg, "eos_token_id", None)
-        eos = [] if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        if pad_token_id is None:
-            pad_token_id = getattr(gen_cfg, "pad_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
+        eos, pad_token_id = eos_and_pad(self.model, eos_token_id, pad_token_id)
         batch, prompt_len = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
