@@ -245,7 +245,8 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     if stats.num_layers != num_layers:
         raise ValueError(f"options['stats'] counts a {stats.num_layers}-layer model, routers "
                          f"are for {num_layers} layers")
-    compiler = _compiler(opts, dynamic=not _is_static(gm))
+    static = _is_static(gm)
+    compiler = _compiler(opts, dynamic=not static)
     if not checkpoints:
         # No checkpoint at or after min_layers: the plain model.
         COMPILE_COUNTS["plain"] += 1
@@ -267,7 +268,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       and not isinstance(ev.shape[-2], torch.SymInt) and ev.shape[-2] == 1)
     strategy = opts.strategy
     if strategy == "auto":
-        strategy = "skip" if (one_token_step and _is_static(gm)) else "frozen"
+        strategy = "skip" if (one_token_step and static) else "frozen"
 
     kernels = opts.kernels
     if kernels == "auto":
@@ -275,7 +276,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     insert_pass.run(gm, info, routers, checkpoints, threshold, kernels=kernels)
     COMPILE_COUNTS[strategy] += 1
     if strategy == "frozen":
-        return FrozenRunner(gm, example_inputs, compiler, stats, lazy=_is_static(gm))
+        return FrozenRunner(gm, example_inputs, compiler, stats, lazy=static)
 
     info_orig = layers_pass.run(original, ctx)
     split = segment_pass.split(gm, info, checkpoints, with_head=False)

@@ -42,6 +42,17 @@ def _device_dtype(probe: ModelProbe) -> tuple[torch.device, torch.dtype]:
     return w.device, w.dtype
 
 
+def _exit_states(probe: ModelProbe, states: torch.Tensor,
+                 exit_state: Callable[[torch.Tensor], torch.Tensor] | None, chunk: int):
+    """``(slice, E_c(h))`` per chunk, on the head's device and dtype."""
+    device, dtype = _device_dtype(probe)
+    for s in _chunks(states.shape[0], chunk):
+        h = states[s].to(device=device, dtype=dtype)
+        if exit_state is not None:
+            h = exit_state(h).to(dtype)
+        yield s, h
+
+
 @torch.no_grad()
 def head_top1(
     probe: ModelProbe,
@@ -51,12 +62,8 @@ def head_top1(
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Top-1 token of ``probe.head(exit_state(states))``, ``[n]`` int64 on the CPU."""
-    device, dtype = _device_dtype(probe)
     out = torch.empty(states.shape[0], dtype=torch.int64)
-    for s in _chunks(states.shape[0], chunk):
-        h = states[s].to(device=device, dtype=dtype)
-        if exit_state is not None:
-            h = exit_state(h).to(dtype)
+    for s, h in _exit_states(probe, states, exit_state, chunk):
         out[s] = probe.head(h).argmax(-1).cpu()
     return out
 
@@ -86,10 +93,7 @@ def cosine_labels(
     """``[n]`` bool: ``cos(final_norm(E_c(h_c)), final_norm(h_final)) > threshold``."""
     device, dtype = _device_dtype(probe)
     out = torch.empty(states.shape[0], dtype=torch.bool)
-    for s in _chunks(states.shape[0], chunk):
-        h = states[s].to(device=device, dtype=dtype)
-        if exit_state is not None:
-            h = exit_state(h).to(dtype)
+    for s, h in _exit_states(probe, states, exit_state, chunk):
         a = probe.final_norm(h).float()
         b = probe.final_norm(final[s].to(device=device, dtype=dtype)).float()
         out[s] = (torch.nn.functional.cosine_similarity(a, b, dim=-1) > threshold).cpu()

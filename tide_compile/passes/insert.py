@@ -128,6 +128,16 @@ def run(
         node.meta[META_KEY] = layer
         return node
 
+    def unpack(node: fx.Node, layer: int) -> tuple[tuple[fx.Node, fx.Node, fx.Node], fx.Node]:
+        """``(exited, frozen, exit_layer)`` getitems right after ``node``, and the last one."""
+        parts = []
+        anchor = node
+        for i in range(3):
+            with graph.inserting_after(anchor):
+                anchor = tag(graph.call_function(operator.getitem, (node, i)), layer)
+            parts.append(anchor)
+        return (parts[0], parts[1], parts[2]), anchor
+
     state: tuple[fx.Node, fx.Node, fx.Node] | None = None
     state_by_layer: dict[int, tuple[fx.Node, fx.Node, fx.Node]] = {}
     route_end: dict[int, fx.Node] = {}
@@ -138,13 +148,7 @@ def run(
         if state is None:
             with graph.inserting_after(anchor):
                 init = tag(graph.call_function(init_exit_state, (h_c,)), c)
-            anchor = init
-            parts = []
-            for i in range(3):
-                with graph.inserting_after(anchor):
-                    anchor = tag(graph.call_function(operator.getitem, (init, i)), c)
-                parts.append(anchor)
-            state = (parts[0], parts[1], parts[2])
+            state, anchor = unpack(init, c)
         weights = []
         for suffix, tensor in (("w1", r.down.weight), ("b1", r.down.bias),
                                ("w2", r.up.weight), ("b2", r.up.bias)):
@@ -157,13 +161,7 @@ def run(
                 route_op(kernels),
                 (h_c, *state, *weights, float(threshold), int(c), float(r.eps)),
             ), c)
-        anchor = route
-        parts = []
-        for i in range(3):
-            with graph.inserting_after(anchor):
-                anchor = tag(graph.call_function(operator.getitem, (route, i)), c)
-            parts.append(anchor)
-        state = (parts[0], parts[1], parts[2])
+        state, anchor = unpack(route, c)
         state_by_layer[c] = state
         route_end[c] = anchor
     gm.meta[STATE_NAMES] = {c: tuple(n.name for n in st) for c, st in state_by_layer.items()}

@@ -56,10 +56,6 @@ class GraphedSkipRunner:
         self.buffers: dict[int, torch.Tensor] = {}
         self.static_ptrs: list[tuple[int, int]] = []
 
-    @property
-    def last_exit_layers(self) -> torch.Tensor | None:
-        return self.stats.last_exit_layers
-
     # ------------------------------------------------------------------ call
     def __call__(self, *args: Any) -> Any:
         if self.captured:
@@ -172,7 +168,6 @@ class GraphedSkipRunner:
         for i, buf in self.buffers.items():
             buf.copy_(args[i], non_blocking=True)
         env = self.env
-        ntok = None
         for k, g in enumerate(self.graphs):
             g.replay()
             if k == len(r.cuts):

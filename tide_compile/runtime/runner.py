@@ -90,7 +90,6 @@ class FrozenRunner:
         self.user_outputs = gm.meta.get(EXIT_LAYER_OUTPUT)
         self.num_layers = stats.num_layers
         self.stats = stats
-        self.last_exit_layers: torch.Tensor | None = None
         self.extra = list(gm.meta.get(EXTRA_INPUTS, []))
         # lazy (static shapes): compile at the first call, outside Dynamo's tracing
         # context, like the skip strategy's pieces. Inside it, Inductor would trace the
@@ -101,7 +100,6 @@ class FrozenRunner:
 
     def __call__(self, *args: Any) -> Any:
         outs, exit_layer = _strip(self.fn(*args, *self.extra), self.user_outputs)
-        self.last_exit_layers = exit_layer
         self.stats.record(exit_layer, layers_executed=_token_count(exit_layer) * self.num_layers)
         return outs
 
@@ -139,7 +137,6 @@ class SkipRunner:
         self.user_outputs = user_outputs
         self.stats = stats
         self.num_layers = stats.num_layers
-        self.last_exit_layers: torch.Tensor | None = None
         #: segments run per call, for tests and benchmarks: index of the last one run.
         self.last_segments_run = 0
 
@@ -161,7 +158,6 @@ class SkipRunner:
         return outs
 
     def _record(self, exit_layer: torch.Tensor, depth: int) -> None:
-        self.last_exit_layers = exit_layer
         self.stats.record(exit_layer, layers_executed=_token_count(exit_layer) * depth)
 
     def _exit_all(self, env: dict[str, Any], c: int, frozen_name: str,

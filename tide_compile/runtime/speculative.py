@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..backend import parse_options
-from ..reference import processed_probs
+from ..reference import eos_and_pad, processed_probs
 from ..routers import RouterSet
 from ..stats import ExitStats
 
@@ -400,11 +400,7 @@ class SpeculativeModel(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        gen_cfg = getattr(self.model, "generation_config", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(gen_cfg, "eos_token_id", None)
-        eos = set() if eos_token_id is None else (
-            {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+        eos = set(eos_and_pad(self.model, eos_token_id, pad_token_id)[0])
         device = input_ids.device
         prompt_len = input_ids.shape[1]
         width = self.max_draft + 1
