@@ -306,3 +306,36 @@ def test_inductor_dynamic_cache_equals_reference():
         ref = R.forward(model, routers, ids, cfg, past_key_values=c2, exit_threshold=0.5)
         torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
         ids = ref.logits[:, -1:].argmax(-1)
+
+
+@settings(max_examples=6, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(min_layers=st.integers(1, 4), seed=st.integers(0, 1000), strategy=st.sampled_from(["frozen", "skip"]))
+def test_min_layers_option_equals_reference(min_layers, seed, strategy):
+    model = model_for("llama")
+    routers = random_routers(model, seed)
+    fn, _ = compiled(model, routers, exit_threshold=0.3, min_layers=min_layers, strategy=strategy)
+    cfg = CFG.replace(min_layers=min_layers)
+    ids = torch.randint(2, 97, (1, 4), generator=torch.Generator().manual_seed(seed))
+    c1, c2 = new_cache(model, "static"), new_cache(model, "static")
+    for _ in range(3):
+        out = fn(input_ids=ids, past_key_values=c1, use_cache=True)
+        ref = R.forward(model, routers, ids, cfg, past_key_values=c2, exit_threshold=0.3)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        assert (ref.exit_layers < 0).logical_or(ref.exit_layers + 1 >= min_layers).all()
+        ids = ref.logits[:, -1:].argmax(-1)
+
+
+def test_inductor_config_and_mode_reach_compile_fx(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+    monkeypatch.setattr(cfx, "compile_fx",
+                        lambda gm, inputs, config_patches=None: seen.append(config_patches) or gm.forward)
+    opts = B.parse_options({"routers": RouterSet.forced(model_for("llama"), None, CFG),
+                            "inductor_config": {"max_autotune": False},
+                            "mode": "max-autotune-no-cudagraphs"})
+    B._compiler(opts)(torch.fx.symbolic_trace(torch.nn.Identity()), [])
+    B._compiler(opts, dynamic=True)(torch.fx.symbolic_trace(torch.nn.Identity()), [])
+    assert seen[0]["max_autotune"] is False  # the user's patch wins over the mode's
+    assert "shape_padding" not in seen[0] and seen[1]["shape_padding"] is False
