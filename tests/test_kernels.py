@@ -248,6 +248,34 @@ def test_fused_ops_opcheck():
     torch.library.opcheck(torch.ops.tide.exit_select_fused.default, (args[1], args[2], args[0]))
 
 
+def test_fused_ops_gradients_equal_the_references():
+    # A compiled call with grad enabled makes AOT trace a joint graph through these ops
+    # (seen on the H200 before they had autograd formulas).
+    args = _route_inputs(6, 16, 5, torch.float32)
+    h, exited, frozen = args[0], args[1], args[2]
+    exited = exited.clone()
+    exited[:] = False
+    exited[0] = True  # some rows exited before, some exit now, some continue
+    from tide_compile.kernels.route_triton import route_score_reference
+
+    thr = float(route_score_reference(h, *args[4:], 1e-6)[1:].median())
+
+    def grads(route, select):
+        hh = h.clone().requires_grad_()
+        ff = frozen.clone().requires_grad_()
+        ex, fr, _ = route(hh, exited, ff, *args[3:], thr, 3, 1e-6)
+        out = select(ex, fr, hh * 2)
+        (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        return hh.grad, ff.grad, ex
+
+    got = grads(torch.ops.tide.route_fused, torch.ops.tide.exit_select_fused)
+    ref = grads(route_reference, exit_select_reference)
+    assert got[2].any() and not got[2].all()
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+
+
 def test_kernels_option_switches_the_ops():
     assert K.route_op() is torch.ops.tide.route.default
     assert K.exit_select_op() is torch.ops.tide.exit_select.default

@@ -226,3 +226,26 @@ else:  # pragma: no cover
         lambda h, exited, frozen, exit_layer, *rest: (torch.empty_like(exited),
                                                       torch.empty_like(frozen),
                                                       torch.empty_like(exit_layer)))
+
+
+def _route_setup(ctx, inputs, output) -> None:
+    h, exited, frozen = inputs[:3]
+    ctx.save_for_backward(exited, output[0])
+    ctx.dtypes = (h.dtype, frozen.dtype)
+
+
+def _route_backward(ctx, g_exited, g_frozen, g_exit_layer):
+    old, new = ctx.saved_tensors
+    h_dtype, frozen_dtype = ctx.dtypes
+    grads: list = [None] * 11
+    if g_frozen is not None:
+        mask = (new & ~old).unsqueeze(-1)
+        zero = torch.zeros((), dtype=g_frozen.dtype, device=g_frozen.device)
+        grads[0] = torch.where(mask, g_frozen, zero).to(h_dtype)
+        grads[2] = torch.where(mask, zero, g_frozen).to(frozen_dtype)
+    return tuple(grads)
+
+
+# Autograd as the reference's for the states (frozen <- h where a token exits now); the
+# exit decision itself is a threshold, so the router weights get no gradient.
+route_fused.register_autograd(_route_backward, setup_context=_route_setup)

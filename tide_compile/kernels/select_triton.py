@@ -134,3 +134,21 @@ else:  # pragma: no cover
     exit_select_fused = torch.library.custom_op("tide::exit_select_fused", _exit_select_body,
                                                 mutates_args=())
     exit_select_fused.register_fake(lambda exited, frozen, h: torch.empty_like(h))
+
+
+def _select_setup(ctx, inputs, output) -> None:
+    exited, frozen, _h = inputs
+    ctx.save_for_backward(exited)
+    ctx.frozen_dtype = frozen.dtype
+
+
+def _select_backward(ctx, grad):
+    (exited,) = ctx.saved_tensors
+    mask = exited.unsqueeze(-1)
+    zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+    return None, torch.where(mask, grad, zero).to(ctx.frozen_dtype), torch.where(mask, zero, grad)
+
+
+# Autograd as the reference's: an exited token's gradient flows to its frozen state, the
+# others' to h (AOT traces a joint graph when a compiled call runs with grad enabled).
+exit_select_fused.register_autograd(_select_backward, setup_context=_select_setup)
