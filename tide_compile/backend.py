@@ -22,6 +22,7 @@ import collections
 import copy
 import dataclasses
 import os
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
@@ -31,20 +32,22 @@ import torch.fx as fx
 from torch import nn
 
 from .config import TIDEConfig
-from .passes import PassContext
+from .passes import PassContext, PassError
+from .passes import compact as compact_pass
 from .passes import insert as insert_pass
 from .passes import kv_fill as kv_fill_pass
 from .passes import layers as layers_pass
 from .passes import segment as segment_pass
 from .passes._fx import example_value, mutated_args, storage_key
 from .routers import RouterSet
+from .runtime.compact import CompactRunner
 from .runtime.cudagraphs import GraphedSkipRunner
 from .runtime.runner import FrozenRunner, SkipRunner
 from .stats import ExitStats
 
 __all__ = ["BackendOptions", "parse_options", "tide_backend", "attach", "detach", "OPTION_KEYS"]
 
-Strategy = Literal["auto", "frozen", "skip"]
+Strategy = Literal["auto", "frozen", "skip", "compact"]
 
 
 @dataclass
@@ -57,8 +60,14 @@ class BackendOptions:
         exit_threshold: overrides the routers' config threshold.
         min_layers: overrides the routers' config ``min_layers``.
         strategy: ``"frozen"`` (all layers run, exits selected in-graph), ``"skip"``
-            (stop after a checkpoint when every token has exited), ``"auto"`` (skip for
-            one-token steps with static shapes, frozen otherwise, e.g. prefill).
+            (stop after a checkpoint when every token has exited), ``"compact"`` (a
+            dynamic-length StaticCache step, e.g. a prefill compiled with
+            ``mark_dynamic``: the layers after a checkpoint run only the continuing
+            tokens once their fraction falls below ``compaction_threshold``; other
+            graphs fall back to frozen with a one-time warning), ``"auto"`` (skip for
+            one-token steps with static shapes, compact for dynamic-length StaticCache
+            steps, frozen otherwise).
+        compaction_threshold: overrides the routers' config ``compaction_threshold``.
         inductor: compile the graphs with Inductor (else run the FX graphs as they are).
         inductor_config: Inductor config patches (as ``torch.compile(options=...)``).
         mode: Inductor mode (``"default"``, ``"max-autotune-no-cudagraphs"``, ...).
@@ -78,6 +87,7 @@ class BackendOptions:
     exit_threshold: float | None = None
     min_layers: int | None = None
     strategy: Strategy = "auto"
+    compaction_threshold: float | None = None
     inductor: bool = True
     inductor_config: dict[str, Any] = field(default_factory=dict)
     mode: str | None = None
@@ -109,8 +119,11 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
         TIDEConfig(exit_threshold=opts.exit_threshold)  # validates the range
     if opts.min_layers is not None:
         TIDEConfig(min_layers=opts.min_layers)
-    if opts.strategy not in ("auto", "frozen", "skip"):
-        raise ValueError(f"strategy must be 'auto', 'frozen' or 'skip', got {opts.strategy!r}")
+    if opts.strategy not in ("auto", "frozen", "skip", "compact"):
+        raise ValueError(
+            f"strategy must be 'auto', 'frozen', 'skip' or 'compact', got {opts.strategy!r}")
+    if opts.compaction_threshold is not None:
+        TIDEConfig(compaction_threshold=opts.compaction_threshold)
     if opts.kernels not in ("auto", "inductor", "triton"):
         raise ValueError(f"kernels must be 'auto', 'inductor' or 'triton', got {opts.kernels!r}")
     if not isinstance(opts.inductor_config, dict):
@@ -268,12 +281,31 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                       and not isinstance(ev.shape[-2], torch.SymInt) and ev.shape[-2] == 1)
     strategy = opts.strategy
     if strategy == "auto":
-        strategy = "skip" if (one_token_step and static) else "frozen"
+        strategy = ("skip" if (one_token_step and static)
+                    else "compact" if not static and not one_token_step else "frozen")
 
     kernels = opts.kernels
     if kernels == "auto":
         kernels = "triton" if opts.inductor and _on_cuda(example_inputs) else "inductor"
     insert_pass.run(gm, info, routers, checkpoints, threshold, kernels=kernels)
+    if strategy == "compact" and one_token_step:
+        strategy = "skip"  # a one-token step: compaction along the batch is not built
+    if strategy == "compact":
+        comp_threshold = (config.compaction_threshold if opts.compaction_threshold is None
+                          else opts.compaction_threshold)
+        try:
+            split = segment_pass.split(gm, info, checkpoints, with_head=False,
+                                       cut_before_head=True)
+            plan = compact_pass.plan(gm, info, split)
+        except PassError as e:
+            if opts.strategy == "compact":
+                _warn_once(f"tide: strategy 'compact' falls back to 'frozen' for this graph: {e}")
+            strategy = "frozen"
+        else:
+            COMPILE_COUNTS[strategy] += 1
+            return _compact_runner(gm, original, layers_pass.run(original, ctx), info, split,
+                                   plan, checkpoints, routers, stats, comp_threshold,
+                                   _compiler(opts, pieces=True, dynamic=True))
     COMPILE_COUNTS[strategy] += 1
     if strategy == "frozen":
         return FrozenRunner(gm, example_inputs, compiler, stats, lazy=static)
@@ -284,11 +316,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                 for c in checkpoints}
     head = segment_pass.head_graph(original, info_orig)
     state_names = gm.meta[insert_pass.STATE_NAMES]
-    projections = [
-        (c, proj.down.weight.detach(), proj.up.weight.detach(), proj.up.bias.detach())
-        for c in checkpoints if (proj := routers.exit_projection(c)) is not None
-    ]
-    runner = SkipRunner(split, kv_fills, head, state_names, projections,
+    runner = SkipRunner(split, kv_fills, head, state_names, _projections(routers, checkpoints),
                         gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), _compiler(opts, pieces=True),
                         stats,
                         gm.meta.get(insert_pass.EXTRA_INPUTS, []))
@@ -299,6 +327,45 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         if not _on_cuda(example_inputs):
             raise ValueError("options['cuda_graphs']=True needs the model on a CUDA device")
         return GraphedSkipRunner(runner, _mutated_inputs(original))
+    return runner
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _projections(routers: RouterSet, checkpoints: Sequence[int]) -> list:
+    return [
+        (c, proj.down.weight.detach(), proj.up.weight.detach(), proj.up.bias.detach())
+        for c in checkpoints if (proj := routers.exit_projection(c)) is not None
+    ]
+
+
+def _compact_runner(gm: fx.GraphModule, original: fx.GraphModule, info_orig: Any,
+                    info: Any, split: Any, plan: Any,
+                    checkpoints: Sequence[int], routers: RouterSet, stats: ExitStats,
+                    threshold: float, compiler: Any) -> CompactRunner:
+    """The compaction runner, every piece compiled now for the symbolic length."""
+    num_layers = info.num_layers
+    kv_fills = {c: kv_fill_pass.kv_fill_graph(original, info_orig, c + 1, num_layers - 1)
+                for c in checkpoints}
+    head = segment_pass.head_graph(original, info_orig)
+    runner = CompactRunner(split, kv_fills, head, gm.meta[insert_pass.STATE_NAMES],
+                           _projections(routers, checkpoints),
+                           gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats,
+                           gm.meta.get(insert_pass.EXTRA_INPUTS, []), plan, threshold,
+                           info.last_output.name)
+    # Compile here, inside Dynamo's tracing context, from the placeholders' symbolic fake
+    # values: one graph per piece serves every length (a first call's real inputs would
+    # specialize it to that length).
+    for piece in runner.pieces():
+        piece.fn = compiler(piece.gm, [example_value(p) for p in piece.gm.graph.nodes
+                                       if p.op == "placeholder"])
     return runner
 
 

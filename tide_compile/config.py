@@ -91,6 +91,10 @@ class TIDEConfig:
         exit_strategy: ``"identity"`` reads an exiting token out as
             ``lm_head(final_norm(h_c))``; ``"projection"`` calibrates a low-rank exit
             projection ``E_c`` per checkpoint and reads out ``lm_head(final_norm(E_c(h_c)))``.
+        compaction_threshold: the ``compact`` strategy (and ``auto`` on dynamic-length
+            StaticCache steps, e.g. a prefill) runs the layers after a checkpoint only
+            on the continuing tokens when their fraction of the step falls below this,
+            in [0, 1] (0: never compact).
     """
 
     exit_threshold: float = 0.85
@@ -101,6 +105,7 @@ class TIDEConfig:
     calibration_dataset: str | None = None
     convergence_threshold: float = 0.95
     exit_strategy: str = "identity"
+    compaction_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         _check_range("exit_threshold", self.exit_threshold, 0.0, 1.0, integer=False)
@@ -118,6 +123,8 @@ class TIDEConfig:
             )
         _check_range("convergence_threshold", self.convergence_threshold, 0.0, 1.0, integer=False)
         object.__setattr__(self, "convergence_threshold", float(self.convergence_threshold))
+        _check_range("compaction_threshold", self.compaction_threshold, 0.0, 1.0, integer=False)
+        object.__setattr__(self, "compaction_threshold", float(self.compaction_threshold))
         if self.exit_strategy not in EXIT_STRATEGIES:
             raise ValueError(
                 f"TIDEConfig.exit_strategy must be one of {', '.join(map(repr, EXIT_STRATEGIES))}, "

@@ -157,11 +157,21 @@ def _segment_index(gm: fx.GraphModule, cuts: Sequence[int], L: int) -> dict[fx.N
 
 
 def split(gm: fx.GraphModule, info: LayerInfo, checkpoint_layers: Sequence[int],
-          *, with_head: bool = True) -> SplitGraph:
-    """Split ``gm`` after each checkpoint layer; see the module docstring."""
+          *, with_head: bool = True, cut_before_head: bool = False) -> SplitGraph:
+    """Split ``gm`` after each checkpoint layer; see the module docstring.
+
+    ``cut_before_head``: one more cut after the last layer, so the ``post`` nodes (exit
+    read-out, final norm, lm_head) form the last segment on their own (the compaction
+    runner runs the layers on a subset of tokens and the head on all of them).
+    ``checkpoint_layers`` then ends with ``L - 1``.
+    """
     L = info.num_layers
     cuts = tuple(int(c) for c in checkpoint_layers)
-    if list(cuts) != sorted(set(cuts)) or any(not 0 <= c <= L - 2 for c in cuts):
+    if cut_before_head:
+        cuts = cuts + (L - 1,)
+    if list(cuts) != sorted(set(cuts)) or any(
+        not 0 <= c <= L - 2 for c in (cuts[:-1] if cut_before_head else cuts)
+    ):
         raise PassError(
             f"checkpoint layers {list(cuts)} must be strictly increasing in 0..{L - 2} "
             "(the final layer is never a checkpoint)"

@@ -1,0 +1,198 @@
+"""The compaction runner: prefill steps whose later layers run only the tokens that
+continue (strategy ``compact``; ``auto`` picks it for dynamic-length StaticCache steps).
+
+Per call, after each checkpoint until it compacts, the runner reads one number from the
+device: how many positions still have a continuing token in some row (``m`` of the ``s``
+the step holds). Then:
+
+- ``m == 0``: every token exited: the KV-fill graph writes the skipped layers' K/V from
+  the frozen states and the head reads the logits out (as the skip strategy);
+- ``m / s < compaction_threshold`` and the bucket of ``m`` (the next power of two, at
+  least 2) is below ``s``: compact. The KV-fill graph writes every token's K/V for the
+  layers after the checkpoint from its frozen state; the kept positions (the continuing
+  ones, padded to the bucket with exited ones, which compute exactly the frozen
+  semantics) are gathered along the sequence from every value the later segments read;
+  the compacted segments (:mod:`..passes.compact`) run the remaining layers on them,
+  overwriting their K/V with the layers' own. The cache's write counters are put back to
+  where a full step leaves them. The last layer's output and the exit state are
+  scattered back to all ``s`` positions and the head runs on all of them.
+- otherwise the next segment runs on all tokens (the frozen strategy).
+
+At most one compaction per call; exits at later checkpoints inside the compacted set are
+handled by the frozen semantics of the compacted segments. Compacted sizes are bucketed
+to powers of two, so a step sees at most ``log2(s)`` distinct compacted shapes; graphs
+are compiled once for the symbolic length (no recompilation per size).
+
+Batch rows share the sequence positions (a StaticCache writes one position for every
+row): a position is kept when any row's token there continues.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ..passes.compact import CompactPlan
+from ..stats import ExitStats
+from .runner import Compiler, SkipRunner, _Lazy, _strip
+
+__all__ = ["CompactRunner", "bucket"]
+
+
+def bucket(m: int) -> int:
+    """The compacted size for ``m`` kept positions: the next power of two, at least 2."""
+    return max(2, 1 << (max(m, 1) - 1).bit_length())
+
+
+class CompactRunner(SkipRunner):
+    """Run a dynamic-length step, compacting the tokens that continue; see the module doc.
+
+    Args (beyond :class:`SkipRunner`'s): ``plan`` from :func:`..passes.compact.plan`
+    (the split must have been made with ``cut_before_head=True``), ``threshold`` the
+    ``compaction_threshold``.
+    """
+
+    strategy = "compact"
+
+    def __init__(self, split: Any, kv_fills: dict[int, Any], head: Any,
+                 state_names: dict[int, tuple[str, str, str]],
+                 projections: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
+                 user_outputs: int | None, compiler: Compiler, stats: ExitStats,
+                 extra_inputs: Sequence[torch.Tensor], plan: CompactPlan,
+                 threshold: float, last_state_name: str) -> None:
+        super().__init__(split, kv_fills, head, state_names, projections, user_outputs,
+                         compiler, stats, extra_inputs)
+        self.cuts = list(split.checkpoint_layers[:-1])  # the last cut is before the head
+        self.plan = plan
+        self.threshold = float(threshold)
+        self.compacted = {k: _Lazy(gm, compiler, f"compact{k}") for k, gm in plan.segments.items()}
+        self.last_state_name = last_state_name
+        #: tokens (positions) the layers after the compaction point ran on, last call;
+        #: None when the call did not compact.
+        self.last_compacted: tuple[int, int] | None = None
+
+    def pieces(self) -> list[_Lazy]:
+        """Every compiled piece (segments, compacted segments, KV-fills, head)."""
+        return [*self.segments, *self.compacted.values(), *self.kv_fills.values(), self.head]
+
+    def _seq_len(self, env: dict[str, Any]) -> int:
+        return int(env[self.plan.seq_symbols[0]])
+
+    def __call__(self, *args: Any) -> Any:
+        env = self.split.env(*args, *self.extra)
+        segs = self.split.segments
+        self.last_compacted = None
+        s = self._seq_len(env)
+        compact: tuple[torch.Tensor, int, dict[str, Any]] | None = None
+        for k in range(len(segs) - 1):
+            seg = segs[k]
+            if compact is None:
+                outs = self.segments[k](*[env[n] for n in seg.input_names])
+            else:
+                sel, n, _ = compact
+                outs = self.compacted[k](*[n if name in self.plan.seq_symbols else env[name]
+                                           for name in seg.input_names], sel)
+            env.update(zip(seg.output_names, outs))
+            if k >= len(self.cuts) or compact is not None:
+                continue
+            c = self.cuts[k]
+            exited_name, frozen_name, exit_layer_name = self.state_names[c]
+            exited = env[exited_name]
+            cont = ~exited.all(0) if exited.dim() > 1 else ~exited
+            m = int(cont.sum())  # the one host sync per checkpoint
+            if m == 0:
+                self.last_segments_run = k + 1
+                return self._exit_all(env, c, frozen_name, exit_layer_name)
+            b = bucket(m)
+            if b < s and m < self.threshold * s:
+                compact = self._compact(env, k, c, cont, b, s)
+        self.last_segments_run = len(segs)
+        if compact is not None:
+            env = self._scatter_back(env, compact, s)
+        post = segs[-1]
+        env.update(zip(post.output_names, self.segments[-1](*[env[n] for n in post.input_names])))
+        outs, exit_layer = _strip(self.split.outputs(env), self.user_outputs)
+        if compact is None:
+            depth_tokens = _tokens(exit_layer) * self.num_layers
+        else:
+            c = compact[2]["__cut__"]
+            rows = exit_layer.shape[0] if exit_layer.dim() > 1 else 1
+            depth_tokens = rows * (s * (c + 1) + compact[1] * (self.num_layers - c - 1))
+        self.stats.record(exit_layer, layers_executed=depth_tokens)
+        return outs
+
+    def _compact(self, env: dict[str, Any], k: int, c: int, cont: torch.Tensor, b: int,
+                 s: int) -> tuple[torch.Tensor, int, dict[str, Any]]:
+        # Kept positions: continuing ones first, padded with exited ones, in step order.
+        order = torch.argsort((~cont).to(torch.int8), stable=True)
+        sel = order[:b].sort().values
+        _, frozen_name, exit_layer_name = self.state_names[c]
+        counters = [env[n] for n in self.plan.counters]
+        saved = [t.clone() for t in counters]
+        # Every token's K/V of the later layers from its frozen state; the compacted layers
+        # overwrite the kept tokens'. The KV-fill must not advance the write counters.
+        kv = self.kv_meta[c]
+        env["h_frozen"] = env[frozen_name]
+        kv_outs = self.kv_fills[c](*[env[n] for n in kv.input_names])
+        if kv.output_positions and any(o is not None for o in kv_outs):
+            raise RuntimeError("a compacted step's KV-fill returned graph outputs (a cache "
+                               "created inside the graph); compaction needs an initialized "
+                               "StaticCache")
+        for t, v in zip(counters, saved):
+            t.copy_(v)
+        full: dict[str, Any] = {"__cut__": c, "__counters__": (counters, saved),
+                                "__exit_layer__": env[exit_layer_name],
+                                "__frozen__": env[frozen_name]}
+        needed = {n for j in range(k + 1, len(self.split.segments) - 1)
+                  for n in self.split.segments[j].input_names}
+        for name in needed:
+            d = self.plan.seq_dims.get(name)
+            v = env.get(name)
+            if d is None or not isinstance(v, torch.Tensor):
+                continue
+            full[name] = v
+            env[name] = v.index_select(d, sel.to(v.device))
+        self.last_compacted = (b, s)
+        return sel, b, full
+
+    def _scatter_back(self, env: dict[str, Any], compact: tuple[torch.Tensor, int, dict[str, Any]],
+                      s: int) -> dict[str, Any]:
+        sel, n, full = compact
+        counters, saved = full["__counters__"]
+        for t, v in zip(counters, saved):
+            # The compacted layers advanced their counters by n; a full step advances by s.
+            t.add_((t - v) // n * (s - n))
+        post = self.split.segments[-1]
+        out = dict(env)
+        exit_layer_full = full["__exit_layer__"]
+        frozen_full = full["__frozen__"]
+        state_names = self.state_names
+        exit_names = {names[2] for names in state_names.values()}
+        frozen_names = {names[1] for names in state_names.values()}
+        exited_names = {names[0] for names in state_names.values()}
+        wanted = list(post.input_names) + [n for n in self.split.output_layout if n in env]
+        for name in wanted:
+            d = self.plan.seq_dims.get(name)
+            v = env.get(name)
+            if d is None or not isinstance(v, torch.Tensor) or name in full:
+                if name in full and not name.startswith("__"):
+                    out[name] = full[name]
+                continue
+            if name in exit_names:
+                base = exit_layer_full
+            elif name in frozen_names:
+                base = frozen_full
+            elif name in exited_names:
+                base = torch.ones(exit_layer_full.shape, dtype=v.dtype, device=v.device)
+            else:
+                shape = list(v.shape)
+                shape[d] = s
+                base = v.new_zeros(shape)
+            out[name] = base.to(v.dtype).index_copy(d, sel.to(v.device), v)
+        return out
+
+
+def _tokens(exit_layer: torch.Tensor) -> int:
+    return int(exit_layer.numel())
+
