@@ -93,6 +93,7 @@ class CompactRunner(SkipRunner):
                 sel, n, _ = compact
                 outs = self.compacted[k](*[n if name in self.plan.seq_symbols else env[name]
                                            for name in seg.input_names], sel)
+                compact[2]["__produced__"].update(seg.output_names)
             env.update(zip(seg.output_names, outs))
             if k >= len(self.cuts) or compact is not None:
                 continue
@@ -143,7 +144,7 @@ class CompactRunner(SkipRunner):
             t.copy_(v)
         full: dict[str, Any] = {"__cut__": c, "__counters__": (counters, saved),
                                 "__exit_layer__": env[exit_layer_name],
-                                "__frozen__": env[frozen_name]}
+                                "__frozen__": env[frozen_name], "__produced__": set()}
         needed = {n for j in range(k + 1, len(self.split.segments) - 1)
                   for n in self.split.segments[j].input_names}
         for name in needed:
@@ -172,12 +173,15 @@ class CompactRunner(SkipRunner):
         frozen_names = {names[1] for names in state_names.values()}
         exited_names = {names[0] for names in state_names.values()}
         wanted = list(post.input_names) + [n for n in self.split.output_layout if n in env]
+        produced = full["__produced__"]
         for name in wanted:
             d = self.plan.seq_dims.get(name)
             v = env.get(name)
-            if d is None or not isinstance(v, torch.Tensor) or name in full:
-                if name in full and not name.startswith("__"):
-                    out[name] = full[name]
+            if name not in produced:
+                if name in full:
+                    out[name] = full[name]  # gathered, not recomputed: the full value
+                continue
+            if d is None or not isinstance(v, torch.Tensor):
                 continue
             if name in exit_names:
                 base = exit_layer_full

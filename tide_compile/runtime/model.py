@@ -45,6 +45,8 @@ class TIDEModel(nn.Module):
         opts = {**options, "routers": routers, "stats": self._raw_stats}
         parse_options(opts)
         self.options = options
+        #: the prefill is compiled with a dynamic length, for the compact strategy
+        self._compacts = options.get("strategy", "auto") in ("auto", "compact")
         self.compiled_forward = torch.compile(model.forward, backend="tide", options=opts,
                                               **compile_kwargs)
 
@@ -107,9 +109,11 @@ class TIDEModel(nn.Module):
         past = self._caches.get(key)
         if past is None:
             past = StaticCache(config=self.model.config, max_cache_len=cache_len)
+            # Create the cache tensors now (one eager token): created inside a compiled
+            # prefill they would be graph outputs, which compaction cannot gather.
+            self.model(input_ids=input_ids[:, :1], past_key_values=past, use_cache=True)
             self._caches[key] = past
-        else:
-            past.reset()
+        past.reset()
         eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
         unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         positions = position_ids_from_mask(attention_mask)
@@ -123,6 +127,13 @@ class TIDEModel(nn.Module):
         step_ids = input_ids
         sequences = input_ids
         written = prompt_len
+        if self._compacts and prompt_len >= 2:
+            # A dynamic-length prefill: the compact strategy needs the length symbolic,
+            # and prompts of other lengths reuse the graph.
+            step_ids = step_ids.clone()
+            positions = positions.clone()
+            torch._dynamo.mark_dynamic(step_ids, 1)
+            torch._dynamo.mark_dynamic(positions, 1)
         for _ in range(max_new_tokens):
             out = self.compiled_forward(input_ids=step_ids, attention_mask=mask,
                                         position_ids=positions, past_key_values=past,

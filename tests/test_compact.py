@@ -1,0 +1,227 @@
+"""Strategy ``compact``: prefill steps whose later layers run only the continuing tokens.
+
+Properties: compact equals frozen equals the reference (logits, every layer's cached K/V,
+the cache's write counters, and the decode steps after), on random routers, prompt
+lengths, padding, batch sizes and architectures; compaction really happens; compiled
+graphs stay bounded over prompt lengths and compacted sizes.
+"""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import Phase, given, settings, strategies as st
+from transformers import DynamicCache, StaticCache
+
+import tide_compile
+from tide_compile import ExitStats, RouterSet, TIDEConfig
+from tide_compile import backend as B
+from tide_compile import reference as R
+from tide_compile.runtime.compact import CompactRunner, bucket
+from test_backend import ARCHS5, CFG, SETTINGS, model_for
+from test_reference import random_routers
+
+
+@pytest.fixture
+def compactions(monkeypatch):
+    """Every compaction the runner makes: ``(kept, step length)``."""
+    seen: list[tuple[int, int]] = []
+    original = CompactRunner._compact
+
+    def spy(self, env, k, c, cont, b, s):
+        seen.append((b, s))
+        return original(self, env, k, c, cont, b, s)
+
+    monkeypatch.setattr(CompactRunner, "_compact", spy)
+    return seen
+
+
+def initialized_cache(model, batch, length=40):
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    model(input_ids=torch.zeros(batch, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+    cache.reset()
+    return cache
+
+
+def compile_prefill(model, routers, **options):
+    stats = ExitStats(num_layers=routers.num_layers)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "inductor": False, "stats": stats, **options})
+    return fn, stats
+
+
+def dynamic_ids(batch, prompt, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 97, (batch, prompt), generator=g)
+    torch._dynamo.mark_dynamic(ids, 1)
+    return ids
+
+
+def assert_caches_equal(a, b):
+    for la, lb in zip(a.layers, b.layers):
+        torch.testing.assert_close(la.keys, lb.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(la.values, lb.values, rtol=1e-4, atol=1e-4)
+        if hasattr(la, "cumulative_length"):
+            assert int(la.cumulative_length) == int(lb.cumulative_length)
+
+
+# ---------------------------------------------------------------- compact == reference
+@settings(SETTINGS, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no slow shrinking
+@given(arch=st.sampled_from(ARCHS5), batch=st.integers(1, 3), prompt=st.integers(2, 17),
+       threshold=st.floats(0.05, 0.95), seed=st.integers(0, 10_000))
+def test_compact_prefill_equals_reference_and_frozen(compactions, arch, batch, prompt,
+                                                     threshold, seed):
+    model = model_for(arch)
+    routers = random_routers(model, seed)
+    torch._dynamo.reset()
+    # compaction_threshold 1: compact whenever the bucket is smaller than the step.
+    fn, stats = compile_prefill(model, routers, exit_threshold=threshold, strategy="compact",
+                                compaction_threshold=1.0)
+    ids = dynamic_ids(batch, prompt, seed)
+    c_fast, c_ref = initialized_cache(model, batch), initialized_cache(model, batch)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tide:")  # no fallback to frozen
+        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    assert_caches_equal(c_fast, c_ref)
+    ref_stats = ExitStats(4)
+    ref_stats.record(ref.exit_layers)
+    assert stats.exits_per_layer == ref_stats.exits_per_layer
+    assert B.COMPILE_COUNTS["compact"] >= 1
+    # A decode step after the compacted prefill reads the K/V it left.
+    torch._dynamo.reset()
+    step, _ = compile_prefill(model, routers, exit_threshold=threshold, strategy="frozen")
+    nxt = ref.logits[:, -1:].argmax(-1)
+    out2 = step(input_ids=nxt, past_key_values=c_fast, use_cache=True)
+    ref2 = R.forward(model, routers, nxt, CFG, past_key_values=c_ref, exit_threshold=threshold)
+    torch.testing.assert_close(out2.logits, ref2.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS5)
+def test_compaction_happens_and_counts_what_ran(compactions, arch):
+    model = model_for(arch)
+    routers = random_routers(model, 11)
+    ids = dynamic_ids(1, 16, 3)
+    # A threshold at which some but not most tokens continue after the first checkpoint.
+    for threshold in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        probe = R.forward(model, routers, ids, CFG, past_key_values=initialized_cache(model, 1),
+                          exit_threshold=threshold)
+        if 0 < int((probe.exit_layers != 0).sum()) <= 8:
+            break
+    else:
+        pytest.fail("no threshold splits the tokens at the first checkpoint")
+    torch._dynamo.reset()
+    fn, stats = compile_prefill(model, routers, exit_threshold=threshold, strategy="compact",
+                                compaction_threshold=1.0)
+    c_fast, c_ref = initialized_cache(model, 1), initialized_cache(model, 1)
+    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    assert_caches_equal(c_fast, c_ref)
+    assert compactions
+    kept, s = compactions[-1]
+    assert s == 16 and kept <= 8 and kept == bucket(kept)
+    # Layers that ran: every token up to layer 0, the kept ones after.
+    assert stats.layers_executed == 16 * 1 + kept * 3
+
+
+def test_compact_generate_with_padding_equals_reference_generate(compactions):
+    model = model_for("llama")
+    routers = random_routers(model, 5)
+    torch._dynamo.reset()
+    fast = tide_compile.optimize(model, routers, exit_threshold=0.3, inductor=False,
+                                 strategy="compact", compaction_threshold=1.0)
+    ids = torch.randint(2, 97, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    got = fast.generate(ids, max_new_tokens=5, attention_mask=mask, pad_token_id=0)
+    ref = R.generate(model, routers, ids, 5, attention_mask=mask, pad_token_id=0,
+                     exit_threshold=0.3, cache="static")
+    assert torch.equal(got, ref.sequences)
+    assert fast.tide_stats.exits_per_layer == ref.stats.exits_per_layer
+    assert compactions
+
+
+def test_compiled_graphs_stay_bounded_over_lengths(compactions):
+    model = model_for("llama")
+    routers = random_routers(model, 5)
+    torch._dynamo.reset()
+    B.COMPILE_COUNTS.clear()
+    fast = tide_compile.optimize(model, routers, exit_threshold=0.3, inductor=False,
+                                 compaction_threshold=1.0)  # strategy auto
+    sizes = set()
+    for prompt in (5, 9, 14, 23, 31):
+        # one cache length: a new length is a new cache shape (as for Inductor)
+        fast.generate(torch.randint(2, 97, (1, prompt)), max_new_tokens=2, max_cache_len=40)
+        sizes.update(kept for kept, s in compactions if s == prompt)
+    # One dynamic prefill graph (compact) and one decode-step graph (skip), whatever the
+    # prompt lengths and compacted sizes.
+    assert B.COMPILE_COUNTS["compact"] == 1
+    assert B.COMPILE_COUNTS["skip"] == 1
+    assert len(compactions) >= 3 and len({s for _, s in compactions}) >= 3
+    assert all(k & (k - 1) == 0 for k in sizes)  # powers of two
+
+
+def test_compaction_threshold_zero_never_compacts(compactions):
+    model = model_for("llama")
+    routers = random_routers(model, 11)
+    torch._dynamo.reset()
+    fn, _ = compile_prefill(model, routers, exit_threshold=0.2, strategy="compact",
+                            compaction_threshold=0.0)
+    c_fast, c_ref = initialized_cache(model, 1), initialized_cache(model, 1)
+    ids = dynamic_ids(1, 16, 3)
+    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=0.2)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    assert not compactions
+
+
+# ---------------------------------------------------------------- fallbacks
+def test_dynamic_cache_falls_back_to_frozen_with_one_warning():
+    model = model_for("llama")
+    routers = random_routers(model, 5)
+    torch._dynamo.reset()
+    B._WARNED.clear()
+    fn, stats = compile_prefill(model, routers, exit_threshold=0.3, strategy="compact")
+    ids = dynamic_ids(2, 7, 1)
+    with pytest.warns(UserWarning, match="falls back to 'frozen'.*StaticCache"):
+        out = fn(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=DynamicCache(config=model.config),
+                    exit_threshold=0.3)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="tide:")  # once only
+        torch._dynamo.reset()
+        fn2, _ = compile_prefill(model, routers, exit_threshold=0.3, strategy="compact")
+        fn2(input_ids=dynamic_ids(2, 7, 1), past_key_values=DynamicCache(config=model.config),
+            use_cache=True)
+
+
+def test_static_shape_prefill_falls_back_and_decode_steps_skip():
+    model = model_for("llama")
+    routers = RouterSet.forced(model, exit_at=1, config=CFG)
+    torch._dynamo.reset()
+    B._WARNED.clear()
+    B.COMPILE_COUNTS.clear()
+    fn, stats = compile_prefill(model, routers, strategy="compact")
+    cache = initialized_cache(model, 1)
+    with pytest.warns(UserWarning, match="static"):
+        fn(input_ids=torch.tensor([[3, 4, 5]]), past_key_values=cache, use_cache=True)
+    fn(input_ids=torch.tensor([[6]]), past_key_values=cache, use_cache=True)
+    assert B.COMPILE_COUNTS["frozen"] == 1 and B.COMPILE_COUNTS["skip"] == 1
+    assert stats.last_layers_executed == 2  # the decode step stopped after layer 1
+
+
+def test_bucket_sizes():
+    assert [bucket(m) for m in (0, 1, 2, 3, 4, 5, 8, 9, 100)] == [2, 2, 2, 4, 4, 8, 8, 16, 128]
+
+
+def test_compaction_threshold_is_validated():
+    with pytest.raises(ValueError, match="compaction_threshold"):
+        TIDEConfig(compaction_threshold=1.5)
+    with pytest.raises(ValueError, match="compaction_threshold"):
+        B.parse_options({"compaction_threshold": -0.1})
+    with pytest.raises(ValueError, match="'compact'"):
+        B.parse_options({"strategy": "compacted"})
