@@ -65,6 +65,18 @@ def assert_caches_equal(a, b):
             assert int(la.cumulative_length) == int(lb.cumulative_length)
 
 
+def splitting_threshold(model, routers, ids, cfg):
+    """A threshold at which some, but at most half, of the tokens continue after the
+    first checkpoint."""
+    for threshold in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
+        probe = R.forward(model, routers, ids, cfg,
+                          past_key_values=initialized_cache(model, ids.shape[0]),
+                          exit_threshold=threshold)
+        if 0 < int((probe.exit_layers != 0).sum()) <= ids.numel() // 2:
+            return threshold
+    pytest.fail("no threshold splits the tokens at the first checkpoint")
+
+
 # ---------------------------------------------------------------- compact == reference
 @settings(SETTINGS, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no slow shrinking
 @given(arch=st.sampled_from(ARCHS5), batch=st.integers(1, 3), prompt=st.integers(2, 17),
@@ -103,14 +115,7 @@ def test_compaction_happens_and_counts_what_ran(compactions, arch):
     model = model_for(arch)
     routers = random_routers(model, 11)
     ids = dynamic_ids(1, 16, 3)
-    # A threshold at which some but not most tokens continue after the first checkpoint.
-    for threshold in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9):
-        probe = R.forward(model, routers, ids, CFG, past_key_values=initialized_cache(model, 1),
-                          exit_threshold=threshold)
-        if 0 < int((probe.exit_layers != 0).sum()) <= 8:
-            break
-    else:
-        pytest.fail("no threshold splits the tokens at the first checkpoint")
+    threshold = splitting_threshold(model, routers, ids, CFG)
     torch._dynamo.reset()
     fn, stats = compile_prefill(model, routers, exit_threshold=threshold, strategy="compact",
                                 compaction_threshold=1.0)
@@ -225,3 +230,28 @@ def test_compaction_threshold_is_validated():
         B.parse_options({"compaction_threshold": -0.1})
     with pytest.raises(ValueError, match="'compact'"):
         B.parse_options({"strategy": "compacted"})
+
+
+# ---------------------------------------------------------------- Inductor (slow on CPU)
+@pytest.mark.slow
+def test_inductor_compact_prefill_equals_reference(compactions, tmp_path):
+    model = model_for("llama", num_layers=3)
+    cfg = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
+    routers = random_routers(model, 11, config=cfg)
+    torch._dynamo.reset()
+    B.COMPILE_COUNTS.clear()
+    stats = ExitStats(3)
+    threshold = splitting_threshold(model, routers, dynamic_ids(1, 16, 16), cfg)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "strategy": "compact", "stats": stats,
+                                "compaction_threshold": 1.0, "exit_threshold": threshold})
+    for prompt in (16, 11):  # one compile serves both lengths
+        ids = dynamic_ids(1, prompt, prompt)
+        c_fast, c_ref = initialized_cache(model, 1), initialized_cache(model, 1)
+        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, ids, cfg, past_key_values=c_ref,
+                        exit_threshold=threshold)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        assert_caches_equal(c_fast, c_ref)
+    assert B.COMPILE_COUNTS["compact"] == 1
+    assert compactions

@@ -37,7 +37,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels import exit_select_op, route_op
-from ._fx import PassError
+from ._fx import PassError, example_value
 from .layers import META_KEY, LayerInfo
 
 if TYPE_CHECKING:
@@ -81,6 +81,15 @@ def final_select(
         proj = x + torch.nn.functional.linear(torch.nn.functional.linear(x, down_w), up_w, up_b)
         out = torch.where((exit_layer == c).unsqueeze(-1), proj.to(h.dtype), out)
     return out
+
+
+def _fake_exit_state(h: fx.Node) -> tuple[torch.Tensor, ...] | None:
+    ev = example_value(h)
+    mode = getattr(ev, "fake_mode", None)
+    if mode is None:
+        return None
+    with mode:
+        return init_exit_state(ev)
 
 
 def _input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
@@ -132,9 +141,13 @@ def run(
         """``(exited, frozen, exit_layer)`` getitems right after ``node``, and the last one."""
         parts = []
         anchor = node
+        fakes = _fake_exit_state(info.state_after(layer))
         for i in range(3):
             with graph.inserting_after(anchor):
                 anchor = tag(graph.call_function(operator.getitem, (node, i)), layer)
+            if fakes is not None:
+                # Shapes for pieces compiled from fake inputs (symbolic lengths).
+                anchor.meta["example_value"] = fakes[i]
             parts.append(anchor)
         return (parts[0], parts[1], parts[2]), anchor
 
