@@ -38,7 +38,8 @@ def compactions(monkeypatch):
 
 def initialized_cache(model, batch, length=40):
     cache = StaticCache(config=model.config, max_cache_len=length)
-    model(input_ids=torch.zeros(batch, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.zeros(batch, 1, dtype=torch.long, device=model.device),
+          past_key_values=cache, use_cache=True)
     cache.reset()
     return cache
 

@@ -92,3 +92,47 @@ def test_runner_is_graphed_on_cuda():
         B.GraphedSkipRunner = orig
     assert runners and runners[0].captured
     assert runners[0].runner.last_segments_run == 1
+
+
+def test_compact_prefill_cuda_equals_reference():
+    """Strategy compact with Inductor on CUDA (dynamic-length pieces compiled once)."""
+    from test_compact import assert_caches_equal, dynamic_ids, splitting_threshold
+
+    torch._dynamo.reset()
+    model = make_model("llama", num_layers=6).cuda()
+    routers = _routers(model, 5)
+    ids = dynamic_ids(2, 24, 1).cuda()
+    torch._dynamo.mark_dynamic(ids, 1)
+
+    def cache():
+        c = StaticCache(config=model.config, max_cache_len=40)
+        model(input_ids=ids[:, :1], past_key_values=c, use_cache=True)
+        c.reset()
+        return c
+
+    threshold = splitting_threshold(model, routers, ids, CFG)
+    stats = ExitStats(6)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "strategy": "compact", "stats": stats,
+                                "compaction_threshold": 1.0, "exit_threshold": threshold})
+    c_fast, c_ref = cache(), cache()
+    with torch.no_grad():
+        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=TOL[torch.float32], atol=TOL[torch.float32])
+    assert_caches_equal(c_fast, c_ref)
+    assert stats.layers_executed < ids.numel() * 6  # the later layers ran fewer tokens
+
+
+def test_optimize_generate_compacts_on_cuda():
+    torch._dynamo.reset()
+    model = make_model("qwen2", num_layers=6).cuda()
+    routers = _routers(model, 4)
+    fast = tide_compile.optimize(model, routers, exit_threshold=0.3, compaction_threshold=1.0)
+    ids = torch.randint(2, 97, (2, 20), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    got = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
+    ref = R.generate(model, routers, ids, 6, attention_mask=mask, pad_token_id=0,
+                     exit_threshold=0.3, cache="static")
+    assert torch.equal(got, ref.sequences)
