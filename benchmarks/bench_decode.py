@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--rows", default="eager,inductor,never,exits",
                     help="comma list of: eager, inductor, never, exits")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default="",
+                    help="comma list of row names (e.g. tide_exit@8) to profile after timing: "
+                         "prints the GPU kernels of 8 decode steps by total time")
     ap.add_argument("--time-budget", type=float, default=480.0,
                     help="stop starting new rows after this many seconds")
     args = ap.parse_args()
@@ -196,6 +199,18 @@ def main() -> None:
             bound_speedup=round(bound, 3), fraction_of_bound=round(speedup / bound, 3),
             mean_layers_executed=round(stats.mean_layers_executed, 2),
             compile_and_first_s=round(time.time() - t0, 1))
+        if name in args.profile.split(","):
+            profile_steps(fn, name)
+
+    def profile_steps(fn, name, steps=8):
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            decode_loop(fn, model, prompt, steps, cache_len, device, False)
+        key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        print(f"# profile of {name}: {steps} decode steps (+ an eager prefill)", flush=True)
+        print(prof.key_averages().table(sort_by=key, row_limit=30), flush=True)
 
     if "never" in wanted:
         tide_row("tide_never_exit", None)
