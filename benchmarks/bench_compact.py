@@ -310,6 +310,10 @@ def main() -> None:
     dwarm = args.decode_warmup if args.decode_warmup is not None else (4 if tiny else 8)
     iters = args.iters or (3 if tiny else 10)
     base_name = "eager" if tiny else "inductor"
+    if device == "cpu":
+        # Two threads on a small shared CPU stall for up to ~1 s per call (measured);
+        # one thread gives stable smoke-test timings.
+        torch.set_num_threads(1)
     tide_opts = {"inductor": False} if tiny else {"kernels": args.kernels}
 
     model = build_model(tiny, device, dtype)
@@ -345,7 +349,7 @@ def main() -> None:
         return False
 
     def fail(r: dict, e: BaseException) -> dict:
-        r["error"] = f"{type(e).__name__}: {e}"[:500]
+        r["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:500]
         traceback.print_exc()
         return emit(r)
 
@@ -440,6 +444,9 @@ def main() -> None:
                             broken = r["error"]
             del fn
         del cache
+        torch._dynamo.reset()
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ decode
     if "decode" in args.phases:
@@ -514,9 +521,7 @@ def main() -> None:
     summary = summarize(rows, base_name)
     print(f"\n| phase | tokens/batch | f | row | ms | x {base_name} | layers/token | exit fraction |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "phase" not in r:
-            continue
+    for r in sorted((r for r in rows if "phase" in r), key=lambda r: row_key(r, base_name)):
         f = "" if r.get("f") is None else f"{r['f']:.1f}"
         if "ms" in r:
             sp = r.get("speedup_vs_baseline")
@@ -525,7 +530,7 @@ def main() -> None:
                   f"{r.get('exit_fraction', '')} |")
         else:
             print(f"| {r['phase']} | {r['tokens']} | {f} | {r['name']} | "
-                  f"{r.get('error', 'not run')[:80]} | | | |")
+                  f"{r.get('error', 'not run')[:80].replace('|', '/')} | | | |")
     skipped = [r["name"] for r in rows if "skipped" in r]
     if skipped:
         print(f"\n{len(skipped)} row(s) skipped (time budget): " + "; ".join(skipped[:6])
@@ -539,12 +544,24 @@ def main() -> None:
                        "elapsed_s": round(time.time() - start, 1)}, fh, indent=1)
 
 
+ROW_ORDER = ("tide frozen", "tide compact", "tide auto")
+
+
+def row_key(r: dict, base_name: str) -> tuple:
+    """Table order: prefill then decode, by length/batch, fraction, baseline first."""
+    name = r["name"]
+    return (r["phase"] != "prefill", r["tokens"], -1.0 if r["f"] is None else r["f"],
+            -1 if name == base_name else ROW_ORDER.index(name) if name in ROW_ORDER else 9)
+
+
 def summarize(rows: list[dict], base_name: str) -> dict:
     """Where compact beats frozen / the baseline, and auto against frozen (computed)."""
     ok = {(r["phase"], r["tokens"], r["f"], r["name"]): r["ms"]
           for r in rows if "ms" in r and "phase" in r}
     beats_frozen, loses_frozen, beats_base, loses_base, auto_ratio = [], [], [], [], []
-    for (phase, L, f, name), ms in sorted(ok.items(), key=lambda kv: str(kv[0])):
+    order = sorted(ok.items(), key=lambda kv: row_key(
+        {"phase": kv[0][0], "tokens": kv[0][1], "f": kv[0][2], "name": kv[0][3]}, base_name))
+    for (phase, L, f, name), ms in order:
         if phase != "prefill" or name != "tide compact":
             continue
         frozen = ok.get((phase, L, f, "tide frozen"))
@@ -574,7 +591,7 @@ def summarize(rows: list[dict], base_name: str) -> dict:
         within = None
         lines.append("auto within 2% of frozen everywhere: n/a (no auto/frozen pairs)")
     dec = []
-    for (phase, B, f, name), ms in sorted(ok.items(), key=lambda kv: str(kv[0])):
+    for (phase, B, f, name), ms in order:
         if phase == "decode" and name == "tide auto" and ok.get((phase, B, None, base_name)):
             dec.append(f"B={B} f={f}: x{ok[(phase, B, None, base_name)] / ms:.2f}")
     if dec:

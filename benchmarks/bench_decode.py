@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--rows", default="eager,inductor,never,exits",
                     help="comma list of: eager, inductor, never, exits")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--inductor-config", default="",
+                    help="Inductor config patches for the tide rows, key=value comma list "
+                         "(e.g. combo_kernels=1: horizontal fusion of the KV-fill's small kernels)")
     ap.add_argument("--profile", default="",
                     help="comma list of row names (e.g. tide_exit@8) to profile after timing: "
                          "prints the GPU kernels of 8 decode steps by total time")
@@ -166,6 +169,11 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     wanted = set(args.rows.split(","))
+    patches = {}
+    for item in filter(None, args.inductor_config.split(",")):
+        key, value = item.split("=")
+        patches[key] = {"1": True, "0": False}.get(value, value)
+    env["inductor_config"] = patches
     env["kernels"] = args.kernels
     if "eager" in wanted:
         row("hf_eager_generate", hf_eager_ms(model, prompt, device))
@@ -189,7 +197,7 @@ def main() -> None:
         t0 = time.time()
         fn = torch.compile(model.forward, backend="tide", fullgraph=True,
                            options={"routers": routers, "stats": stats, "strategy": "skip",
-                                    "kernels": args.kernels})
+                                    "kernels": args.kernels, "inductor_config": patches})
         times = decode_loop(fn, model, prompt, args.steps, cache_len, device, False)
         ms = summarize(times, args.warmup)
         depth = b["num_layers"] if exit_at is None else exit_at + 1
