@@ -360,12 +360,13 @@ def _compact_runner(gm: fx.GraphModule, original: fx.GraphModule, info_orig: Any
                            gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats,
                            gm.meta.get(insert_pass.EXTRA_INPUTS, []), plan, threshold,
                            info.last_output.name)
-    # Compile here, inside Dynamo's tracing context, from the placeholders' symbolic fake
-    # values: one graph per piece serves every length (a first call's real inputs would
-    # specialize it to that length).
+    # Each piece compiles at its first use (an 8B-shaped model's twelve pieces take minutes
+    # to compile; a prefill that never compacts or never exits uses five), from the
+    # placeholders' symbolic fake values: one graph per piece serves every length (the
+    # first call's real inputs would specialize it to that length).
     for piece in runner.pieces():
-        piece.fn = compiler(piece.gm, [example_value(p) for p in piece.gm.graph.nodes
-                                       if p.op == "placeholder"])
+        piece.example_inputs = [example_value(p) for p in piece.gm.graph.nodes
+                                if p.op == "placeholder"]
     return runner
 
 

@@ -42,10 +42,13 @@ class _Lazy:
         self.compiler = compiler
         self.name = name
         self.fn: Callable[..., Any] | None = None
+        #: compile from these (e.g. symbolic fake values) instead of the first call's inputs
+        self.example_inputs: list[Any] | None = None
 
     def __call__(self, *args: Any) -> Any:
         if self.fn is None:
-            self.fn = self.compiler(self.gm, list(args))
+            example = self.example_inputs if self.example_inputs is not None else list(args)
+            self.fn = self.compiler(self.gm, example)
         return self.fn(*args)
 
 
