@@ -244,13 +244,13 @@ def test_inductor_compact_prefill_equals_reference(compactions, tmp_path):
     torch._dynamo.reset()
     B.COMPILE_COUNTS.clear()
     stats = ExitStats(3)
-    threshold = splitting_threshold(model, routers, dynamic_ids(1, 16, 16), cfg)
+    threshold = splitting_threshold(model, routers, dynamic_ids(2, 16, 16), cfg)
     fn = torch.compile(model.forward, backend="tide", fullgraph=True,
                        options={"routers": routers, "strategy": "compact", "stats": stats,
                                 "compaction_threshold": 1.0, "exit_threshold": threshold})
     for prompt in (16, 11):  # one compile serves both lengths
-        ids = dynamic_ids(1, prompt, prompt)
-        c_fast, c_ref = initialized_cache(model, 1), initialized_cache(model, 1)
+        ids = dynamic_ids(2, prompt, prompt)  # batch 2: stride-0 (expanded) inputs occur
+        c_fast, c_ref = initialized_cache(model, 2), initialized_cache(model, 2)
         out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
         ref = R.forward(model, routers, ids, cfg, past_key_values=c_ref,
                         exit_threshold=threshold)

@@ -364,10 +364,25 @@ def _compact_runner(gm: fx.GraphModule, original: fx.GraphModule, info_orig: Any
     # to compile; a prefill that never compacts or never exits uses five), from the
     # placeholders' symbolic fake values: one graph per piece serves every length (the
     # first call's real inputs would specialize it to that length).
+    # Inputs are compiled as contiguous and made contiguous at each call: Dynamo's fake
+    # values and the runtime tensors may disagree on the strides of broadcast (stride-0)
+    # dimensions, which compiled code asserts. Inputs written in place stay as they are.
     for piece in runner.pieces():
-        piece.example_inputs = [example_value(p) for p in piece.gm.graph.nodes
-                                if p.op == "placeholder"]
+        mutated = _mutated_inputs(piece.gm)
+        fakes = [example_value(p) for p in piece.gm.graph.nodes if p.op == "placeholder"]
+        piece.contiguous_inputs = tuple(
+            i for i, ev in enumerate(fakes) if isinstance(ev, torch.Tensor) and i not in mutated)
+        piece.example_inputs = [_contiguous_fake(ev) if i in piece.contiguous_inputs else ev
+                                for i, ev in enumerate(fakes)]
     return runner
+
+
+def _contiguous_fake(ev: torch.Tensor) -> torch.Tensor:
+    mode = getattr(ev, "fake_mode", None)
+    if mode is None:
+        return ev.contiguous()
+    with mode:
+        return torch.empty(ev.shape, dtype=ev.dtype, device=ev.device)
 
 
 def _on_cuda(example_inputs: Sequence[Any]) -> bool:

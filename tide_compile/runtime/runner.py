@@ -45,7 +45,13 @@ class _Lazy:
         #: compile from these (e.g. symbolic fake values) instead of the first call's inputs
         self.example_inputs: list[Any] | None = None
 
+        #: inputs made contiguous at each call (compiled for contiguous fake inputs)
+        self.contiguous_inputs: tuple[int, ...] = ()
+
     def __call__(self, *args: Any) -> Any:
+        if self.contiguous_inputs:
+            args = tuple(a.contiguous() if i in self.contiguous_inputs else a
+                         for i, a in enumerate(args))
         if self.fn is None:
             example = self.example_inputs if self.example_inputs is not None else list(args)
             self.fn = self.compiler(self.gm, example)
