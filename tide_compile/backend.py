@@ -36,6 +36,7 @@ from .passes import PassContext, PassError
 from .passes import compact as compact_pass
 from .passes import insert as insert_pass
 from .passes import kv_fill as kv_fill_pass
+from .passes import kv_stack as kv_stack_pass
 from .passes import layers as layers_pass
 from .passes import segment as segment_pass
 from .passes._fx import example_value, mutated_args, storage_key
@@ -75,6 +76,10 @@ class BackendOptions:
         cuda_graphs: skip strategy only: capture each compiled piece into its own CUDA
             graph and replay them (one host flag read per checkpoint). None: on when
             compiling with Inductor for a CUDA model.
+        stack_kv: stack the K/V projection weights of the layers after the first
+            checkpoint into one buffer at compile time, so each KV-fill graph runs one
+            batched matmul instead of two small ones per skipped layer
+            (:mod:`.passes.kv_stack`; a copy of those weights, taken at compile time).
         kernels: ``"inductor"``: the route and exit-select ops are torch composites that
             Inductor fuses with their neighbours; ``"triton"``: the hand Triton kernels
             (``tide::route_fused``, ``tide::exit_select_fused``; their references off
@@ -94,6 +99,7 @@ class BackendOptions:
     stats: ExitStats | None = None
     cuda_graphs: bool | None = None
     kernels: Literal["auto", "inductor", "triton"] = "auto"
+    stack_kv: bool = False
 
 
 OPTION_KEYS = tuple(f.name for f in dataclasses.fields(BackendOptions))
@@ -305,7 +311,8 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
             COMPILE_COUNTS[strategy] += 1
             return _compact_runner(gm, original, layers_pass.run(original, ctx), info, split,
                                    plan, checkpoints, routers, stats, comp_threshold,
-                                   _compiler(opts, pieces=True, dynamic=True))
+                                   _compiler(opts, pieces=True, dynamic=True), opts.stack_kv,
+                                   example_inputs)
     COMPILE_COUNTS[strategy] += 1
     if strategy == "frozen":
         return FrozenRunner(gm, example_inputs, compiler, stats, lazy=static)
@@ -314,6 +321,8 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     split = segment_pass.split(gm, info, checkpoints, with_head=False)
     kv_fills = {c: kv_fill_pass.kv_fill_graph(original, info_orig, c + 1, num_layers - 1)
                 for c in checkpoints}
+    if opts.stack_kv:
+        _stack_kv(original, kv_fills, example_inputs)
     head = segment_pass.head_graph(original, info_orig)
     state_names = gm.meta[insert_pass.STATE_NAMES]
     runner = SkipRunner(split, kv_fills, head, state_names, _projections(routers, checkpoints),
@@ -333,6 +342,19 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
 _WARNED: set[str] = set()
 
 
+def _stack_kv(original: fx.GraphModule, kv_fills: dict[int, Any],
+              example_inputs: Sequence[Any]) -> None:
+    """Stack each KV-fill graph's projections; later checkpoints view the first's stacks."""
+    names = [n.name for n in original.graph.nodes if n.op == "placeholder"]
+    values = {name: t for name, t in zip(names, example_inputs)
+              if isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)}
+    cache = kv_stack_pass.StackCache()
+    for c in sorted(kv_fills):
+        kv = kv_fills[c]
+        if kv_stack_pass.run(kv.gm, values.get, cache):
+            kv.input_names = tuple(n.target for n in kv.gm.graph.nodes if n.op == "placeholder")
+
+
 def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
@@ -349,11 +371,14 @@ def _projections(routers: RouterSet, checkpoints: Sequence[int]) -> list:
 def _compact_runner(gm: fx.GraphModule, original: fx.GraphModule, info_orig: Any,
                     info: Any, split: Any, plan: Any,
                     checkpoints: Sequence[int], routers: RouterSet, stats: ExitStats,
-                    threshold: float, compiler: Any) -> CompactRunner:
+                    threshold: float, compiler: Any, stack_kv: bool,
+                    example_inputs: Sequence[Any]) -> CompactRunner:
     """The compaction runner, every piece compiled now for the symbolic length."""
     num_layers = info.num_layers
     kv_fills = {c: kv_fill_pass.kv_fill_graph(original, info_orig, c + 1, num_layers - 1)
                 for c in checkpoints}
+    if stack_kv:
+        _stack_kv(original, kv_fills, example_inputs)
     head = segment_pass.head_graph(original, info_orig)
     runner = CompactRunner(split, kv_fills, head, gm.meta[insert_pass.STATE_NAMES],
                            _projections(routers, checkpoints),

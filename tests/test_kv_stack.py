@@ -1,0 +1,121 @@
+"""Option ``stack_kv``: the KV-fill graphs' projections as one batched matmul."""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+from tide_compile import ExitStats, RouterSet, TIDEConfig
+from tide_compile import reference as R
+from tide_compile.passes._fx import target_name
+from tide_compile.runtime.runner import SkipRunner
+from test_backend import ARCHS5, CFG, SETTINGS, model_for, new_cache, run_both
+from test_reference import random_routers
+
+
+def compiled(model, routers, **options):
+    torch._dynamo.reset()
+    stats = ExitStats(num_layers=routers.num_layers)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "inductor": False, "stats": stats,
+                                "stack_kv": True, **options})
+    return fn, stats
+
+
+@SETTINGS
+@given(arch=st.sampled_from(ARCHS5), strategy=st.sampled_from(["skip", "auto"]),
+       batch=st.integers(1, 2), prompt=st.integers(1, 5), threshold=st.floats(0.05, 0.95),
+       seed=st.integers(0, 10_000))
+def test_stacked_kv_fill_equals_reference(arch, strategy, batch, prompt, threshold, seed):
+    model = model_for(arch)
+    routers = random_routers(model, seed)
+    fn, _ = compiled(model, routers, exit_threshold=threshold, strategy=strategy)
+    run_both(model, routers, fn, "static", batch, prompt, 3, threshold, seed)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+def test_forced_exit_with_stacked_kv_fill_writes_the_reference_cache(arch, monkeypatch):
+    model = model_for(arch)
+    routers = RouterSet.forced(model, exit_at=0, config=CFG)
+    runners = []
+    init = SkipRunner.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        runners.append(self)
+
+    monkeypatch.setattr(SkipRunner, "__init__", spy)
+    fn, stats = compiled(model, routers, strategy="skip")
+    c_fast, c_ref = new_cache(model, "static"), new_cache(model, "static")
+    ids = torch.tensor([[3, 4, 5]])
+    for _ in range(3):
+        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        ids = ref.logits[:, -1:].argmax(-1)
+    for a, b in zip(c_fast.layers, c_ref.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-4)
+    assert stats.last_layers_executed == 1  # the decode step stopped after layer 0
+    kv = runners[-1].kv_meta
+    # One product per KV-fill graph: batched, or the one fused QKV projection of a
+    # single skipped layer (Phi-3), which has nothing to stack with.
+    for c, g in kv.items():
+        names = [target_name(n) for n in g.gm.graph.nodes]
+        assert names.count("stacked_linear") + names.count("linear") == 1
+        assert names.count("stacked_linear") == 1 or g.layers[0] == g.layers[1]
+    # Later checkpoints' stacks are views of the first's (no second copy).
+    first = dict(kv[0].gm.named_buffers())
+    assert first
+    for c in (1, 2):
+        for name, buf in kv[c].gm.named_buffers():
+            base = first[name]
+            assert buf.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+            assert buf.shape[0] < base.shape[0]
+
+
+def test_stacked_kv_option_is_validated():
+    from tide_compile import backend as B
+
+    assert B.parse_options({"stack_kv": True}).stack_kv is True
+    with pytest.raises(ValueError, match="unknown"):
+        B.parse_options({"stack_kvs": True})
+
+
+@pytest.mark.slow
+def test_inductor_stacked_kv_fill_equals_reference():
+    model = model_for("llama", num_layers=3)
+    cfg = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
+    routers = RouterSet.forced(model, exit_at=0, config=cfg)
+    torch._dynamo.reset()
+    stats = ExitStats(3)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "strategy": "skip", "stats": stats,
+                                "stack_kv": True})
+    c1, c2 = new_cache(model, "static"), new_cache(model, "static")
+    ids = torch.tensor([[3, 4, 5]])
+    for _ in range(3):
+        out = fn(input_ids=ids, past_key_values=c1, use_cache=True)
+        ref = R.forward(model, routers, ids, cfg, past_key_values=c2)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        ids = ref.logits[:, -1:].argmax(-1)
+    for a, b in zip(c1.layers, c2.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+    assert stats.mean_layers_executed == 1.0
+
+
+def test_compact_prefill_with_stacked_kv_fill_equals_reference():
+    from test_compact import assert_caches_equal, dynamic_ids, initialized_cache, \
+        splitting_threshold
+
+    model = model_for("qwen2")
+    routers = random_routers(model, 11)
+    ids = dynamic_ids(2, 16, 3)
+    threshold = splitting_threshold(model, routers, ids, CFG)
+    fn, stats = compiled(model, routers, exit_threshold=threshold, strategy="compact",
+                         compaction_threshold=1.0)
+    c_fast, c_ref = initialized_cache(model, 2), initialized_cache(model, 2)
+    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    assert_caches_equal(c_fast, c_ref)
+    assert stats.layers_executed < ids.numel() * 4  # it compacted
