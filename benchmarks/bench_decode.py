@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--inductor-config", default="",
                     help="Inductor config patches for the tide rows, key=value comma list "
                          "(e.g. combo_kernels=1: horizontal fusion of the KV-fill's small kernels)")
+    ap.add_argument("--stack-kv", action="store_true",
+                    help="tide option stack_kv: the KV-fill's K/V projections as one batched matmul")
     ap.add_argument("--profile", default="",
                     help="comma list of row names (e.g. tide_exit@8) to profile after timing: "
                          "prints the GPU kernels of 8 decode steps by total time")
@@ -174,6 +176,7 @@ def main() -> None:
         key, value = item.split("=")
         patches[key] = {"1": True, "0": False}.get(value, value)
     env["inductor_config"] = patches
+    env["stack_kv"] = args.stack_kv
     env["kernels"] = args.kernels
     if "eager" in wanted:
         row("hf_eager_generate", hf_eager_ms(model, prompt, device))
@@ -197,7 +200,8 @@ def main() -> None:
         t0 = time.time()
         fn = torch.compile(model.forward, backend="tide", fullgraph=True,
                            options={"routers": routers, "stats": stats, "strategy": "skip",
-                                    "kernels": args.kernels, "inductor_config": patches})
+                                    "kernels": args.kernels, "inductor_config": patches,
+                                    "stack_kv": args.stack_kv})
         times = decode_loop(fn, model, prompt, args.steps, cache_len, device, False)
         ms = summarize(times, args.warmup)
         depth = b["num_layers"] if exit_at is None else exit_at + 1
