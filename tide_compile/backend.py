@@ -12,8 +12,12 @@ Pipeline, per Dynamo graph:
 3. frozen strategy: compile the whole inserted graph.
    skip strategy: ``passes.segment`` splits the inserted graph at the checkpoints,
    ``passes.kv_fill`` derives per checkpoint the graph writing the skipped layers'
-   K/V, ``passes.segment.head_graph`` the read-out; each piece compiled on first use.
-4. a runner (:mod:`.runtime.runner`) that executes them and counts stats.
+   K/V, ``passes.segment.head_graph`` the read-out; each piece compiled on first use
+   (``passes.kv_stack`` batches the KV-fill's projections with ``stack_kv``).
+   compact strategy: the same split with one more cut before the head, and
+   ``passes.compact`` the later segments' variants for a subset of the tokens.
+4. a runner (:mod:`.runtime.runner`, :mod:`.runtime.compact`) that executes them and
+   counts stats.
 """
 
 from __future__ import annotations

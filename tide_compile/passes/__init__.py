@@ -13,6 +13,10 @@ Pipeline (reading the list tells you the backend):
    once it exists.)
 3. ``segment``  split at the checkpoint layers; the head graph ``h -> logits``.
 4. ``kv_fill``  per checkpoint, the graph writing the skipped layers' K/V from ``h_c``.
+5. ``kv_stack`` (option ``stack_kv``) a KV-fill graph's K/V projections as one batched
+   matmul over weights stacked at compile time.
+6. ``compact``  (strategy ``compact``) the segments after a checkpoint rewritten to run
+   on a subset of a dynamic-length step's tokens.
 """
 
 from __future__ import annotations
