@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One device call: install, GPU tests, benchmarks. Prints short tables at the end.
 # Usage (on a CUDA machine, repo root): bash benchmarks/gpu_session.sh [OUTDIR]
-# STEPS selects what runs (default: all): "tests calibration router speculative decode".
+# STEPS selects what runs (default: all): "tests calibration router speculative decode compact".
+# Each step has a *_TIMEOUT; DECODE_ARGS / COMPACT_ARGS add script arguments
+# (e.g. DECODE_ARGS="--rows exits --kernels triton --stack-kv").
 set -u
 OUT=${1:-${OUT:-/tmp/tide_out}}
-STEPS=${STEPS:-"tests calibration router speculative decode"}
+STEPS=${STEPS:-"tests calibration router speculative decode compact"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/tide_inductor_cache
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
@@ -35,6 +37,12 @@ fi
 if has decode; then
   echo "== decode"
   timeout ${DECODE_TIMEOUT:-280} python3 benchmarks/bench_decode.py --out "$OUT/bench_decode.json" \
-    --time-budget ${DECODE_BUDGET:-200} >"$OUT/bench_decode.log" 2>&1; echo "decode rc=$?"
-  tail -9 "$OUT/bench_decode.log"
+    --time-budget ${DECODE_BUDGET:-200} ${DECODE_ARGS:-} >"$OUT/bench_decode.log" 2>&1
+  echo "decode rc=$?"; grep -E "^\|" "$OUT/bench_decode.log"
+fi
+if has compact; then
+  echo "== compaction (prefill) and decode with exits"
+  timeout ${COMPACT_TIMEOUT:-400} python3 benchmarks/bench_compact.py --out "$OUT/bench_compact.json" \
+    --time-budget ${COMPACT_BUDGET:-360} ${COMPACT_ARGS:-} >"$OUT/bench_compact.log" 2>&1
+  echo "compact rc=$?"; grep -E "^\||beats|within" "$OUT/bench_compact.log"
 fi
