@@ -104,6 +104,13 @@ def test_compact_prefill_equals_reference_and_frozen(compactions, arch, batch, p
     ref_stats.record(ref.exit_layers)
     assert stats.exits_per_layer == ref_stats.exits_per_layer
     assert B.COMPILE_COUNTS["compact"] >= 1
+    # The frozen strategy on the same dynamic-length step: the same logits and cache.
+    torch._dynamo.reset()
+    frozen, _ = compile_prefill(model, routers, exit_threshold=threshold, strategy="frozen")
+    c_frozen = initialized_cache(model, batch)
+    out_frozen = frozen(input_ids=ids, past_key_values=c_frozen, use_cache=True)
+    torch.testing.assert_close(out.logits, out_frozen.logits, rtol=1e-4, atol=1e-4)
+    assert_caches_equal(c_fast, c_frozen)
     # A decode step after the compacted prefill reads the K/V it left.
     torch._dynamo.reset()
     step, _ = compile_prefill(model, routers, exit_threshold=threshold, strategy="frozen")
