@@ -387,8 +387,7 @@ def _compact_runner(gm: fx.GraphModule, original: fx.GraphModule, info_orig: Any
     runner = CompactRunner(split, kv_fills, head, gm.meta[insert_pass.STATE_NAMES],
                            _projections(routers, checkpoints),
                            gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats,
-                           gm.meta.get(insert_pass.EXTRA_INPUTS, []), plan, threshold,
-                           info.last_output.name)
+                           gm.meta.get(insert_pass.EXTRA_INPUTS, []), plan, threshold)
     # Each piece compiles at its first use (an 8B-shaped model's twelve pieces take minutes
     # to compile; a prefill that never compacts or never exits uses five), from the
     # placeholders' symbolic fake values: one graph per piece serves every length (the

@@ -29,6 +29,7 @@ row): a position is kept when any row's token there continues.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -38,6 +39,23 @@ from ..stats import ExitStats
 from .runner import Compiler, SkipRunner, _Lazy, _strip
 
 __all__ = ["CompactRunner", "bucket"]
+
+
+@dataclass
+class _Compaction:
+    """One step's compaction: kept offsets ``sel`` (``n`` of them) after checkpoint
+    ``cut``; the write counters and their values before it; the exit state at ``cut``;
+    the full values of everything gathered; the names the compacted segments produced."""
+
+    sel: torch.Tensor
+    n: int
+    cut: int
+    counters: list[torch.Tensor]
+    saved: list[torch.Tensor]
+    exit_layer: torch.Tensor
+    frozen: torch.Tensor
+    gathered: dict[str, torch.Tensor] = field(default_factory=dict)
+    produced: set[str] = field(default_factory=set)
 
 
 def bucket(m: int) -> int:
@@ -60,14 +78,13 @@ class CompactRunner(SkipRunner):
                  projections: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
                  user_outputs: int | None, compiler: Compiler, stats: ExitStats,
                  extra_inputs: Sequence[torch.Tensor], plan: CompactPlan,
-                 threshold: float, last_state_name: str) -> None:
+                 threshold: float) -> None:
         super().__init__(split, kv_fills, head, state_names, projections, user_outputs,
                          compiler, stats, extra_inputs)
         self.cuts = list(split.checkpoint_layers[:-1])  # the last cut is before the head
         self.plan = plan
         self.threshold = float(threshold)
         self.compacted = {k: _Lazy(gm, compiler, f"compact{k}") for k, gm in plan.segments.items()}
-        self.last_state_name = last_state_name
         #: tokens (positions) the layers after the compaction point ran on, last call;
         #: None when the call did not compact.
         self.last_compacted: tuple[int, int] | None = None
@@ -84,16 +101,16 @@ class CompactRunner(SkipRunner):
         segs = self.split.segments
         self.last_compacted = None
         s = self._seq_len(env)
-        compact: tuple[torch.Tensor, int, dict[str, Any]] | None = None
+        compact: _Compaction | None = None
         for k in range(len(segs) - 1):
             seg = segs[k]
             if compact is None:
                 outs = self.segments[k](*[env[n] for n in seg.input_names])
             else:
-                sel, n, _ = compact
-                outs = self.compacted[k](*[n if name in self.plan.seq_symbols else env[name]
-                                           for name in seg.input_names], sel)
-                compact[2]["__produced__"].update(seg.output_names)
+                outs = self.compacted[k](*[compact.n if name in self.plan.seq_symbols
+                                           else env[name] for name in seg.input_names],
+                                         compact.sel)
+                compact.produced.update(seg.output_names)
             env.update(zip(seg.output_names, outs))
             if k >= len(self.cuts) or compact is not None:
                 continue
@@ -117,14 +134,14 @@ class CompactRunner(SkipRunner):
         if compact is None:
             depth_tokens = _tokens(exit_layer) * self.num_layers
         else:
-            c = compact[2]["__cut__"]
+            c = compact.cut
             rows = exit_layer.shape[0] if exit_layer.dim() > 1 else 1
-            depth_tokens = rows * (s * (c + 1) + compact[1] * (self.num_layers - c - 1))
+            depth_tokens = rows * (s * (c + 1) + compact.n * (self.num_layers - c - 1))
         self.stats.record(exit_layer, layers_executed=depth_tokens)
         return outs
 
     def _compact(self, env: dict[str, Any], k: int, c: int, cont: torch.Tensor, b: int,
-                 s: int) -> tuple[torch.Tensor, int, dict[str, Any]]:
+                 s: int) -> _Compaction:
         # Kept positions: continuing ones first, padded with exited ones, in step order.
         order = torch.argsort((~cont).to(torch.int8), stable=True)
         sel = order[:b].sort().values
@@ -142,9 +159,7 @@ class CompactRunner(SkipRunner):
                                "StaticCache")
         for t, v in zip(counters, saved):
             t.copy_(v)
-        full: dict[str, Any] = {"__cut__": c, "__counters__": (counters, saved),
-                                "__exit_layer__": env[exit_layer_name],
-                                "__frozen__": env[frozen_name], "__produced__": set()}
+        result = _Compaction(sel, b, c, counters, saved, env[exit_layer_name], env[frozen_name])
         needed = {n for j in range(k + 1, len(self.split.segments) - 1)
                   for n in self.split.segments[j].input_names}
         for name in needed:
@@ -152,34 +167,31 @@ class CompactRunner(SkipRunner):
             v = env.get(name)
             if d is None or not isinstance(v, torch.Tensor):
                 continue
-            full[name] = v
+            result.gathered[name] = v
             env[name] = v.index_select(d, sel.to(v.device))
         self.last_compacted = (b, s)
-        return sel, b, full
+        return result
 
-    def _scatter_back(self, env: dict[str, Any], compact: tuple[torch.Tensor, int, dict[str, Any]],
-                      s: int) -> dict[str, Any]:
-        sel, n, full = compact
-        counters, saved = full["__counters__"]
-        for t, v in zip(counters, saved):
+    def _scatter_back(self, env: dict[str, Any], compact: _Compaction, s: int) -> dict[str, Any]:
+        sel, n = compact.sel, compact.n
+        for t, v in zip(compact.counters, compact.saved):
             # The compacted layers advanced their counters by n; a full step advances by s.
             t.add_((t - v) // n * (s - n))
         post = self.split.segments[-1]
         out = dict(env)
-        exit_layer_full = full["__exit_layer__"]
-        frozen_full = full["__frozen__"]
+        exit_layer_full = compact.exit_layer
+        frozen_full = compact.frozen
         state_names = self.state_names
         exit_names = {names[2] for names in state_names.values()}
         frozen_names = {names[1] for names in state_names.values()}
         exited_names = {names[0] for names in state_names.values()}
         wanted = list(post.input_names) + [n for n in self.split.output_layout if n in env]
-        produced = full["__produced__"]
         for name in wanted:
             d = self.plan.seq_dims.get(name)
             v = env.get(name)
-            if name not in produced:
-                if name in full:
-                    out[name] = full[name]  # gathered, not recomputed: the full value
+            if name not in compact.produced:
+                if name in compact.gathered:
+                    out[name] = compact.gathered[name]  # gathered, not recomputed
                 continue
             if d is None or not isinstance(v, torch.Tensor):
                 continue
