@@ -82,6 +82,24 @@ def test_generate_with_saved_routers(tmp_path, capsys) -> None:
     assert "new tokens in" in out
 
 
+def test_generate_strategy_options(tmp_path, capsys) -> None:
+    model, _ = demo.load()
+    forced = RouterSet.forced(model, exit_at=1, config=TIDEConfig(checkpoint_interval=2))
+    path = tmp_path / "forced.tide"
+    forced.save(path)
+    base = ["generate", "--model", str(demo.DEMO_DIR), "--routers", str(path), "--prompt",
+            "ROMEO.\nWhat light", "--max-new-tokens", "4", "--threshold", "0.5", "--dtype",
+            "fp32", "--device", "cpu"]
+    # Compacting prefill (every token exits at layer 1: the prompt stops there too).
+    rc, out, _ = run(base + ["--strategy", "compact", "--compaction-threshold", "1"], capsys)
+    assert rc == 0 and "Layers executed per token: 2.00 / 8" in out
+    # Frozen: every layer runs for every token.
+    rc, out, _ = run(base + ["--strategy", "frozen"], capsys)
+    assert rc == 0 and "Layers executed per token: 8.00 / 8" in out
+    with pytest.raises(SystemExit):
+        run(base + ["--compaction-threshold", "2"], capsys)
+
+
 def test_generate_errors(tmp_path, capsys) -> None:
     rc, _, err = run(["generate", "--model", str(tmp_path / "nope"), "--routers", "r.tide",
                       "--prompt", "x"], capsys)

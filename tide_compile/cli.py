@@ -217,6 +217,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="model dtype (default: as saved)")
     p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
                    help="compile tide's graphs with Inductor (default: on for CUDA, off on CPU)")
+    p.add_argument("--strategy", choices=("auto", "frozen", "skip", "compact"), default="auto",
+                   help="backend strategy (default: %(default)s: the prompt compacts, decode "
+                        "steps skip)")
+    p.add_argument("--compaction-threshold", type=_probability, default=None, metavar="FRACTION",
+                   help="compact the prompt when fewer than this fraction of its tokens "
+                        "continue after a checkpoint (default: the routers' saved one)")
     _add_sampling(p)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=_run_generate)

@@ -250,9 +250,11 @@ def _generate(args: argparse.Namespace) -> int:
     routers = routers_for(model, args.model, args.routers)
     device = next(model.parameters()).device
     inductor = args.inductor if args.inductor is not None else device.type == "cuda"
-    options: dict[str, Any] = {"inductor": inductor}
+    options: dict[str, Any] = {"inductor": inductor, "strategy": args.strategy}
     if args.threshold is not None:
         options["exit_threshold"] = args.threshold
+    if args.compaction_threshold is not None:
+        options["compaction_threshold"] = args.compaction_threshold
     threshold = routers.config.exit_threshold if args.threshold is None else args.threshold
     enc = tokenizer(args.prompt, return_tensors="pt")
     ids = enc["input_ids"].to(device)
