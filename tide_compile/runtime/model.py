@@ -83,7 +83,10 @@ class TIDEModel(nn.Module):
 
         Left-padded batches take ``attention_mask``; rows stop at EOS (from the
         arguments or ``model.generation_config``) and are padded afterwards. The cache is
-        a ``StaticCache`` of ``max_cache_len`` (default prompt + ``max_new_tokens``).
+        a ``StaticCache`` of ``max_cache_len`` (default prompt + ``max_new_tokens``; pass
+        one size for prompts of different lengths, as a new size is a new cache shape and
+        compiles again). The prompt runs the compact strategy (unless ``strategy`` says
+        otherwise), the decode steps the skip strategy.
         """
         from transformers import StaticCache
 
@@ -192,8 +195,11 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
             value is the backend's Inductor ``mode`` option (as before ``mode`` chose
             the decoding mode), in mode ``"exit"``.
         **options: the ``tide`` backend options (``exit_threshold``, ``min_layers``,
-            ``strategy``, ``inductor``, ``inductor_config``; the Inductor mode as
-            ``inductor_mode``).
+            ``strategy``, ``compaction_threshold``, ``stack_kv``, ``inductor``,
+            ``inductor_config``, ``cuda_graphs``, ``kernels``; the Inductor mode as
+            ``inductor_mode``). With ``strategy`` ``"auto"`` (default) or
+            ``"compact"``, :meth:`TIDEModel.generate` compiles the prompt with a dynamic
+            length, so it compacts and every prompt length reuses one graph.
     """
     if isinstance(routers, str):
         routers = RouterSet.load(routers, model=model)
