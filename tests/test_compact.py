@@ -267,3 +267,42 @@ def test_inductor_compact_prefill_equals_reference(compactions, tmp_path):
         assert_caches_equal(c_fast, c_ref)
     assert B.COMPILE_COUNTS["compact"] == 1
     assert compactions
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compact_and_skip_with_exit_projections_equal_reference(arch):
+    """Exit projections E_c (exit_strategy "projection") on the compacted prefill, its
+    exit-all path and the skip strategy's decode steps."""
+    from tide_compile import ExitProjection
+
+    model = model_for(arch)
+    base = random_routers(model, 11)
+    g = torch.Generator().manual_seed(2)
+    projections = {}
+    for c in base.checkpoint_layers:
+        proj = ExitProjection(base.hidden_size, 3)
+        with torch.no_grad():
+            for prm in proj.parameters():
+                prm.copy_(0.3 * torch.randn(prm.shape, generator=g))
+        projections[c] = proj
+    routers = RouterSet({c: base.router(c) for c in base.checkpoint_layers},
+                        model_info=RouterSet.describe(model), config=CFG,
+                        exit_projections=projections)
+    ids = dynamic_ids(2, 16, 3)
+    threshold = splitting_threshold(model, routers, ids, CFG)
+    torch._dynamo.reset()
+    fn, _ = compile_prefill(model, routers, exit_threshold=threshold, strategy="compact",
+                            compaction_threshold=1.0)
+    c_fast, c_ref = initialized_cache(model, 2), initialized_cache(model, 2)
+    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    assert_caches_equal(c_fast, c_ref)
+    torch._dynamo.reset()
+    step, _ = compile_prefill(model, routers, exit_threshold=threshold)  # auto: skip
+    nxt = ref.logits[:, -1:].argmax(-1)
+    for _ in range(3):
+        out = step(input_ids=nxt, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, nxt, CFG, past_key_values=c_ref, exit_threshold=threshold)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        nxt = ref.logits[:, -1:].argmax(-1)
