@@ -136,3 +136,13 @@ def test_optimize_generate_compacts_on_cuda():
     ref = R.generate(model, routers, ids, 6, attention_mask=mask, pad_token_id=0,
                      exit_threshold=0.3, cache="static")
     assert torch.equal(got, ref.sequences)
+
+
+def test_stats_count_device_exits_later_and_from_copies():
+    stats = ExitStats(8)
+    buf = torch.tensor([1, -1, 3, 1], device="cuda")
+    stats.record(buf, layers_executed=20)
+    buf.fill_(5)  # a CUDA-graph buffer rewritten by the next replay
+    stats.record(buf[:2], layers_executed=12)
+    assert stats.total_tokens == 6 and stats.layers_executed == 32
+    assert stats.exits_per_layer == {1: 2, 3: 1, 5: 2}

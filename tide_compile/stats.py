@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 __all__ = ["ExitStats"]
 
 
-@dataclass
 class ExitStats:
     """Counters of early exits.
 
@@ -19,20 +16,41 @@ class ExitStats:
     selects counts every layer), so ``layers_executed / total_tokens`` against
     ``mean_depth`` shows what a strategy saved.
 
+    Exit layers recorded from an accelerator are kept there (a copy) and counted when
+    ``exits_per_layer`` (or anything derived from it) is read, so a decode step does not
+    wait for the device to count its exits.
+
     Attributes:
         num_layers: decoder layers in the model.
         total_tokens: tokens whose outputs were produced.
         exits_per_layer: checkpoint layer -> tokens that exited there.
         layers_executed: token-layers that ran (full layers; KV-fill not included).
+        last_exit_layers / last_layers_executed: of the latest :meth:`record` call.
     """
 
-    num_layers: int
-    total_tokens: int = 0
-    exits_per_layer: dict[int, int] = field(default_factory=dict)
-    layers_executed: int = 0
-    #: exit layers and layers executed of the latest :meth:`record` call (not counted).
-    last_exit_layers: torch.Tensor | None = field(default=None, repr=False, compare=False)
-    last_layers_executed: int = field(default=0, repr=False, compare=False)
+    #: pending device tensors are counted once this many have accumulated
+    _FLUSH_EVERY = 256
+
+    def __init__(self, num_layers: int, total_tokens: int = 0,
+                 exits_per_layer: dict[int, int] | None = None,
+                 layers_executed: int = 0) -> None:
+        self.num_layers = num_layers
+        self.total_tokens = total_tokens
+        self.layers_executed = layers_executed
+        self._exits: dict[int, int] = dict(exits_per_layer or {})
+        self._pending: list[torch.Tensor] = []
+        self.last_exit_layers: torch.Tensor | None = None
+        self.last_layers_executed = 0
+
+    @property
+    def exits_per_layer(self) -> dict[int, int]:
+        self._flush()
+        return self._exits
+
+    @exits_per_layer.setter
+    def exits_per_layer(self, value: dict[int, int]) -> None:
+        self._pending = []
+        self._exits = dict(value)
 
     def record(self, exit_layers: torch.Tensor, layers_executed: int | None = None) -> None:
         """Add a step's tokens.
@@ -41,27 +59,45 @@ class ExitStats:
             exit_layers: per token, the checkpoint it exited at, or -1 for no exit
                 (any shape; padding must already be removed).
             layers_executed: token-layers that ran in this step; defaults to the sum
-                of the tokens' depths (a path that really skipped every exited layer).
+                of the tokens' depths (a path that really skipped every exited layer;
+                this reads the device at once).
         """
-        flat = exit_layers.detach().reshape(-1).to("cpu", torch.int64)
-        n = int(flat.numel())
+        t = exit_layers.detach()
+        n = int(t.numel())
+        if layers_executed is None or t.device.type == "cpu":
+            flat = t.reshape(-1).to("cpu", torch.int64)
+            self._count(flat)
+            if layers_executed is None:
+                exited = flat[flat >= 0]
+                layers_executed = (int((exited + 1).sum())
+                                   + (n - int(exited.numel())) * self.num_layers)
+        else:
+            # A copy: the caller's tensor may be a CUDA-graph buffer the next step rewrites.
+            self._pending.append(t.reshape(-1).clone())
+            if len(self._pending) >= self._FLUSH_EVERY:
+                self._flush()
+        self.total_tokens += n
+        self.layers_executed += int(layers_executed)
+        self.last_exit_layers = t
+        self.last_layers_executed = int(layers_executed)
+
+    def _count(self, flat: torch.Tensor) -> None:
         exited = flat[flat >= 0]
         if exited.numel():
             layers, counts = torch.unique(exited, return_counts=True)
             for layer, count in zip(layers.tolist(), counts.tolist()):
-                self.exits_per_layer[layer] = self.exits_per_layer.get(layer, 0) + count
-        self.total_tokens += n
-        if layers_executed is None:
-            layers_executed = int((exited + 1).sum()) + (n - int(exited.numel())) * self.num_layers
-        self.layers_executed += int(layers_executed)
-        self.last_exit_layers = exit_layers.detach()
-        self.last_layers_executed = int(layers_executed)
+                self._exits[layer] = self._exits.get(layer, 0) + count
+
+    def _flush(self) -> None:
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self._count(torch.cat([p.to(torch.int64) for p in pending]).cpu())
 
     def record_uniform(self, exit_layer: int, tokens: int, layers_executed: int) -> None:
         """Add ``tokens`` tokens that all exited at ``exit_layer`` (-1: none), without
         reading any device tensor (the runner already knows)."""
         if exit_layer >= 0:
-            self.exits_per_layer[exit_layer] = self.exits_per_layer.get(exit_layer, 0) + tokens
+            self._exits[exit_layer] = self._exits.get(exit_layer, 0) + tokens
         self.total_tokens += tokens
         self.layers_executed += int(layers_executed)
         self.last_exit_layers = torch.full((tokens,), exit_layer, dtype=torch.int64)
@@ -76,14 +112,26 @@ class ExitStats:
         self.total_tokens += other.total_tokens
         self.layers_executed += other.layers_executed
         for layer, count in other.exits_per_layer.items():
-            self.exits_per_layer[layer] = self.exits_per_layer.get(layer, 0) + count
+            self._exits[layer] = self._exits.get(layer, 0) + count
 
     def reset(self) -> None:
         self.last_exit_layers = None
         self.last_layers_executed = 0
         self.total_tokens = 0
-        self.exits_per_layer = {}
+        self._exits = {}
+        self._pending = []
         self.layers_executed = 0
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExitStats):
+            return NotImplemented
+        return (self.num_layers, self.total_tokens, self.exits_per_layer, self.layers_executed) \
+            == (other.num_layers, other.total_tokens, other.exits_per_layer, other.layers_executed)
+
+    def __repr__(self) -> str:
+        return (f"ExitStats(num_layers={self.num_layers}, total_tokens={self.total_tokens}, "
+                f"exits_per_layer={self.exits_per_layer}, "
+                f"layers_executed={self.layers_executed})")
 
     @property
     def exited_tokens(self) -> int:
