@@ -191,6 +191,17 @@ def test_bench_tiny_calibration_runs(tmp_path, capsys) -> None:
     assert (out_dir / "summary.md").is_file() and "| field | value |" in out
 
 
+def test_bench_tiny_compact_runs(tmp_path, capsys) -> None:
+    out_dir = tmp_path / "b"
+    rc, out, err = run(["bench", "--tiny", "--only", "compact", "--out", str(out_dir)], capsys)
+    assert rc == 0, err
+    result = json.loads((out_dir / "bench_compact.json").read_text())
+    names = {r["name"] for r in result["rows"] if "ms" in r}
+    assert {"eager", "tide frozen", "tide compact", "tide auto"} <= names
+    table = (out_dir / "bench_compact.md").read_text()
+    assert "| prefill | 64 | 0.7 | tide compact |" in table and "auto within 2% of frozen" in table
+
+
 def test_bench_tables_of_recorded_gpu_results() -> None:
     from tide_compile.cli_bench import calibration_markdown, decode_markdown
 

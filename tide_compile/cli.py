@@ -346,7 +346,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="bench_results", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--tiny", "--allow-cpu", dest="tiny", action="store_true",
                    help="tiny smoke modes (any device; checks that the scripts run, measures nothing useful)")
-    p.add_argument("--only", nargs="+", choices=("decode", "calibration"), default=None,
+    p.add_argument("--only", nargs="+", choices=("decode", "calibration", "compact"), default=None,
                    help="run only these benchmarks")
     p.add_argument("--benchmarks", default=None, metavar="DIR",
                    help="the benchmarks/ folder (default: the one beside the package, in a source checkout)")

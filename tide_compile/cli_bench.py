@@ -3,7 +3,8 @@
 The scripts live in ``benchmarks/`` next to the package (a source checkout; they are not
 part of the installed package): ``bench_decode.py`` (batch-1 decode on the
 Llama-3.1-8B shape: plain HF generate, Inductor, tide never-exit and forced exits) and
-``bench_calibration.py`` (calibration throughput). Each runs in its own process (a fresh
+``bench_calibration.py`` (calibration throughput) and ``bench_compact.py`` (prefill
+compaction and decode with a fraction of tokens exiting). Each runs in its own process (a fresh
 Dynamo and CUDA state, as ``benchmarks/gpu_session.sh`` runs them); their JSON results,
 logs and markdown tables go to ``--out``.
 
@@ -22,12 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BENCHMARKS", "TINY_ARGS", "find_benchmarks", "run_bench", "decode_markdown", "calibration_markdown"]
+__all__ = ["BENCHMARKS", "TINY_ARGS", "find_benchmarks", "run_bench", "decode_markdown",
+           "calibration_markdown", "compact_markdown"]
 
 #: name -> (script, argument that names its JSON output)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "decode": ("bench_decode.py", "--out"),
     "calibration": ("bench_calibration.py", "--json"),
+    "compact": ("bench_compact.py", "--out"),
 }
 #: Arguments of the tiny smoke modes. bench_decode's default ``--interval 8`` leaves the
 #: tiny 8-layer model no checkpoint, and its default 48 steps after a 128-token prompt
@@ -35,6 +38,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 TINY_ARGS: dict[str, list[str]] = {
     "decode": ["--tiny", "--interval", "4", "--steps", "8", "--warmup", "2", "--prompt", "16"],
     "calibration": ["--tiny"],
+    "compact": ["--tiny", "--lengths", "64", "--fractions", "0.7", "--batches", "1",
+                "--decode-fractions", "0.9", "--decode-steps", "6", "--iters", "2"],
 }
 
 
@@ -82,7 +87,30 @@ def calibration_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_MARKDOWN = {"decode": decode_markdown, "calibration": calibration_markdown}
+def compact_markdown(result: dict[str, Any]) -> str:
+    env = result.get("env", {})
+    base = env.get("baseline", "baseline")
+    lines = [
+        f"Prefill compaction and decode with exits, {env.get('device')}, {env.get('dtype')}, "
+        f"torch {env.get('torch')}; exits at checkpoint {env.get('exit_checkpoint')}",
+        "",
+        f"| phase | tokens / batch | f | row | ms | x {base} | layers per token | exit fraction |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result.get("rows", []):
+        if "ms" not in r:
+            continue
+        f = "" if r.get("f") is None else f"{r['f']:.1f}"
+        sp = r.get("speedup_vs_baseline")
+        lines.append(f"| {r['phase']} | {r['tokens']} | {f} | {r['name']} | {r['ms']:.3f} | "
+                     f"{'' if sp is None else f'{sp:.2f}'} | {r.get('layers_per_token', '')} | "
+                     f"{r.get('exit_fraction', '')} |")
+    lines += [""] + list(result.get("summary", {}).get("lines", []))
+    return "\n".join(lines)
+
+
+_MARKDOWN = {"decode": decode_markdown, "calibration": calibration_markdown,
+             "compact": compact_markdown}
 
 
 def run_bench(args: argparse.Namespace) -> int:
