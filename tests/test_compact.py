@@ -80,6 +80,21 @@ def splitting_threshold(model, routers, ids, cfg):
     pytest.fail("no threshold splits the tokens at the first checkpoint")
 
 
+def compacted_prefill_equals_reference(model, routers, ids, threshold, **options):
+    """A compacting prefill (compaction_threshold 1) against the reference: logits and
+    every layer's cache. Returns the stats and both caches."""
+    torch._dynamo.reset()
+    fn, stats = compile_prefill(model, routers, exit_threshold=threshold, strategy="compact",
+                                compaction_threshold=1.0, **options)
+    batch = ids.shape[0]
+    c_fast, c_ref = initialized_cache(model, batch), initialized_cache(model, batch)
+    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    assert_caches_equal(c_fast, c_ref)
+    return stats, ref, c_fast, c_ref
+
+
 # ---------------------------------------------------------------- compact == reference
 @settings(SETTINGS, phases=[Phase.explicit, Phase.reuse, Phase.generate])  # no slow shrinking
 @given(arch=st.sampled_from(ARCHS5), batch=st.integers(1, 3), prompt=st.integers(2, 17),
@@ -126,14 +141,7 @@ def test_compaction_happens_and_counts_what_ran(compactions, arch):
     routers = random_routers(model, 11)
     ids = dynamic_ids(1, 16, 3)
     threshold = splitting_threshold(model, routers, ids, CFG)
-    torch._dynamo.reset()
-    fn, stats = compile_prefill(model, routers, exit_threshold=threshold, strategy="compact",
-                                compaction_threshold=1.0)
-    c_fast, c_ref = initialized_cache(model, 1), initialized_cache(model, 1)
-    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
-    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
-    assert_caches_equal(c_fast, c_ref)
+    stats, _, _, _ = compacted_prefill_equals_reference(model, routers, ids, threshold)
     assert compactions
     kept, s = compactions[-1]
     assert s == 16 and kept <= 8 and kept == bucket(kept)
@@ -290,14 +298,7 @@ def test_compact_and_skip_with_exit_projections_equal_reference(arch):
                         exit_projections=projections)
     ids = dynamic_ids(2, 16, 3)
     threshold = splitting_threshold(model, routers, ids, CFG)
-    torch._dynamo.reset()
-    fn, _ = compile_prefill(model, routers, exit_threshold=threshold, strategy="compact",
-                            compaction_threshold=1.0)
-    c_fast, c_ref = initialized_cache(model, 2), initialized_cache(model, 2)
-    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
-    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
-    assert_caches_equal(c_fast, c_ref)
+    _, ref, c_fast, c_ref = compacted_prefill_equals_reference(model, routers, ids, threshold)
     torch._dynamo.reset()
     step, _ = compile_prefill(model, routers, exit_threshold=threshold)  # auto: skip
     nxt = ref.logits[:, -1:].argmax(-1)

@@ -104,18 +104,13 @@ def test_inductor_stacked_kv_fill_equals_reference():
 
 
 def test_compact_prefill_with_stacked_kv_fill_equals_reference():
-    from test_compact import assert_caches_equal, dynamic_ids, initialized_cache, \
+    from test_compact import compacted_prefill_equals_reference, dynamic_ids, \
         splitting_threshold
 
     model = model_for("qwen2")
     routers = random_routers(model, 11)
     ids = dynamic_ids(2, 16, 3)
     threshold = splitting_threshold(model, routers, ids, CFG)
-    fn, stats = compiled(model, routers, exit_threshold=threshold, strategy="compact",
-                         compaction_threshold=1.0)
-    c_fast, c_ref = initialized_cache(model, 2), initialized_cache(model, 2)
-    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
-    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
-    assert_caches_equal(c_fast, c_ref)
+    stats, _, _, _ = compacted_prefill_equals_reference(model, routers, ids, threshold,
+                                                        stack_kv=True)
     assert stats.layers_executed < ids.numel() * 4  # it compacted

@@ -398,7 +398,7 @@ def _compact_runner(gm: fx.GraphModule, original: fx.GraphModule, info_orig: Any
     for piece in runner.pieces():
         mutated = _mutated_inputs(piece.gm)
         fakes = [example_value(p) for p in piece.gm.graph.nodes if p.op == "placeholder"]
-        piece.contiguous_inputs = tuple(
+        piece.contiguous_inputs = frozenset(
             i for i, ev in enumerate(fakes) if isinstance(ev, torch.Tensor) and i not in mutated)
         piece.example_inputs = [_contiguous_fake(ev) if i in piece.contiguous_inputs else ev
                                 for i, ev in enumerate(fakes)]

@@ -339,8 +339,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="run the GPU benchmarks of a source checkout (benchmarks/), write their tables",
-        description="Run benchmarks/bench_decode.py and benchmarks/bench_calibration.py (each in "
-                    "its own process) and write their JSON results, logs and markdown tables into "
+        description="Run benchmarks/bench_decode.py, bench_calibration.py and bench_compact.py "
+                    "(each in its own process) and write their JSON results, logs and markdown tables into "
                     "--out. They need a CUDA GPU; --tiny runs their tiny CPU smoke modes.",
     )
     p.add_argument("--out", default="bench_results", metavar="DIR", help="output folder (default: %(default)s)")

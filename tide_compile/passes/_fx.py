@@ -28,6 +28,7 @@ __all__ = [
     "mutated_args",
     "is_mutation",
     "eliminate_dead_code",
+    "drop_unused_placeholders",
     "extract",
     "target_name",
     "PassError",
@@ -125,6 +126,16 @@ def storage_key(node: fx.Node) -> Any:
     ):
         root = root.args[0]
     return ("node", root)
+
+
+def drop_unused_placeholders(graph: fx.Graph, keep: Iterable[str] = ()) -> tuple[str, ...]:
+    """Erase the tensor placeholders nothing reads (SymInt ones stay: every piece gets every
+    size symbol), except those named in ``keep``. Returns the remaining input names."""
+    keep = set(keep)
+    for p in [n for n in graph.nodes if n.op == "placeholder"]:
+        if not p.users and p.target not in keep and not isinstance(example_value(p), torch.SymInt):
+            graph.erase_node(p)
+    return tuple(n.target for n in graph.nodes if n.op == "placeholder")
 
 
 def eliminate_dead_code(graph: fx.Graph, keep: Iterable[fx.Node] = ()) -> list[fx.Node]:

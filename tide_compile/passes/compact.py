@@ -34,13 +34,15 @@ dimensions or in a derived size (``s + 1``); an ``arange`` over ``s`` with a sta
 
 from __future__ import annotations
 
+import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ._fx import PassError, example_value, mutated_args, target_name
+from ._fx import PassError, example_value, mutated_args, storage_key, target_name
 from .insert import STATE_NAMES
 from .layers import META_KEY, LayerInfo
 from .segment import SplitGraph, output_nodes
@@ -88,11 +90,13 @@ def plan(gm: fx.GraphModule, info: LayerInfo, split: SplitGraph) -> CompactPlan:
             "prefill: torch._dynamo.mark_dynamic(input_ids, 1)); this graph is static"
         )
 
-    # StaticCache: in-place writes on placeholders by the layers after the first cut.
+    # StaticCache: in-place writes on placeholders (or views of them) by the layers after
+    # the first cut.
+    placeholder_keys = {storage_key(p): p for p in gm.graph.nodes if p.op == "placeholder"}
+    placeholder_keys.pop(None, None)
     writes = [n for n in gm.graph.nodes
               if isinstance(n.meta.get(META_KEY), int) and n.meta[META_KEY] > first_cut
-              and any(a.op == "placeholder" or _is_placeholder_alias(a)
-                      for a in mutated_args(n))]
+              and any(storage_key(a) in placeholder_keys for a in mutated_args(n))]
     if not writes:
         raise PassError(
             "the layers after the first checkpoint write no cache in place: compaction needs "
@@ -138,16 +142,15 @@ def plan(gm: fx.GraphModule, info: LayerInfo, split: SplitGraph) -> CompactPlan:
         n.name for n in gm.graph.nodes
         if n.op == "placeholder" and _expr(example_value(n)) == seq
     )
+    if not symbols:
+        raise PassError("no graph input carries the sequence length: the runner could not "
+                        "tell a step's length or pass the compacted one")
     result = CompactPlan(seq_dims=seq_dims, seq_symbols=symbols)
     mode = getattr(state, "fake_mode", None)
-    if mode is not None:
-        with mode:
-            offsets_ev = torch.empty(state.shape[-2], dtype=torch.int64, device=state.device)
-    else:
+    with mode if mode is not None else contextlib.nullcontext():
         offsets_ev = torch.empty(state.shape[-2], dtype=torch.int64, device=state.device)
 
     counters: set[str] = set()
-    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     for k in range(1, len(split.segments) - 1):
         seg = split.segments[k]
         for name in seg.input_names:
@@ -162,9 +165,10 @@ def plan(gm: fx.GraphModule, info: LayerInfo, split: SplitGraph) -> CompactPlan:
                     "dimensions: it cannot be gathered to a subset of tokens"
                 )
         result.segments[k] = _compacted(seg.gm, seq, offsets_ev)
+        # Write counters: 0-dim integer inputs the segment advances in place.
         for n in seg.gm.graph.nodes:
             for a in mutated_args(n):
-                p = placeholders.get(a.target if a.op == "placeholder" else "")
+                p = placeholder_keys.get(storage_key(a))
                 ev = example_value(p) if p is not None else None
                 if isinstance(ev, torch.Tensor) and ev.dim() == 0 and not ev.is_floating_point():
                     counters.add(p.name)
@@ -172,22 +176,8 @@ def plan(gm: fx.GraphModule, info: LayerInfo, split: SplitGraph) -> CompactPlan:
     return result
 
 
-def _is_placeholder_alias(node: fx.Node) -> bool:
-    seen = 0
-    while node.op != "placeholder" and node.args and isinstance(node.args[0], fx.Node):
-        if target_name(node) not in ("to", "view", "contiguous", "getitem", "detach"):
-            return False
-        node = node.args[0]
-        seen += 1
-        if seen > 8:
-            return False
-    return node.op == "placeholder"
-
-
 def _compacted(seg_gm: fx.GraphModule, seq: Any, offsets_ev: Any) -> fx.GraphModule:
     """A copy of ``seg_gm`` whose ``arange(s)`` nodes read :data:`OFFSETS`."""
-    import copy
-
     gm = copy.deepcopy(seg_gm)
     graph = gm.graph
     last_ph = [n for n in graph.nodes if n.op == "placeholder"][-1]

@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
-from ._fx import PassError, eliminate_dead_code, example_value, extract, mutated_args, target_name
+from ._fx import (PassError, drop_unused_placeholders, eliminate_dead_code, example_value,
+                  extract, mutated_args, target_name)
 from .layers import META_KEY, LayerInfo, _normalize_path
 from .segment import output_nodes
 
@@ -128,12 +129,7 @@ def kv_fill_graph(gm: fx.GraphModule, info: LayerInfo, first: int, last: int,
     if dce:
         eliminate_dead_code(sub.graph)
         # Inputs nothing reads any more (the live state, Q/O/MLP weights) are dropped.
-        for p in [n for n in sub.graph.nodes if n.op == "placeholder"]:
-            if not p.users and p.target != "h_frozen" and not isinstance(
-                example_value(p), torch.SymInt
-            ):
-                sub.graph.erase_node(p)
-        in_names = tuple(n.target for n in sub.graph.nodes if n.op == "placeholder")
+        in_names = drop_unused_placeholders(sub.graph, keep=("h_frozen",))
         sub.recompile()
 
     matmuls: dict[int, list[str]] = {l: [] for l in range(first, last + 1)}

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ._fx import example_value, mutated_args, storage_key, target_name
+from ._fx import drop_unused_placeholders, example_value, mutated_args, storage_key, target_name
 
 __all__ = ["run", "stacked_linear", "StackCache"]
 
@@ -117,6 +117,7 @@ def run(gm: fx.GraphModule, value_of: Callable[[str], Any], cache: StackCache,
 
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     placed: set[fx.Node] = set()
+    point = placeholders[-1]  # where the next group's nodes go: after the previous group's
     stacked = 0
     for members in groups.values():
         if len(members) < 2:
@@ -133,7 +134,6 @@ def run(gm: fx.GraphModule, value_of: Callable[[str], Any], cache: StackCache,
             continue
         # Right after the placeholders (and any earlier group), in their own order.
         # (Nodes an earlier group already moved stay where they are.)
-        point = placeholders[-1] if not stacked else point
         for a in sorted(ancestors - placed, key=order.__getitem__):
             if a is not point:
                 point.append(a)
@@ -165,10 +165,7 @@ def run(gm: fx.GraphModule, value_of: Callable[[str], Any], cache: StackCache,
             graph.erase_node(n)
         stacked += 1
     if stacked:
-        for p in [n for n in graph.nodes if n.op == "placeholder"]:
-            if not p.users and p.target not in keep and not isinstance(
-                    example_value(p), torch.SymInt):
-                graph.erase_node(p)
+        drop_unused_placeholders(graph, keep)
         graph.lint()
         gm.recompile()
     return stacked

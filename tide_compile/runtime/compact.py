@@ -85,6 +85,10 @@ class CompactRunner(SkipRunner):
         self.plan = plan
         self.threshold = float(threshold)
         self.compacted = {k: _Lazy(gm, compiler, f"compact{k}") for k, gm in plan.segments.items()}
+        # Names of the exit state after each checkpoint, by kind (for the scatter back).
+        self._exited_names = {names[0] for names in state_names.values()}
+        self._frozen_names = {names[1] for names in state_names.values()}
+        self._exit_layer_names = {names[2] for names in state_names.values()}
         #: tokens (positions) the layers after the compaction point ran on, last call;
         #: None when the call did not compact.
         self.last_compacted: tuple[int, int] | None = None
@@ -181,10 +185,6 @@ class CompactRunner(SkipRunner):
         out = dict(env)
         exit_layer_full = compact.exit_layer
         frozen_full = compact.frozen
-        state_names = self.state_names
-        exit_names = {names[2] for names in state_names.values()}
-        frozen_names = {names[1] for names in state_names.values()}
-        exited_names = {names[0] for names in state_names.values()}
         wanted = list(post.input_names) + [n for n in self.split.output_layout if n in env]
         for name in wanted:
             d = self.plan.seq_dims.get(name)
@@ -195,11 +195,11 @@ class CompactRunner(SkipRunner):
                 continue
             if d is None or not isinstance(v, torch.Tensor):
                 continue
-            if name in exit_names:
+            if name in self._exit_layer_names:
                 base = exit_layer_full
-            elif name in frozen_names:
+            elif name in self._frozen_names:
                 base = frozen_full
-            elif name in exited_names:
+            elif name in self._exited_names:
                 base = torch.ones(exit_layer_full.shape, dtype=v.dtype, device=v.device)
             else:
                 shape = list(v.shape)

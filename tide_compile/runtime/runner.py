@@ -46,7 +46,7 @@ class _Lazy:
         self.example_inputs: list[Any] | None = None
 
         #: inputs made contiguous at each call (compiled for contiguous fake inputs)
-        self.contiguous_inputs: tuple[int, ...] = ()
+        self.contiguous_inputs: frozenset[int] = frozenset()
 
     def __call__(self, *args: Any) -> Any:
         if self.contiguous_inputs:
