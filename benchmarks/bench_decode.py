@@ -77,13 +77,15 @@ def bound_speedup(b: dict[str, int], depth: int) -> float:
 
 @torch.no_grad()
 def decode_loop(fn, model, prompt, steps: int, cache_len: int, device: str,
-                mark_step: bool) -> list[float]:
+                mark_step: bool, keep: dict | None = None) -> list[float]:
     """Eager prefill on a fresh StaticCache, then `steps` compiled decode steps.
     Returns per-step wall times (ms), each step synchronized by the argmax read-back
-    being fed to the next step (as in generate)."""
+    being fed to the next step (as in generate). ``keep["cache"]`` receives the cache."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=cache_len)
+    if keep is not None:
+        keep["cache"] = cache
     out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
     pos = torch.full((1, 1), prompt.shape[1], device=device, dtype=torch.long)
@@ -116,6 +118,47 @@ def hf_eager_ms(model, prompt, device: str, n: int = 16) -> float:
     return ((t2 - t1) - (t1 - t0)) * 1e3 / n
 
 
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Every tensor a StaticCache holds (K/V and, where the version has them, counters)."""
+    out = []
+    for layer in getattr(cache, "layers", []):
+        out += [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+@torch.no_grad()
+def graph_breakdown(runner, cache, depth_cut: int | None, reps: int = 20) -> dict:
+    """GPU time of each captured graph of a :class:`GraphedSkipRunner`, replayed ``reps``
+    times back to back (no host gap between replays), and the path one decode step takes:
+    segments up to the exiting checkpoint, then its exit tail. Cache contents are restored
+    after each graph (replays rewrite the same slot)."""
+    saved = [t.clone() for t in cache_tensors(cache)]
+
+    def timed(g) -> float:
+        g.replay()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        for t, s in zip(cache_tensors(cache), saved):
+            t.copy_(s)
+        return a.elapsed_time(b) / reps
+
+    cuts = list(runner.runner.cuts)
+    seg = [round(timed(g), 4) for g in runner.graphs]
+    tails = {c: round(timed(g), 4) for c, g in runner.exit_graphs.items()}
+    if depth_cut is None:
+        path = sum(seg)
+    else:
+        k = cuts.index(depth_cut)
+        path = sum(seg[:k + 1]) + tails[depth_cut]
+    return {"segment_ms": seg, "exit_tail_ms": {str(c): v for c, v in tails.items()},
+            "gpu_path_ms": round(path, 4)}
+
+
 def summarize(times: list[float], skip: int) -> float:
     return statistics.median(times[skip:])
 
@@ -141,6 +184,10 @@ def main() -> None:
     ap.add_argument("--profile", default="",
                     help="comma list of row names (e.g. tide_exit@8) to profile after timing: "
                          "prints the GPU kernels of 8 decode steps by total time")
+    ap.add_argument("--depths", default="",
+                    help="comma list of exit depths for the exits rows (default: every checkpoint)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="after each tide row, time every captured CUDA graph alone (GPU only)")
     ap.add_argument("--time-budget", type=float, default=480.0,
                     help="stop starting new rows after this many seconds")
     args = ap.parse_args()
@@ -190,6 +237,18 @@ def main() -> None:
     base = summarize(times, args.warmup)
     row("inductor", base, compile_and_first_s=round(time.time() - t0, 1))
 
+    graphed: list = []
+    if args.breakdown and device == "cuda":
+        from tide_compile.runtime.cudagraphs import GraphedSkipRunner
+
+        init = GraphedSkipRunner.__init__
+
+        def recording_init(self, *a, **k):  # benchmark-only: find the runner to time
+            init(self, *a, **k)
+            graphed.append(self)
+
+        GraphedSkipRunner.__init__ = recording_init
+
     def tide_row(name, exit_at):
         if time.time() - start > args.time_budget:
             print(f"# skipped {name}: time budget", flush=True)
@@ -202,15 +261,22 @@ def main() -> None:
                            options={"routers": routers, "stats": stats, "strategy": "skip",
                                     "kernels": args.kernels, "inductor_config": patches,
                                     "stack_kv": args.stack_kv})
-        times = decode_loop(fn, model, prompt, args.steps, cache_len, device, False)
+        keep: dict = {}
+        graphed.clear()
+        times = decode_loop(fn, model, prompt, args.steps, cache_len, device, False, keep)
         ms = summarize(times, args.warmup)
         depth = b["num_layers"] if exit_at is None else exit_at + 1
         bound = bound_speedup(b, depth)
         speedup = base / ms
+        extra = {}
+        captured = [g for g in graphed if g.captured]
+        if captured:
+            extra = graph_breakdown(captured[-1], keep["cache"], exit_at)
+            extra["host_and_gaps_ms"] = round(ms - extra["gpu_path_ms"], 4)
         row(name, ms, depth=depth, speedup_vs_inductor=round(speedup, 3),
             bound_speedup=round(bound, 3), fraction_of_bound=round(speedup / bound, 3),
             mean_layers_executed=round(stats.mean_layers_executed, 2),
-            compile_and_first_s=round(time.time() - t0, 1))
+            compile_and_first_s=round(time.time() - t0, 1), **extra)
         if name in args.profile.split(","):
             profile_steps(fn, name)
 
@@ -227,8 +293,11 @@ def main() -> None:
     if "never" in wanted:
         tide_row("tide_never_exit", None)
     if "exits" in wanted:
-        for c in checkpoints:
-            tide_row(f"tide_exit@{c + 1}", c)
+        depths = [int(d) for d in args.depths.split(",") if d] or [c + 1 for c in checkpoints]
+        for d in depths:
+            if d - 1 not in checkpoints:
+                raise SystemExit(f"--depths: {d} is not a checkpoint depth ({[c + 1 for c in checkpoints]})")
+            tide_row(f"tide_exit@{d}", d - 1)
 
     print("\n| row | ms/token | x Inductor | bound | of bound | layers run |")
     print("|---|---|---|---|---|---|")
