@@ -93,6 +93,11 @@ def test_generate_strategy_options(tmp_path, capsys) -> None:
     # Compacting prefill (every token exits at layer 1: the prompt stops there too).
     rc, out, _ = run(base + ["--strategy", "compact", "--compaction-threshold", "1"], capsys)
     assert rc == 0 and "Layers executed per token: 2.00 / 8" in out
+    # auto: this short prompt runs frozen (all 8 layers) unless compact_min_length allows it.
+    rc, out, _ = run(base, capsys)
+    assert rc == 0 and "Layers executed per token: 2.00 / 8" not in out
+    rc, out, _ = run(base + ["--compact-min-length", "0"], capsys)
+    assert rc == 0 and "Layers executed per token: 2.00 / 8" in out
     # Frozen: every layer runs for every token.
     rc, out, _ = run(base + ["--strategy", "frozen"], capsys)
     assert rc == 0 and "Layers executed per token: 8.00 / 8" in out

@@ -36,6 +36,20 @@ def compactions(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def compact_runners(monkeypatch):
+    """Every CompactRunner built."""
+    made: list[CompactRunner] = []
+    init = CompactRunner.__init__
+
+    def keep(self, *a, **k):
+        init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(CompactRunner, "__init__", keep)
+    return made
+
+
 def initialized_cache(model, batch, length=40):
     cache = StaticCache(config=model.config, max_cache_len=length)
     model(input_ids=torch.zeros(batch, 1, dtype=torch.long, device=model.device),
@@ -175,7 +189,7 @@ def test_compiled_graphs_stay_bounded_over_lengths(compactions):
     torch._dynamo.reset()
     B.COMPILE_COUNTS.clear()
     fast = tide_compile.optimize(model, routers, exit_threshold=0.3, inductor=False,
-                                 compaction_threshold=1.0)  # strategy auto
+                                 compaction_threshold=1.0, compact_min_length=0)  # auto
     sizes = set()
     for prompt in (5, 9, 14, 23, 31):
         # one cache length: a new length is a new cache shape (as for Inductor)
@@ -187,6 +201,54 @@ def test_compiled_graphs_stay_bounded_over_lengths(compactions):
     assert B.COMPILE_COUNTS["skip"] == 1
     assert len(compactions) >= 3 and len({s for _, s in compactions}) >= 3
     assert all(k & (k - 1) == 0 for k in sizes)  # powers of two
+
+
+def test_auto_runs_short_steps_frozen_and_long_ones_compacted(compactions, compact_runners):
+    """``auto``: a step shorter than ``compact_min_length`` runs the whole frozen graph (no
+    compaction, no segments); from that length on, the same compiled function compacts.
+    Both equal the reference."""
+    model = model_for("llama")
+    routers = random_routers(model, 0)
+    runners = compact_runners
+    torch._dynamo.reset()
+    fn, stats = compile_prefill(model, routers, exit_threshold=0.5, compaction_threshold=1.0,
+                                compact_min_length=12)
+    for prompt, seed in ((6, 1), (11, 2), (12, 3), (16, 4)):
+        ids = dynamic_ids(1, prompt, seed)
+        threshold = splitting_threshold(model, routers, ids, CFG) if prompt >= 12 else 0.5
+        if prompt >= 12:  # a threshold that compacts: recompile with it
+            torch._dynamo.reset()
+            runners.clear()
+            fn, stats = compile_prefill(model, routers, exit_threshold=threshold,
+                                        compaction_threshold=1.0, compact_min_length=12)
+        c_fast, c_ref = initialized_cache(model, 1), initialized_cache(model, 1)
+        before = len(compactions)
+        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        assert_caches_equal(c_fast, c_ref)
+        (runner,) = runners
+        assert runner.last_frozen == (prompt < 12)
+        if prompt < 12:
+            assert len(compactions) == before and runner.last_segments_run == 0
+        else:
+            assert len(compactions) == before + 1
+    assert B.COMPILE_COUNTS["compact"] >= 1
+
+
+def test_compact_min_length_is_validated_and_ignored_by_compact(compact_runners):
+    model = model_for("llama")
+    routers = random_routers(model, 3)
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="compact_min_length"):
+            B.parse_options({"routers": routers, "compact_min_length": bad})
+    torch._dynamo.reset()
+    fn, _ = compile_prefill(model, routers, strategy="compact", compact_min_length=1000)
+    fn(input_ids=dynamic_ids(1, 6, 0), past_key_values=initialized_cache(model, 1),
+       use_cache=True)
+    # strategy "compact" builds its runner without a frozen graph: never the short path.
+    (runner,) = compact_runners
+    assert runner.frozen is None and not runner.last_frozen and runner.last_segments_run > 0
 
 
 def test_compaction_threshold_zero_never_compacts(compactions):
@@ -254,7 +316,10 @@ def test_compaction_threshold_is_validated():
 
 # ---------------------------------------------------------------- Inductor (slow on CPU)
 @pytest.mark.slow
-def test_inductor_compact_prefill_equals_reference(compactions, tmp_path):
+def test_inductor_compact_prefill_equals_reference(compactions, compact_runners):
+    """Under Inductor, one compile serves two lengths; strategy auto with
+    compact_min_length 14 compacts the 16-token step and runs the 11-token one as the
+    frozen graph (compiled from symbolic fakes at first use)."""
     model = model_for("llama", num_layers=3)
     cfg = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
     routers = random_routers(model, 11, config=cfg)
@@ -263,8 +328,9 @@ def test_inductor_compact_prefill_equals_reference(compactions, tmp_path):
     stats = ExitStats(3)
     threshold = splitting_threshold(model, routers, dynamic_ids(2, 16, 16), cfg)
     fn = torch.compile(model.forward, backend="tide", fullgraph=True,
-                       options={"routers": routers, "strategy": "compact", "stats": stats,
-                                "compaction_threshold": 1.0, "exit_threshold": threshold})
+                       options={"routers": routers, "strategy": "auto", "stats": stats,
+                                "compaction_threshold": 1.0, "exit_threshold": threshold,
+                                "compact_min_length": 14})
     for prompt in (16, 11):  # one compile serves both lengths
         ids = dynamic_ids(2, prompt, prompt)  # batch 2: stride-0 (expanded) inputs occur
         c_fast, c_ref = initialized_cache(model, 2), initialized_cache(model, 2)
@@ -273,6 +339,7 @@ def test_inductor_compact_prefill_equals_reference(compactions, tmp_path):
                         exit_threshold=threshold)
         torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
         assert_caches_equal(c_fast, c_ref)
+        assert compact_runners[-1].last_frozen == (prompt < 14)
     assert B.COMPILE_COUNTS["compact"] == 1
     assert compactions
 

@@ -71,8 +71,14 @@ class BackendOptions:
             tokens once their fraction falls below ``compaction_threshold``; other
             graphs fall back to frozen with a one-time warning), ``"auto"`` (skip for
             one-token steps with static shapes, compact for dynamic-length StaticCache
-            steps, frozen otherwise).
+            steps of at least ``compact_min_length`` positions, frozen otherwise).
         compaction_threshold: overrides the routers' config ``compaction_threshold``.
+        compact_min_length: ``auto`` only: a dynamic-length step with fewer positions than
+            this runs the frozen graph (one graph, no host reads) instead of the
+            compaction runner. Measured on the H200 (8B shape, bf16, batch 1): compaction
+            lost to frozen by 4-10% at 512 tokens whatever the exit fraction, and won by
+            up to 1.5x at 2048 (benchmarks/RESULTS.md); hence 2048. 0: always the
+            compaction runner (as ``strategy="compact"``, which ignores this option).
         inductor: compile the graphs with Inductor (else run the FX graphs as they are).
         inductor_config: Inductor config patches (as ``torch.compile(options=...)``).
         mode: Inductor mode (``"default"``, ``"max-autotune-no-cudagraphs"``, ...).
@@ -97,6 +103,7 @@ class BackendOptions:
     min_layers: int | None = None
     strategy: Strategy = "auto"
     compaction_threshold: float | None = None
+    compact_min_length: int = 2048
     inductor: bool = True
     inductor_config: dict[str, Any] = field(default_factory=dict)
     mode: str | None = None
@@ -134,6 +141,10 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
             f"strategy must be 'auto', 'frozen', 'skip' or 'compact', got {opts.strategy!r}")
     if opts.compaction_threshold is not None:
         TIDEConfig(compaction_threshold=opts.compaction_threshold)
+    if (isinstance(opts.compact_min_length, bool) or not isinstance(opts.compact_min_length, int)
+            or opts.compact_min_length < 0):
+        raise ValueError("compact_min_length must be an int >= 0 (positions), got "
+                         f"{opts.compact_min_length!r}")
     if opts.kernels not in ("auto", "inductor", "triton"):
         raise ValueError(f"kernels must be 'auto', 'inductor' or 'triton', got {opts.kernels!r}")
     if not isinstance(opts.inductor_config, dict):
@@ -313,10 +324,11 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
             strategy = "frozen"
         else:
             COMPILE_COUNTS[strategy] += 1
+            min_length = opts.compact_min_length if opts.strategy == "auto" else 0
             return _compact_runner(gm, original, layers_pass.run(original, ctx), info, split,
                                    plan, checkpoints, routers, stats, comp_threshold,
                                    _compiler(opts, pieces=True, dynamic=True), opts.stack_kv,
-                                   example_inputs)
+                                   example_inputs, min_length)
     COMPILE_COUNTS[strategy] += 1
     if strategy == "frozen":
         return FrozenRunner(gm, example_inputs, compiler, stats, lazy=static)
@@ -376,8 +388,9 @@ def _compact_runner(gm: fx.GraphModule, original: fx.GraphModule, info_orig: Any
                     info: Any, split: Any, plan: Any,
                     checkpoints: Sequence[int], routers: RouterSet, stats: ExitStats,
                     threshold: float, compiler: Any, stack_kv: bool,
-                    example_inputs: Sequence[Any]) -> CompactRunner:
-    """The compaction runner, every piece compiled now for the symbolic length."""
+                    example_inputs: Sequence[Any], min_length: int = 0) -> CompactRunner:
+    """The compaction runner, every piece compiled at first use for the symbolic length;
+    with ``min_length``, also the whole inserted graph for shorter steps."""
     num_layers = info.num_layers
     kv_fills = {c: kv_fill_pass.kv_fill_graph(original, info_orig, c + 1, num_layers - 1)
                 for c in checkpoints}
@@ -387,7 +400,8 @@ def _compact_runner(gm: fx.GraphModule, original: fx.GraphModule, info_orig: Any
     runner = CompactRunner(split, kv_fills, head, gm.meta[insert_pass.STATE_NAMES],
                            _projections(routers, checkpoints),
                            gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats,
-                           gm.meta.get(insert_pass.EXTRA_INPUTS, []), plan, threshold)
+                           gm.meta.get(insert_pass.EXTRA_INPUTS, []), plan, threshold,
+                           frozen=gm if min_length > 0 else None, min_length=min_length)
     # Each piece compiles at its first use (an 8B-shaped model's twelve pieces take minutes
     # to compile; a prefill that never compacts or never exits uses five), from the
     # placeholders' symbolic fake values: one graph per piece serves every length (the

@@ -218,11 +218,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
                    help="compile tide's graphs with Inductor (default: on for CUDA, off on CPU)")
     p.add_argument("--strategy", choices=("auto", "frozen", "skip", "compact"), default="auto",
-                   help="backend strategy (default: %(default)s: the prompt compacts, decode "
-                        "steps skip)")
+                   help="backend strategy (default: %(default)s: a prompt of at least "
+                        "--compact-min-length tokens compacts, a shorter one runs frozen, "
+                        "decode steps skip)")
     p.add_argument("--compaction-threshold", type=_probability, default=None, metavar="FRACTION",
                    help="compact the prompt when fewer than this fraction of its tokens "
                         "continue after a checkpoint (default: the routers' saved one)")
+    p.add_argument("--compact-min-length", type=int, default=None, metavar="TOKENS",
+                   help="strategy auto: compact prompts of at least this many tokens, run "
+                        "shorter ones frozen (default: 2048, where compaction measured a win "
+                        "on the H200)")
     _add_sampling(p)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=_run_generate)

@@ -255,6 +255,8 @@ def _generate(args: argparse.Namespace) -> int:
         options["exit_threshold"] = args.threshold
     if args.compaction_threshold is not None:
         options["compaction_threshold"] = args.compaction_threshold
+    if args.compact_min_length is not None:
+        options["compact_min_length"] = args.compact_min_length
     threshold = routers.config.exit_threshold if args.threshold is None else args.threshold
     enc = tokenizer(args.prompt, return_tensors="pt")
     ids = enc["input_ids"].to(device)

@@ -18,6 +18,10 @@ the step holds). Then:
   scattered back to all ``s`` positions and the head runs on all of them.
 - otherwise the next segment runs on all tokens (the frozen strategy).
 
+With a ``frozen`` graph and ``min_length``, a step of fewer than ``min_length`` positions
+runs that one graph instead (strategy ``auto``: on short steps the split into segments and
+the host reads cost more than compaction can save).
+
 At most one compaction per call; exits at later checkpoints inside the compacted set are
 handled by the frozen semantics of the compacted segments. Compacted sizes are bucketed
 to powers of two, so a step sees at most ``log2(s)`` distinct compacted shapes; graphs
@@ -68,7 +72,8 @@ class CompactRunner(SkipRunner):
 
     Args (beyond :class:`SkipRunner`'s): ``plan`` from :func:`..passes.compact.plan`
     (the split must have been made with ``cut_before_head=True``), ``threshold`` the
-    ``compaction_threshold``.
+    ``compaction_threshold``; ``frozen`` the whole inserted graph, run for steps of fewer
+    than ``min_length`` positions.
     """
 
     strategy = "compact"
@@ -78,13 +83,15 @@ class CompactRunner(SkipRunner):
                  projections: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
                  user_outputs: int | None, compiler: Compiler, stats: ExitStats,
                  extra_inputs: Sequence[torch.Tensor], plan: CompactPlan,
-                 threshold: float) -> None:
+                 threshold: float, frozen: Any = None, min_length: int = 0) -> None:
         super().__init__(split, kv_fills, head, state_names, projections, user_outputs,
                          compiler, stats, extra_inputs)
         self.cuts = list(split.checkpoint_layers[:-1])  # the last cut is before the head
         self.plan = plan
         self.threshold = float(threshold)
         self.compacted = {k: _Lazy(gm, compiler, f"compact{k}") for k, gm in plan.segments.items()}
+        self.frozen = _Lazy(frozen, compiler, "frozen") if frozen is not None else None
+        self.min_length = int(min_length)
         # Names of the exit state after each checkpoint, by kind (for the scatter back).
         self._exited_names = {names[0] for names in state_names.values()}
         self._frozen_names = {names[1] for names in state_names.values()}
@@ -92,10 +99,14 @@ class CompactRunner(SkipRunner):
         #: tokens (positions) the layers after the compaction point ran on, last call;
         #: None when the call did not compact.
         self.last_compacted: tuple[int, int] | None = None
+        #: whether the last call ran the frozen graph (a step shorter than min_length)
+        self.last_frozen = False
 
     def pieces(self) -> list[_Lazy]:
-        """Every compiled piece (segments, compacted segments, KV-fills, head)."""
-        return [*self.segments, *self.compacted.values(), *self.kv_fills.values(), self.head]
+        """Every compiled piece (segments, compacted segments, KV-fills, head, frozen)."""
+        frozen = [self.frozen] if self.frozen is not None else []
+        return [*self.segments, *self.compacted.values(), *self.kv_fills.values(), self.head,
+                *frozen]
 
     def _seq_len(self, env: dict[str, Any]) -> int:
         return int(env[self.plan.seq_symbols[0]])
@@ -105,6 +116,13 @@ class CompactRunner(SkipRunner):
         segs = self.split.segments
         self.last_compacted = None
         s = self._seq_len(env)
+        self.last_frozen = self.frozen is not None and s < self.min_length
+        if self.last_frozen:
+            assert self.frozen is not None
+            outs, exit_layer = _strip(self.frozen(*args, *self.extra), self.user_outputs)
+            self.stats.record(exit_layer, layers_executed=_tokens(exit_layer) * self.num_layers)
+            self.last_segments_run = 0
+            return outs
         compact: _Compaction | None = None
         for k in range(len(segs) - 1):
             seg = segs[k]
