@@ -92,6 +92,11 @@ def test_runner_is_graphed_on_cuda():
         B.GraphedSkipRunner = orig
     assert runners and runners[0].captured
     assert runners[0].runner.last_segments_run == 1
+    # stack_kv defaults on here (CUDA, Inductor, skip): the KV-fill's projections stacked.
+    from tide_compile.passes._fx import target_name
+    names = [target_name(n) for g in runners[0].runner.kv_fills.values()
+             for n in g.gm.graph.nodes]
+    assert "stacked_linear" in names
 
 
 def test_compact_prefill_cuda_equals_reference():

@@ -77,8 +77,31 @@ def test_stacked_kv_option_is_validated():
     from tide_compile import backend as B
 
     assert B.parse_options({"stack_kv": True}).stack_kv is True
+    assert B.parse_options({}).stack_kv is None
     with pytest.raises(ValueError, match="unknown"):
         B.parse_options({"stack_kvs": True})
+    with pytest.raises(TypeError, match="stack_kv"):
+        B.parse_options({"stack_kv": "yes"})
+
+
+@pytest.mark.parametrize("given, stacked", [(None, False), (True, True), (False, False)])
+def test_stack_kv_default_is_off_on_cpu(monkeypatch, given, stacked):
+    """None (the default) stacks only for a CUDA model compiled with Inductor."""
+    from tide_compile import backend as B
+
+    calls = []
+    real = B._stack_kv
+    monkeypatch.setattr(B, "_stack_kv", lambda *a: (calls.append(1), real(*a))[1])
+    model = model_for("llama")
+    routers = RouterSet.forced(model, exit_at=0, config=CFG)
+    torch._dynamo.reset()
+    options = {"routers": routers, "strategy": "skip", "inductor": False}
+    if given is not None:
+        options["stack_kv"] = given
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True, options=options)
+    fn(input_ids=torch.tensor([[3, 4]]), past_key_values=new_cache(model, "static"),
+       use_cache=True)
+    assert bool(calls) == stacked
 
 
 @pytest.mark.slow
