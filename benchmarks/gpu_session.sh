@@ -3,7 +3,7 @@
 # Usage (on a CUDA machine, repo root): bash benchmarks/gpu_session.sh [OUTDIR]
 # STEPS selects what runs (default: all): "tests calibration router speculative decode compact".
 # Each step has a *_TIMEOUT; DECODE_ARGS / COMPACT_ARGS add script arguments
-# (e.g. DECODE_ARGS="--rows exits --kernels triton --stack-kv").
+# (e.g. DECODE_ARGS="--rows exits --kernels triton --stack-kv off --breakdown").
 set -u
 OUT=${1:-${OUT:-/tmp/tide_out}}
 STEPS=${STEPS:-"tests calibration router speculative decode compact"}
