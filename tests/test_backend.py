@@ -106,6 +106,32 @@ def test_frozen_runs_all_layers_and_equals_skip(arch):
     assert outs["frozen"][2].exits_per_layer == outs["skip"][2].exits_per_layer
 
 
+@settings(SETTINGS, max_examples=6)
+@given(arch=st.sampled_from(ARCHS5), batch=st.integers(1, 3), threshold=st.floats(0.05, 0.95),
+       seed=st.integers(0, 10_000))
+def test_frozen_one_token_steps_as_one_piece_equal_reference(monkeypatch, arch, batch,
+                                                             threshold, seed):
+    """Where CUDA graphs apply (faked here: the wrapper passes the runner through), the
+    frozen strategy's one-token steps run the whole inserted graph as the one segment of a
+    runner with no cuts: equal to the reference, every layer counted, exits counted."""
+    wrapped = []
+    monkeypatch.setattr(B, "_on_cuda", lambda example_inputs: True)
+    monkeypatch.setattr(B, "GraphedSkipRunner",
+                        lambda runner, mutated: wrapped.append(runner) or runner)
+    model = model_for(arch)
+    routers = random_routers(model, seed)
+    fn, stats = compiled(model, routers, exit_threshold=threshold, strategy="frozen",
+                         cuda_graphs=True)
+    exits = run_both(model, routers, fn, "static", batch, 4, 3, threshold, seed)
+    (runner,) = wrapped  # the decode step only; the 4-token prefill is a FrozenRunner
+    assert runner.strategy == "frozen" and runner.cuts == [] and len(runner.segments) == 1
+    assert runner.last_segments_run == 1
+    ref_stats = ExitStats(4)
+    ref_stats.record(exits)
+    assert stats.exits_per_layer == ref_stats.exits_per_layer
+    assert stats.mean_layers_executed == 4.0
+
+
 @pytest.mark.parametrize("arch", ARCHS5)
 def test_never_exit_equals_plain_model(arch):
     model = model_for(arch)

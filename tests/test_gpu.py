@@ -55,6 +55,45 @@ def test_graphed_skip_equals_reference(dtype, kind):
         assert stats.exits_per_layer.get(1, 0) >= 8
 
 
+def test_frozen_decode_is_one_captured_graph():
+    """strategy="frozen" on CUDA: one-token steps replay the whole inserted graph as one
+    CUDA graph (no host read); equal to the reference, every layer counted."""
+    from tide_compile import backend as B
+
+    torch._dynamo.reset()
+    model = make_model("llama", num_layers=6).cuda()
+    routers = _routers(model, 3)
+    stats = ExitStats(6)
+    runners = []
+    orig = B.GraphedSkipRunner
+
+    class Spy(orig):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            runners.append(self)
+
+    B.GraphedSkipRunner = Spy
+    try:
+        fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                           options={"routers": routers, "exit_threshold": 0.5, "stats": stats,
+                                    "strategy": "frozen"})
+        c_fast = StaticCache(config=model.config, max_cache_len=32)
+        c_ref = StaticCache(config=model.config, max_cache_len=32)
+        ids = torch.randint(2, 97, (2, 5), device="cuda")
+        fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+        R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=0.5)
+        for _ in range(8):
+            nid = torch.randint(2, 97, (2, 1), device="cuda")
+            out = fn(input_ids=nid, past_key_values=c_fast, use_cache=True)
+            ref = R.forward(model, routers, nid, CFG, past_key_values=c_ref, exit_threshold=0.5)
+            torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
+    finally:
+        B.GraphedSkipRunner = orig
+    (runner,) = runners
+    assert runner.captured and runner.strategy == "frozen" and len(runner.graphs) == 1
+    assert stats.mean_layers_executed == 6.0
+
+
 def test_optimize_generate_cuda_matches_reference():
     torch._dynamo.reset()
     model = make_model("llama", num_layers=6).cuda()

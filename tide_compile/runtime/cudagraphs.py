@@ -13,6 +13,9 @@ all in one memory pool, each reading the previous graph's outputs at their fixed
 addresses. A call then is: copy the changing inputs into static buffers, replay
 segment 0, read the flag, branch (replay the next segment, or the exit tail and stop).
 
+With no cuts (the frozen strategy's one-token steps) the one segment is the whole
+inserted graph: one graph, no host read.
+
 Inputs whose address changes between calls (token ids, positions, masks) are copied
 into static buffers; inputs whose address stays (parameters, cache tensors, counters)
 are used in place. If one of the latter moves (a new cache), the graphs are captured
@@ -34,11 +37,11 @@ __all__ = ["GraphedSkipRunner"]
 class GraphedSkipRunner:
     """Wraps a :class:`SkipRunner` (CUDA, static shapes) and replays captured graphs."""
 
-    strategy = "skip"
-
     def __init__(self, runner: SkipRunner, mutated_inputs: set[int],
                  warmup_calls: int = 3) -> None:
         self.runner = runner
+        #: "skip", or "frozen" for a runner with no checkpoint cuts (one graph, no reads)
+        self.strategy = runner.strategy
         self.mutated_inputs = set(mutated_inputs)
         self.warmup_calls = max(3, warmup_calls)
         self.stats = runner.stats
@@ -186,7 +189,7 @@ class GraphedSkipRunner:
         r.last_segments_run = len(self.graphs)
         result, exit_layer = _strip(r.split.outputs(env), r.user_outputs)
         ntok = exit_layer.numel()
-        if ntok == 1:
+        if ntok == 1 and r.cuts:
             # One token that did not exit at any checkpoint (else a flag was set).
             self.stats.record_uniform(-1, 1, r.num_layers)
         else:
