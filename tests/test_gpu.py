@@ -55,6 +55,39 @@ def test_graphed_skip_equals_reference(dtype, kind):
         assert stats.exits_per_layer.get(1, 0) >= 8
 
 
+ARCHS7 = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3")
+
+
+@pytest.mark.parametrize("arch", ARCHS7)
+@pytest.mark.parametrize("strategy", ["auto", "frozen"])
+def test_every_architecture_decodes_on_cuda(arch, strategy):
+    """The seven architectures of the backend's CPU suite on CUDA with the defaults
+    (Inductor, CUDA graphs, hand kernels, stacked KV-fill): a static prefill, then
+    captured one-token steps, equal to the reference in float32; random routers at a
+    threshold where tokens exit."""
+    torch._dynamo.reset()
+    model = make_model(arch, num_layers=6).cuda()
+    routers = _routers(model, 11)
+    stats = ExitStats(6)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "exit_threshold": 0.5, "stats": stats,
+                                "strategy": strategy})
+    c_fast = StaticCache(config=model.config, max_cache_len=32)
+    c_ref = StaticCache(config=model.config, max_cache_len=32)
+    ids = torch.randint(2, 97, (1, 5), device="cuda")
+    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=0.5)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
+    for _ in range(8):
+        nid = ref.logits[:, -1:].argmax(-1)
+        out = fn(input_ids=nid, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, nid, CFG, past_key_values=c_ref, exit_threshold=0.5)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
+    for a, b in zip(c_fast.layers, c_ref.layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=2e-3, atol=2e-3)
+    assert stats.total_tokens == 5 + 8
+
+
 def test_frozen_decode_is_one_captured_graph():
     """strategy="frozen" on CUDA: one-token steps replay the whole inserted graph as one
     CUDA graph (no host read); equal to the reference, every layer counted."""
@@ -169,17 +202,34 @@ def test_compact_prefill_cuda_equals_reference():
 
 
 def test_optimize_generate_compacts_on_cuda():
-    torch._dynamo.reset()
+    from tide_compile.runtime.compact import CompactRunner
+
     model = make_model("qwen2", num_layers=6).cuda()
     routers = _routers(model, 4)
-    fast = tide_compile.optimize(model, routers, exit_threshold=0.3, compaction_threshold=1.0)
     ids = torch.randint(2, 97, (2, 20), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
-    got = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
-    ref = R.generate(model, routers, ids, 6, attention_mask=mask, pad_token_id=0,
-                     exit_threshold=0.3, cache="static")
-    assert torch.equal(got, ref.sequences)
+    seen = []
+    original = CompactRunner._compact
+
+    def spy(self, env, k, c, cont, b, s):
+        seen.append((b, s))
+        return original(self, env, k, c, cont, b, s)
+
+    CompactRunner._compact = spy
+    try:
+        for threshold in (0.1, 0.3, 0.5, 0.7):
+            torch._dynamo.reset()
+            # compact_min_length 0: auto compacts this 20-token prompt too
+            fast = tide_compile.optimize(model, routers, exit_threshold=threshold,
+                                         compaction_threshold=1.0, compact_min_length=0)
+            got = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
+            ref = R.generate(model, routers, ids, 6, attention_mask=mask, pad_token_id=0,
+                             exit_threshold=threshold, cache="static")
+            assert torch.equal(got, ref.sequences)
+    finally:
+        CompactRunner._compact = original
+    assert seen, "no threshold made the padded prefill compact"
 
 
 def test_stats_count_device_exits_later_and_from_copies():
