@@ -195,11 +195,12 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
             value is the backend's Inductor ``mode`` option (as before ``mode`` chose
             the decoding mode), in mode ``"exit"``.
         **options: the ``tide`` backend options (``exit_threshold``, ``min_layers``,
-            ``strategy``, ``compaction_threshold``, ``stack_kv``, ``inductor``,
-            ``inductor_config``, ``cuda_graphs``, ``kernels``; the Inductor mode as
-            ``inductor_mode``). With ``strategy`` ``"auto"`` (default) or
+            ``strategy``, ``compaction_threshold``, ``compact_min_length``, ``stack_kv``,
+            ``inductor``, ``inductor_config``, ``cuda_graphs``, ``kernels``; the Inductor
+            mode as ``inductor_mode``). With ``strategy`` ``"auto"`` (default) or
             ``"compact"``, :meth:`TIDEModel.generate` compiles the prompt with a dynamic
-            length, so it compacts and every prompt length reuses one graph.
+            length, so every prompt length reuses one graph; it compacts (``auto``:
+            prompts of at least ``compact_min_length`` tokens, 2048 by default).
     """
     if isinstance(routers, str):
         routers = RouterSet.load(routers, model=model)
