@@ -149,6 +149,35 @@ def test_compact_prefill_equals_reference_and_frozen(compactions, arch, batch, p
     torch.testing.assert_close(out2.logits, ref2.logits, rtol=1e-4, atol=1e-4)
 
 
+@settings(SETTINGS, max_examples=8, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(arch=st.sampled_from(ARCHS5), batch=st.integers(1, 3), prompt=st.integers(2, 17),
+       threshold=st.floats(0.05, 0.95), seed=st.integers(0, 10_000))
+def test_auto_short_steps_run_the_frozen_graph_equal_reference(compactions, compact_runners,
+                                                              arch, batch, prompt, threshold,
+                                                              seed):
+    """auto, a dynamic-length step shorter than compact_min_length: the whole frozen graph
+    (compiled from symbolic fakes) equals the reference, every layer counted."""
+    model = model_for(arch)
+    routers = random_routers(model, seed)
+    torch._dynamo.reset()
+    compact_runners.clear()
+    fn, stats = compile_prefill(model, routers, exit_threshold=threshold,
+                                compaction_threshold=1.0, compact_min_length=18)
+    ids = dynamic_ids(batch, prompt, seed)
+    c_fast, c_ref = initialized_cache(model, batch), initialized_cache(model, batch)
+    before = len(compactions)
+    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    assert_caches_equal(c_fast, c_ref)
+    (runner,) = compact_runners
+    assert runner.last_frozen and len(compactions) == before
+    ref_stats = ExitStats(4)
+    ref_stats.record(ref.exit_layers)
+    assert stats.exits_per_layer == ref_stats.exits_per_layer
+    assert stats.mean_layers_executed == 4.0
+
+
 @pytest.mark.parametrize("arch", ARCHS5)
 def test_compaction_happens_and_counts_what_ran(compactions, arch):
     model = model_for(arch)
