@@ -58,6 +58,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=48)
     ap.add_argument("--max-draft", type=int, default=4)
     ap.add_argument("--target-agreement", type=float, default=0.9)
+    ap.add_argument("--exit-strategy", choices=("identity", "projection"), default="identity",
+                    help="calibrate exit read-outs: lm_head(norm(h_c)) or with a learned "
+                         "low-rank projection E_c (TIDEConfig.exit_strategy)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -65,7 +68,8 @@ def main() -> None:
     paras, source = paragraphs()
     calib, prompt_paras = paras[:-40], paras[-40:]
     routers = tide_compile.calibrate(model, tok, dataset=calib,
-                                     config=TIDEConfig(checkpoint_interval=2),
+                                     config=TIDEConfig(checkpoint_interval=2,
+                                                       exit_strategy=args.exit_strategy),
                                      target_agreement=args.target_agreement, progress=False)
     step = max(1, len(prompt_paras) // args.prompts)
     prompts = [tok(p, return_tensors="pt").input_ids[:, :args.prompt_tokens]
@@ -75,7 +79,7 @@ def main() -> None:
     refs = [model.generate(ids, **gen) for ids in prompts]
     cost_sets = {"run1": load_8b_costs(), "run5_stack_kv": stack_kv_costs()}
     env = {"model": "demo", "dtype": "float32", "device": "cpu", "calibration_text": source,
-           "target_agreement": args.target_agreement,
+           "target_agreement": args.target_agreement, "exit_strategy": args.exit_strategy,
            "calibrated_threshold": routers.config.exit_threshold,
            "checkpoints": routers.checkpoint_layers, "prompts": len(prompts),
            "new_tokens": args.new_tokens, "max_draft": args.max_draft,
