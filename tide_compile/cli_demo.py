@@ -163,8 +163,9 @@ def _demo(args: argparse.Namespace) -> int:
     # compilation to eager.
     torch._dynamo.reset()
     fast = optimize(model, routers, exit_threshold=threshold, inductor=args.inductor)
-    print(f'compiling with backend="tide" (exit_threshold {threshold:.2f}, strategy auto: prefill '
-          f"compacts, decode steps skip; Inductor {'on' if args.inductor else 'off'}) ...", flush=True)
+    print(f'compiling with backend="tide" (exit_threshold {threshold:.2f}, strategy auto: a prompt '
+          f"of 2048+ tokens compacts, a shorter one runs frozen, decode steps skip; Inductor "
+          f"{'on' if args.inductor else 'off'}) ...", flush=True)
     tide_rate, compile_s, out = time_tide_generate(fast, ids, n, repeats=args.repeats)
     print(f"compiled in {compile_s:.1f} s (two warm-up generations: prefill and decode graphs)")
     plain_rate, plain_out = time_plain_generate(model, ids, n, repeats=args.repeats)
