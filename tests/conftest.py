@@ -15,3 +15,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def record_instances(monkeypatch, cls) -> list:
+    """Every instance of ``cls`` built while the test runs, in order (``__init__`` patched
+    through ``monkeypatch``, so undone after the test)."""
+    made: list = []
+    init = cls.__init__
+
+    def keep(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(cls, "__init__", keep)
+    return made

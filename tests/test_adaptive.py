@@ -13,22 +13,15 @@ from tide_compile import backend as B
 from tide_compile.runtime.adaptive import AdaptiveSkipRunner, saved_fraction
 from test_backend import ARCHS5, CFG, SETTINGS, compiled, model_for, new_cache, run_both
 from test_reference import random_routers
+from conftest import record_instances
 
 
 @pytest.fixture
 def adaptive_runners(monkeypatch):
     """Fake CUDA graphs; every AdaptiveSkipRunner built."""
-    made = []
     monkeypatch.setattr(B, "_on_cuda", lambda example_inputs: True)
     monkeypatch.setattr(B, "GraphedSkipRunner", lambda runner, mutated: runner)
-    init = AdaptiveSkipRunner.__init__
-
-    def keep(self, *a, **k):
-        init(self, *a, **k)
-        made.append(self)
-
-    monkeypatch.setattr(AdaptiveSkipRunner, "__init__", keep)
-    return made
+    return record_instances(monkeypatch, AdaptiveSkipRunner)
 
 
 def test_saved_fraction():

@@ -20,6 +20,7 @@ from tide_compile import reference as R
 from tide_compile.runtime.compact import CompactRunner, bucket
 from test_backend import ARCHS5, CFG, SETTINGS, model_for
 from test_reference import random_routers
+from conftest import record_instances
 
 
 @pytest.fixture
@@ -39,15 +40,7 @@ def compactions(monkeypatch):
 @pytest.fixture
 def compact_runners(monkeypatch):
     """Every CompactRunner built."""
-    made: list[CompactRunner] = []
-    init = CompactRunner.__init__
-
-    def keep(self, *a, **k):
-        init(self, *a, **k)
-        made.append(self)
-
-    monkeypatch.setattr(CompactRunner, "__init__", keep)
-    return made
+    return record_instances(monkeypatch, CompactRunner)
 
 
 def initialized_cache(model, batch, length=40):
@@ -94,19 +87,25 @@ def splitting_threshold(model, routers, ids, cfg):
     pytest.fail("no threshold splits the tokens at the first checkpoint")
 
 
-def compacted_prefill_equals_reference(model, routers, ids, threshold, **options):
-    """A compacting prefill (compaction_threshold 1) against the reference: logits and
-    every layer's cache. Returns the stats and both caches."""
-    torch._dynamo.reset()
-    fn, stats = compile_prefill(model, routers, exit_threshold=threshold, strategy="compact",
-                                compaction_threshold=1.0, **options)
+def prefill_equals_reference(fn, model, routers, ids, threshold):
+    """``fn`` on fresh initialized caches against the reference: logits and every layer's
+    cache. Returns the reference output and both caches."""
     batch = ids.shape[0]
     c_fast, c_ref = initialized_cache(model, batch), initialized_cache(model, batch)
     out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
     ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
     assert_caches_equal(c_fast, c_ref)
-    return stats, ref, c_fast, c_ref
+    return ref, c_fast, c_ref
+
+
+def compacted_prefill_equals_reference(model, routers, ids, threshold, **options):
+    """A compacting prefill (compaction_threshold 1) against the reference: logits and
+    every layer's cache. Returns the stats and both caches."""
+    torch._dynamo.reset()
+    fn, stats = compile_prefill(model, routers, exit_threshold=threshold, strategy="compact",
+                                compaction_threshold=1.0, **options)
+    return (stats, *prefill_equals_reference(fn, model, routers, ids, threshold))
 
 
 # ---------------------------------------------------------------- compact == reference
@@ -164,12 +163,8 @@ def test_auto_short_steps_run_the_frozen_graph_equal_reference(compactions, comp
     fn, stats = compile_prefill(model, routers, exit_threshold=threshold,
                                 compaction_threshold=1.0, compact_min_length=18)
     ids = dynamic_ids(batch, prompt, seed)
-    c_fast, c_ref = initialized_cache(model, batch), initialized_cache(model, batch)
     before = len(compactions)
-    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
-    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
-    assert_caches_equal(c_fast, c_ref)
+    ref, _, _ = prefill_equals_reference(fn, model, routers, ids, threshold)
     (runner,) = compact_runners
     assert runner.last_frozen and len(compactions) == before
     ref_stats = ExitStats(4)
@@ -250,12 +245,8 @@ def test_auto_runs_short_steps_frozen_and_long_ones_compacted(compactions, compa
             runners.clear()
             fn, stats = compile_prefill(model, routers, exit_threshold=threshold,
                                         compaction_threshold=1.0, compact_min_length=12)
-        c_fast, c_ref = initialized_cache(model, 1), initialized_cache(model, 1)
         before = len(compactions)
-        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
-        ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
-        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
-        assert_caches_equal(c_fast, c_ref)
+        prefill_equals_reference(fn, model, routers, ids, threshold)
         (runner,) = runners
         assert runner.last_frozen == (prompt < 12)
         if prompt < 12:

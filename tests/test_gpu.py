@@ -10,6 +10,7 @@ from tide_compile import ExitStats, RouterSet, TIDEConfig
 from tide_compile import reference as R
 from tide_compile.runtime.cudagraphs import GraphedSkipRunner
 from tiny_models import make_model
+from conftest import record_instances
 
 pytestmark = pytest.mark.gpu
 CFG = TIDEConfig(checkpoint_interval=2, router_bottleneck_dim=8)
@@ -33,7 +34,6 @@ def test_graphed_skip_equals_reference(dtype, kind):
     else:
         routers = RouterSet.forced(model, exit_at=1 if kind == "forced" else None, config=CFG)
     stats = ExitStats(6)
-    captured = {}
     fn = torch.compile(model.forward, backend="tide", fullgraph=True,
                        options={"routers": routers, "exit_threshold": 0.5, "stats": stats})
     c_fast = StaticCache(config=model.config, max_cache_len=32)
@@ -88,47 +88,34 @@ def test_every_architecture_decodes_on_cuda(arch, strategy):
     assert stats.total_tokens == 5 + 8
 
 
-def test_frozen_decode_is_one_captured_graph():
+def test_frozen_decode_is_one_captured_graph(monkeypatch):
     """strategy="frozen" on CUDA: one-token steps replay the whole inserted graph as one
     CUDA graph (no host read); equal to the reference, every layer counted."""
-    from tide_compile import backend as B
-
     torch._dynamo.reset()
     model = make_model("llama", num_layers=6).cuda()
     routers = _routers(model, 3)
     stats = ExitStats(6)
-    runners = []
-    orig = B.GraphedSkipRunner
-
-    class Spy(orig):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            runners.append(self)
-
-    B.GraphedSkipRunner = Spy
-    try:
-        fn = torch.compile(model.forward, backend="tide", fullgraph=True,
-                           options={"routers": routers, "exit_threshold": 0.5, "stats": stats,
-                                    "strategy": "frozen"})
-        c_fast = StaticCache(config=model.config, max_cache_len=32)
-        c_ref = StaticCache(config=model.config, max_cache_len=32)
-        ids = torch.randint(2, 97, (2, 5), device="cuda")
-        fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
-        R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=0.5)
-        for _ in range(8):
-            nid = torch.randint(2, 97, (2, 1), device="cuda")
-            out = fn(input_ids=nid, past_key_values=c_fast, use_cache=True)
-            ref = R.forward(model, routers, nid, CFG, past_key_values=c_ref, exit_threshold=0.5)
-            torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
-    finally:
-        B.GraphedSkipRunner = orig
+    runners = record_instances(monkeypatch, GraphedSkipRunner)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "exit_threshold": 0.5, "stats": stats,
+                                "strategy": "frozen"})
+    c_fast = StaticCache(config=model.config, max_cache_len=32)
+    c_ref = StaticCache(config=model.config, max_cache_len=32)
+    ids = torch.randint(2, 97, (2, 5), device="cuda")
+    fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=0.5)
+    for _ in range(8):
+        nid = torch.randint(2, 97, (2, 1), device="cuda")
+        out = fn(input_ids=nid, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, nid, CFG, past_key_values=c_ref, exit_threshold=0.5)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
     (runner,) = runners
     assert runner.captured and runner.strategy == "frozen" and len(runner.graphs) == 1
     assert stats.mean_layers_executed == 6.0
 
 
 @pytest.mark.parametrize("exit_at", [None, 1])
-def test_adaptive_on_cuda(exit_at):
+def test_adaptive_on_cuda(monkeypatch, exit_at):
     """Option adaptive: never-exiting batch-2 steps move to the one captured graph,
     exiting ones stay on the skip runner; outputs equal the reference throughout."""
     from tide_compile import backend as B
@@ -137,29 +124,19 @@ def test_adaptive_on_cuda(exit_at):
     torch._dynamo.reset()
     model = make_model("llama", num_layers=6).cuda()
     routers = RouterSet.forced(model, exit_at=exit_at, config=CFG)
-    made = []
-    init = AdaptiveSkipRunner.__init__
-
-    def keep(self, *a, **k):
-        init(self, *a, **k)
-        made.append(self)
-
-    AdaptiveSkipRunner.__init__ = keep
-    try:
-        fn = torch.compile(model.forward, backend="tide", fullgraph=True,
-                           options={"routers": routers, "adaptive": True})
-        c_fast = StaticCache(config=model.config, max_cache_len=48)
-        c_ref = StaticCache(config=model.config, max_cache_len=48)
-        ids = torch.randint(2, 97, (2, 4), device="cuda")
-        fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
-        ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref)
-        for _ in range(24):
-            nid = ref.logits[:, -1:].argmax(-1)
-            out = fn(input_ids=nid, past_key_values=c_fast, use_cache=True)
-            ref = R.forward(model, routers, nid, CFG, past_key_values=c_ref)
-            torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
-    finally:
-        AdaptiveSkipRunner.__init__ = init
+    made = record_instances(monkeypatch, AdaptiveSkipRunner)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "adaptive": True})
+    c_fast = StaticCache(config=model.config, max_cache_len=48)
+    c_ref = StaticCache(config=model.config, max_cache_len=48)
+    ids = torch.randint(2, 97, (2, 4), device="cuda")
+    fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref)
+    for _ in range(24):
+        nid = ref.logits[:, -1:].argmax(-1)
+        out = fn(input_ids=nid, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, nid, CFG, past_key_values=c_ref)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
     (runner,) = made
     if exit_at is None:
         assert runner.last_path == "through" and runner.through.captured
@@ -180,29 +157,17 @@ def test_optimize_generate_cuda_matches_reference():
     assert torch.equal(got, ref.sequences)
 
 
-def test_runner_is_graphed_on_cuda():
+def test_runner_is_graphed_on_cuda(monkeypatch):
     torch._dynamo.reset()
     model = make_model("llama", num_layers=4).cuda()
     routers = RouterSet.forced(model, exit_at=1, config=TIDEConfig(checkpoint_interval=2))
-    runners = []
-    from tide_compile import backend as B
-    orig = B.GraphedSkipRunner
-
-    class Spy(orig):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            runners.append(self)
-
-    B.GraphedSkipRunner = Spy
-    try:
-        fn = torch.compile(model.forward, backend="tide", options={"routers": routers})
-        cache = StaticCache(config=model.config, max_cache_len=16)
-        fn(input_ids=torch.tensor([[3, 4]], device="cuda"), past_key_values=cache, use_cache=True)
-        for t in range(4):
-            fn(input_ids=torch.tensor([[5 + t]], device="cuda"), past_key_values=cache,
-               use_cache=True)
-    finally:
-        B.GraphedSkipRunner = orig
+    runners = record_instances(monkeypatch, GraphedSkipRunner)
+    fn = torch.compile(model.forward, backend="tide", options={"routers": routers})
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    fn(input_ids=torch.tensor([[3, 4]], device="cuda"), past_key_values=cache, use_cache=True)
+    for t in range(4):
+        fn(input_ids=torch.tensor([[5 + t]], device="cuda"), past_key_values=cache,
+           use_cache=True)
     assert runners and runners[0].captured
     assert runners[0].runner.last_segments_run == 1
     # stack_kv defaults on here (CUDA, Inductor, skip): the KV-fill's projections stacked.
@@ -242,7 +207,7 @@ def test_compact_prefill_cuda_equals_reference():
     assert stats.layers_executed < ids.numel() * 6  # the later layers ran fewer tokens
 
 
-def test_optimize_generate_compacts_on_cuda():
+def test_optimize_generate_compacts_on_cuda(monkeypatch):
     from tide_compile.runtime.compact import CompactRunner
 
     model = make_model("qwen2", num_layers=6).cuda()
@@ -257,19 +222,16 @@ def test_optimize_generate_compacts_on_cuda():
         seen.append((b, s))
         return original(self, env, k, c, cont, b, s)
 
-    CompactRunner._compact = spy
-    try:
-        for threshold in (0.1, 0.3, 0.5, 0.7):
-            torch._dynamo.reset()
-            # compact_min_length 0: auto compacts this 20-token prompt too
-            fast = tide_compile.optimize(model, routers, exit_threshold=threshold,
-                                         compaction_threshold=1.0, compact_min_length=0)
-            got = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
-            ref = R.generate(model, routers, ids, 6, attention_mask=mask, pad_token_id=0,
-                             exit_threshold=threshold, cache="static")
-            assert torch.equal(got, ref.sequences)
-    finally:
-        CompactRunner._compact = original
+    monkeypatch.setattr(CompactRunner, "_compact", spy)
+    for threshold in (0.1, 0.3, 0.5, 0.7):
+        torch._dynamo.reset()
+        # compact_min_length 0: auto compacts this 20-token prompt too
+        fast = tide_compile.optimize(model, routers, exit_threshold=threshold,
+                                     compaction_threshold=1.0, compact_min_length=0)
+        got = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
+        ref = R.generate(model, routers, ids, 6, attention_mask=mask, pad_token_id=0,
+                         exit_threshold=threshold, cache="static")
+        assert torch.equal(got, ref.sequences)
     assert seen, "no threshold made the padded prefill compact"
 
 
