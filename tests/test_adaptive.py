@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from tide_compile import ExitStats, RouterSet
 from tide_compile import backend as B
 from tide_compile.runtime.adaptive import AdaptiveSkipRunner, saved_fraction
-from test_backend import ARCHS5, CFG, SETTINGS, compiled, model_for, new_cache, run_both
+from test_backend import ARCHS5, CFG, SETTINGS, compiled, equals_plain_model, model_for, run_both
 from test_reference import random_routers
 from conftest import record_instances
 
@@ -82,14 +82,7 @@ def test_never_exiting_steps_go_to_the_one_graph(adaptive_runners, arch):
     model = model_for(arch)
     routers = RouterSet.forced(model, exit_at=None, config=CFG)
     fn, stats = compiled(model, routers, adaptive=True, cuda_graphs=True)
-    ids = torch.randint(2, 97, (2, 3))
-    c1, c2 = new_cache(model, "static", 40), new_cache(model, "static", 40)
-    for _ in range(16):
-        out = fn(input_ids=ids, past_key_values=c1, use_cache=True)
-        with torch.no_grad():
-            ref = model(input_ids=ids, past_key_values=c2, use_cache=True)
-        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
-        ids = ref.logits[:, -1:].argmax(-1)
+    equals_plain_model(fn, model, torch.randint(2, 97, (2, 3)), steps=16, cache_len=40)
     (runner,) = adaptive_runners
     assert runner.last_path == "through" and runner.calls["through"] >= 5
     assert runner.through.strategy == "frozen" and runner.through.cuts == []

@@ -137,15 +137,20 @@ def test_never_exit_equals_plain_model(arch):
     model = model_for(arch)
     routers = RouterSet.forced(model, exit_at=None, config=CFG)
     fn, stats = compiled(model, routers)
-    ids = torch.randint(2, 97, (2, 5))
-    c1, c2 = new_cache(model, "static"), new_cache(model, "static")
-    for _ in range(3):
+    equals_plain_model(fn, model, torch.randint(2, 97, (2, 5)), steps=3)
+    assert stats.exit_rate == 0.0
+
+
+def equals_plain_model(fn, model, ids, steps, cache_len=24):
+    """Prefill ``ids`` then ``steps - 1`` greedy steps through ``fn`` and the plain model
+    on static caches; the logits agree at every step."""
+    c1, c2 = new_cache(model, "static", cache_len), new_cache(model, "static", cache_len)
+    for _ in range(steps):
         out = fn(input_ids=ids, past_key_values=c1, use_cache=True)
         with torch.no_grad():
             ref = model(input_ids=ids, past_key_values=c2, use_cache=True)
         torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
         ids = ref.logits[:, -1:].argmax(-1)
-    assert stats.exit_rate == 0.0
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
