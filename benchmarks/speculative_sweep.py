@@ -39,7 +39,7 @@ def stack_kv_costs() -> dict:
     plain = os.path.join(ROOT, "benchmarks", "results", "session3",
                          "bench_decode_run5_exits.json")
     rows = json.load(open(path))["rows"]
-    base = min(r["ms_per_token"] for f in (path, plain) for r in json.load(open(f))["rows"]
+    base = min(r["ms_per_token"] for r in rows + json.load(open(plain))["rows"]
                if r["name"] == "inductor")
     depth = {int(r["depth"]): r["ms_per_token"] for r in rows if r["name"].startswith("tide_exit@")}
     # A draft that does not exit: run 3's never-exit step relative to its own Inductor step.
@@ -83,7 +83,7 @@ def main() -> None:
            "calibrated_threshold": routers.config.exit_threshold,
            "checkpoints": routers.checkpoint_layers, "prompts": len(prompts),
            "new_tokens": args.new_tokens, "max_draft": args.max_draft,
-           "costs": {k: {kk: v for kk, v in c.items()} for k, c in cost_sets.items()}}
+           "costs": cost_sets}
     print(json.dumps(env), flush=True)
     rows = []
     for threshold in [float(t) for t in args.thresholds.split(",")]:

@@ -320,9 +320,10 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         strategy = ("skip" if (one_token_step and static)
                     else "compact" if not static and not one_token_step else "frozen")
 
+    on_cuda = _on_cuda(example_inputs)
     kernels = opts.kernels
     if kernels == "auto":
-        kernels = "triton" if opts.inductor and _on_cuda(example_inputs) else "inductor"
+        kernels = "triton" if opts.inductor and on_cuda else "inductor"
     insert_pass.run(gm, info, routers, checkpoints, threshold, kernels=kernels)
     if strategy == "compact" and one_token_step:
         strategy = "skip"  # a one-token step: compaction along the batch is not built
@@ -345,7 +346,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                                    _compiler(opts, pieces=True, dynamic=True), bool(opts.stack_kv),
                                    example_inputs, min_length)
     COMPILE_COUNTS[strategy] += 1
-    use_graphs = _use_cuda_graphs(opts, example_inputs)
+    use_graphs = _use_cuda_graphs(opts, on_cuda)
     if strategy == "frozen" and not (static and one_token_step and use_graphs):
         return FrozenRunner(gm, example_inputs, compiler, stats, lazy=static)
 
@@ -371,9 +372,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     split = segment_pass.split(gm, info, checkpoints, with_head=False)
     kv_fills = {c: kv_fill_pass.kv_fill_graph(original, info_orig, c + 1, num_layers - 1)
                 for c in checkpoints}
-    stack_kv = opts.stack_kv
-    if stack_kv is None:
-        stack_kv = opts.inductor and _on_cuda(example_inputs)
+    stack_kv = opts.inductor and on_cuda if opts.stack_kv is None else opts.stack_kv
     if stack_kv:
         _stack_kv(original, kv_fills, example_inputs)
     head = segment_pass.head_graph(original, info_orig)
@@ -391,12 +390,12 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     return graphed
 
 
-def _use_cuda_graphs(opts: BackendOptions, example_inputs: Sequence[Any]) -> bool:
+def _use_cuda_graphs(opts: BackendOptions, on_cuda: bool) -> bool:
     """Whether the skip runner (and the frozen strategy's one-token steps) capture their
     pieces into CUDA graphs: option ``cuda_graphs``, else on for CUDA with Inductor."""
     if opts.cuda_graphs is None:
-        return opts.inductor and _on_cuda(example_inputs)
-    if opts.cuda_graphs and not _on_cuda(example_inputs):
+        return opts.inductor and on_cuda
+    if opts.cuda_graphs and not on_cuda:
         raise ValueError("options['cuda_graphs']=True needs the model on a CUDA device")
     return opts.cuda_graphs
 

@@ -27,7 +27,7 @@ at 0.9), assuming the one graph costs what Inductor's step does. Not yet measure
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -71,24 +71,21 @@ class AdaptiveSkipRunner:
         self.last_path: str | None = None
         #: calls per path
         self.calls = {"skip": 0, "through": 0}
-        self._pending: tuple[torch.Tensor, Any] | None = None
-
-    @property
-    def stats(self) -> Any:
-        return self.skip.stats
+        # CUDA: the last step's exit layers, copied to pinned memory without a sync;
+        # observed at the next call once `_copied` has completed.
+        self._host: torch.Tensor | None = None
+        self._copied: Any = None
+        self._pending = False
 
     def _observe(self, exit_layer: torch.Tensor) -> None:
         saved = saved_fraction(exit_layer, self.num_layers)
         self.gain = self.decay * self.gain + (1.0 - self.decay) * saved
 
     def _observe_pending(self) -> None:
-        if self._pending is None:
-            return
-        copy, event = self._pending
-        if event is not None and not event.query():
-            return  # not arrived yet: this step's decision goes without it
-        self._pending = None
-        self._observe(copy)
+        if not self._pending or not self._copied.query():
+            return  # nothing new, or not arrived yet: this step's decision goes without it
+        self._pending = False
+        self._observe(self._host)
 
     def __call__(self, *args: Any) -> Any:
         self._observe_pending()
@@ -98,20 +95,18 @@ class AdaptiveSkipRunner:
         exit_layer = _inner(runner).last_exit_layer
         if exit_layer is not None:
             if exit_layer.is_cuda:
-                copy = exit_layer.detach().to("cpu", non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                self._pending = (copy, event)
+                if self._host is None or self._host.shape != exit_layer.shape:
+                    self._host = torch.empty(exit_layer.shape, dtype=exit_layer.dtype,
+                                             pin_memory=True)
+                    self._copied = torch.cuda.Event()
+                self._host.copy_(exit_layer, non_blocking=True)
+                self._copied.record()
+                self._pending = True
             else:
-                self._pending = None
                 self._observe(exit_layer)
         self.last_path = path
         self.calls[path] += 1
         return out
-
-    @property
-    def runners(self) -> Sequence[Any]:
-        return (self.skip, self.through)
 
 
 def _inner(runner: Any) -> Any:
