@@ -141,6 +141,34 @@ def test_never_exit_equals_plain_model(arch):
     assert stats.exit_rate == 0.0
 
 
+def inductor_forced_decode_equals_reference(**options):
+    """A 3-layer Llama under Inductor, every token exiting after layer 0 (checkpoints
+    every layer), through :func:`decode_equals_reference`. Returns both caches and the
+    stats."""
+    model = model_for("llama", num_layers=3)
+    cfg = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
+    routers = RouterSet.forced(model, exit_at=0, config=cfg)
+    torch._dynamo.reset()
+    stats = ExitStats(3)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "stats": stats, **options})
+    return (*decode_equals_reference(fn, model, routers, cfg), stats)
+
+
+def decode_equals_reference(fn, model, routers, cfg, steps=3):
+    """Prefill ``[[3, 4, 5]]`` then ``steps - 1`` greedy steps through ``fn`` and the
+    reference (default threshold) on static caches; the logits agree at every step.
+    Returns both caches."""
+    c_fast, c_ref = new_cache(model, "static"), new_cache(model, "static")
+    ids = torch.tensor([[3, 4, 5]])
+    for _ in range(steps):
+        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, ids, cfg, past_key_values=c_ref)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        ids = ref.logits[:, -1:].argmax(-1)
+    return c_fast, c_ref
+
+
 def equals_plain_model(fn, model, ids, steps, cache_len=24):
     """Prefill ``ids`` then ``steps - 1`` greedy steps through ``fn`` and the plain model
     on static caches; the logits agree at every step."""
@@ -254,20 +282,7 @@ def test_routers_from_path(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["frozen", "skip"])
 def test_inductor_equals_reference(strategy):
-    model = model_for("llama", num_layers=3)
-    cfg = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
-    routers = RouterSet.forced(model, exit_at=0, config=cfg)
-    torch._dynamo.reset()
-    stats = ExitStats(3)
-    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
-                       options={"routers": routers, "strategy": strategy, "stats": stats})
-    c1, c2 = new_cache(model, "static"), new_cache(model, "static")
-    ids = torch.tensor([[3, 4, 5]])
-    for _ in range(3):
-        out = fn(input_ids=ids, past_key_values=c1, use_cache=True)
-        ref = R.forward(model, routers, ids, cfg, past_key_values=c2)
-        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
-        ids = ref.logits[:, -1:].argmax(-1)
+    c1, c2, stats = inductor_forced_decode_equals_reference(strategy=strategy)
     torch.testing.assert_close(c1.layers[2].keys, c2.layers[2].keys, rtol=1e-4, atol=1e-4)
     assert stats.mean_layers_executed == (1.0 if strategy == "skip" else 3.0)
 

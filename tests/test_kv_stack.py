@@ -4,11 +4,12 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from tide_compile import ExitStats, RouterSet, TIDEConfig
-from tide_compile import reference as R
+from tide_compile import ExitStats, RouterSet
 from tide_compile.passes._fx import target_name
 from tide_compile.runtime.runner import SkipRunner
-from test_backend import ARCHS5, CFG, SETTINGS, model_for, new_cache, run_both
+from test_backend import ARCHS5, CFG, SETTINGS, decode_equals_reference, \
+    inductor_forced_decode_equals_reference, model_for, new_cache, run_both
+from conftest import record_instances
 from test_reference import random_routers
 
 
@@ -36,22 +37,9 @@ def test_stacked_kv_fill_equals_reference(arch, strategy, batch, prompt, thresho
 def test_forced_exit_with_stacked_kv_fill_writes_the_reference_cache(arch, monkeypatch):
     model = model_for(arch)
     routers = RouterSet.forced(model, exit_at=0, config=CFG)
-    runners = []
-    init = SkipRunner.__init__
-
-    def spy(self, *a, **k):
-        init(self, *a, **k)
-        runners.append(self)
-
-    monkeypatch.setattr(SkipRunner, "__init__", spy)
+    runners = record_instances(monkeypatch, SkipRunner)
     fn, stats = compiled(model, routers, strategy="skip")
-    c_fast, c_ref = new_cache(model, "static"), new_cache(model, "static")
-    ids = torch.tensor([[3, 4, 5]])
-    for _ in range(3):
-        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
-        ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref)
-        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
-        ids = ref.logits[:, -1:].argmax(-1)
+    c_fast, c_ref = decode_equals_reference(fn, model, routers, CFG)
     for a, b in zip(c_fast.layers, c_ref.layers):
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-4)
@@ -106,21 +94,7 @@ def test_stack_kv_default_is_off_on_cpu(monkeypatch, given, stacked):
 
 @pytest.mark.slow
 def test_inductor_stacked_kv_fill_equals_reference():
-    model = model_for("llama", num_layers=3)
-    cfg = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
-    routers = RouterSet.forced(model, exit_at=0, config=cfg)
-    torch._dynamo.reset()
-    stats = ExitStats(3)
-    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
-                       options={"routers": routers, "strategy": "skip", "stats": stats,
-                                "stack_kv": True})
-    c1, c2 = new_cache(model, "static"), new_cache(model, "static")
-    ids = torch.tensor([[3, 4, 5]])
-    for _ in range(3):
-        out = fn(input_ids=ids, past_key_values=c1, use_cache=True)
-        ref = R.forward(model, routers, ids, cfg, past_key_values=c2)
-        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
-        ids = ref.logits[:, -1:].argmax(-1)
+    c1, c2, stats = inductor_forced_decode_equals_reference(strategy="skip", stack_kv=True)
     for a, b in zip(c1.layers, c2.layers):
         torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
     assert stats.mean_layers_executed == 1.0
