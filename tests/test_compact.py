@@ -18,6 +18,7 @@ from tide_compile import ExitStats, RouterSet, TIDEConfig
 from tide_compile import backend as B
 from tide_compile import reference as R
 from tide_compile.runtime.compact import CompactRunner, bucket
+from tide_compile.runtime.runner import FrozenRunner, _Lazy
 from test_backend import ARCHS5, CFG, SETTINGS, model_for
 from test_reference import random_routers
 from conftest import record_instances
@@ -154,8 +155,9 @@ def test_compact_prefill_equals_reference_and_frozen(compactions, arch, batch, p
 def test_auto_short_steps_run_the_frozen_graph_equal_reference(compactions, compact_runners,
                                                               arch, batch, prompt, threshold,
                                                               seed):
-    """auto, a dynamic-length step shorter than compact_min_length: the whole frozen graph
-    (compiled from symbolic fakes) equals the reference, every layer counted."""
+    """auto, a dynamic-length step shorter than compact_min_length: the frozen strategy's
+    own runner (its graph compiled with the backend call, as strategy="frozen" compiles
+    it) equals the reference, every layer counted."""
     model = model_for(arch)
     routers = random_routers(model, seed)
     torch._dynamo.reset()
@@ -167,6 +169,7 @@ def test_auto_short_steps_run_the_frozen_graph_equal_reference(compactions, comp
     ref, _, _ = prefill_equals_reference(fn, model, routers, ids, threshold)
     (runner,) = compact_runners
     assert runner.last_frozen and len(compactions) == before
+    assert type(runner.frozen) is FrozenRunner and not isinstance(runner.frozen.fn, _Lazy)
     ref_stats = ExitStats(4)
     ref_stats.record(ref.exit_layers)
     assert stats.exits_per_layer == ref_stats.exits_per_layer

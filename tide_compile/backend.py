@@ -341,10 +341,17 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         else:
             COMPILE_COUNTS[strategy] += 1
             min_length = opts.compact_min_length if opts.strategy == "auto" else 0
+            # Steps shorter than min_length run the frozen strategy's own runner, compiled
+            # here inside Dynamo's context as strategy="frozen" compiles it. (Compiled at
+            # first use from symbolic fakes instead, like the compaction pieces, the whole
+            # graph ran 30.4 ms against the frozen strategy's 17.1 on the H200's 512-token
+            # 8B prefill; the cause is not known.)
+            frozen = (FrozenRunner(gm, example_inputs, compiler, stats)
+                      if min_length > 0 else None)
             return _compact_runner(gm, original, layers_pass.run(original, ctx), info, split,
                                    plan, checkpoints, routers, stats, comp_threshold,
                                    _compiler(opts, pieces=True, dynamic=True), bool(opts.stack_kv),
-                                   example_inputs, min_length)
+                                   example_inputs, frozen, min_length)
     COMPILE_COUNTS[strategy] += 1
     use_graphs = _use_cuda_graphs(opts, on_cuda)
     if strategy == "frozen" and not (static and one_token_step and use_graphs):
@@ -433,9 +440,10 @@ def _compact_runner(gm: fx.GraphModule, original: fx.GraphModule, info_orig: Any
                     info: Any, split: Any, plan: Any,
                     checkpoints: Sequence[int], routers: RouterSet, stats: ExitStats,
                     threshold: float, compiler: Any, stack_kv: bool,
-                    example_inputs: Sequence[Any], min_length: int = 0) -> CompactRunner:
+                    example_inputs: Sequence[Any], frozen: FrozenRunner | None = None,
+                    min_length: int = 0) -> CompactRunner:
     """The compaction runner, every piece compiled at first use for the symbolic length;
-    with ``min_length``, also the whole inserted graph for shorter steps."""
+    with ``min_length``, steps shorter than it run ``frozen``."""
     num_layers = info.num_layers
     kv_fills = {c: kv_fill_pass.kv_fill_graph(original, info_orig, c + 1, num_layers - 1)
                 for c in checkpoints}
@@ -446,7 +454,7 @@ def _compact_runner(gm: fx.GraphModule, original: fx.GraphModule, info_orig: Any
                            _projections(routers, checkpoints),
                            gm.meta.get(insert_pass.EXIT_LAYER_OUTPUT), compiler, stats,
                            gm.meta.get(insert_pass.EXTRA_INPUTS, []), plan, threshold,
-                           frozen=gm if min_length > 0 else None, min_length=min_length)
+                           frozen=frozen, min_length=min_length)
     # Each piece compiles at its first use (an 8B-shaped model's twelve pieces take minutes
     # to compile; a prefill that never compacts or never exits uses five), from the
     # placeholders' symbolic fake values: one graph per piece serves every length (the

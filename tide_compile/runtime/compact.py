@@ -18,9 +18,10 @@ the step holds). Then:
   scattered back to all ``s`` positions and the head runs on all of them.
 - otherwise the next segment runs on all tokens (the frozen strategy).
 
-With a ``frozen`` graph and ``min_length``, a step of fewer than ``min_length`` positions
-runs that one graph instead (strategy ``auto``: on short steps the split into segments and
-the host reads cost more than compaction can save).
+With a ``frozen`` runner and ``min_length``, a step of fewer than ``min_length`` positions
+runs that runner instead (strategy ``auto``: on short steps the split into segments and
+the host reads cost more than compaction can save). It is the frozen strategy's runner
+itself, compiled the same way, so a short step costs what ``strategy="frozen"`` costs.
 
 At most one compaction per call; exits at later checkpoints inside the compacted set are
 handled by the frozen semantics of the compacted segments. Compacted sizes are bucketed
@@ -40,7 +41,7 @@ import torch
 
 from ..passes.compact import CompactPlan
 from ..stats import ExitStats
-from .runner import Compiler, SkipRunner, _Lazy, _strip
+from .runner import Compiler, FrozenRunner, SkipRunner, _Lazy, _strip, _token_count
 
 __all__ = ["CompactRunner", "bucket"]
 
@@ -72,8 +73,8 @@ class CompactRunner(SkipRunner):
 
     Args (beyond :class:`SkipRunner`'s): ``plan`` from :func:`..passes.compact.plan`
     (the split must have been made with ``cut_before_head=True``), ``threshold`` the
-    ``compaction_threshold``; ``frozen`` the whole inserted graph, run for steps of fewer
-    than ``min_length`` positions.
+    ``compaction_threshold``; ``frozen`` the frozen strategy's runner
+    (:class:`..runner.FrozenRunner`), run for steps of fewer than ``min_length`` positions.
     """
 
     strategy = "compact"
@@ -83,14 +84,15 @@ class CompactRunner(SkipRunner):
                  projections: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
                  user_outputs: int | None, compiler: Compiler, stats: ExitStats,
                  extra_inputs: Sequence[torch.Tensor], plan: CompactPlan,
-                 threshold: float, frozen: Any = None, min_length: int = 0) -> None:
+                 threshold: float, frozen: FrozenRunner | None = None,
+                 min_length: int = 0) -> None:
         super().__init__(split, kv_fills, head, state_names, projections, user_outputs,
                          compiler, stats, extra_inputs)
         self.cuts = list(split.checkpoint_layers[:-1])  # the last cut is before the head
         self.plan = plan
         self.threshold = float(threshold)
         self.compacted = {k: _Lazy(gm, compiler, f"compact{k}") for k, gm in plan.segments.items()}
-        self.frozen = _Lazy(frozen, compiler, "frozen") if frozen is not None else None
+        self.frozen = frozen
         self.min_length = int(min_length)
         # Names of the exit state after each checkpoint, by kind (for the scatter back).
         self._exited_names = {names[0] for names in state_names.values()}
@@ -103,10 +105,8 @@ class CompactRunner(SkipRunner):
         self.last_frozen = False
 
     def pieces(self) -> list[_Lazy]:
-        """Every compiled piece (segments, compacted segments, KV-fills, head, frozen)."""
-        frozen = [self.frozen] if self.frozen is not None else []
-        return [*self.segments, *self.compacted.values(), *self.kv_fills.values(), self.head,
-                *frozen]
+        """Every lazily compiled piece (segments, compacted segments, KV-fills, head)."""
+        return [*self.segments, *self.compacted.values(), *self.kv_fills.values(), self.head]
 
     def _seq_len(self, env: dict[str, Any]) -> int:
         return int(env[self.plan.seq_symbols[0]])
@@ -119,10 +119,8 @@ class CompactRunner(SkipRunner):
         self.last_frozen = self.frozen is not None and s < self.min_length
         if self.last_frozen:
             assert self.frozen is not None
-            outs, exit_layer = _strip(self.frozen(*args, *self.extra), self.user_outputs)
-            self.stats.record(exit_layer, layers_executed=_tokens(exit_layer) * self.num_layers)
             self.last_segments_run = 0
-            return outs
+            return self.frozen(*args)  # records its own stats
         compact: _Compaction | None = None
         for k in range(len(segs) - 1):
             seg = segs[k]
@@ -154,7 +152,7 @@ class CompactRunner(SkipRunner):
         env.update(zip(post.output_names, self.segments[-1](*[env[n] for n in post.input_names])))
         outs, exit_layer = _strip(self.split.outputs(env), self.user_outputs)
         if compact is None:
-            depth_tokens = _tokens(exit_layer) * self.num_layers
+            depth_tokens = _token_count(exit_layer) * self.num_layers
         else:
             c = compact.cut
             rows = exit_layer.shape[0] if exit_layer.dim() > 1 else 1
@@ -225,8 +223,3 @@ class CompactRunner(SkipRunner):
                 base = v.new_zeros(shape)
             out[name] = base.to(v.dtype).index_copy(d, sel.to(v.device), v)
         return out
-
-
-def _tokens(exit_layer: torch.Tensor) -> int:
-    return int(exit_layer.numel())
-
