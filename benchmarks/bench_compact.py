@@ -33,9 +33,7 @@ would report one kind); the step's tokens are fixed random tokens, so the exit f
 step's tokens is known from an eager pass; an argmax of the logits is still taken):
 ``inductor`` (``mode="reduce-overhead"``) vs ``tide frozen`` (one whole-step graph, also
 ``reduce-overhead``: the reference for "auto within 2% of frozen") vs ``tide auto`` (the
-skip strategy with CUDA graphs: a step skips the later layers only if every row exited);
-with ``--decode-strategies ...,adaptive`` also ``tide adaptive`` (auto with the backend
-option ``adaptive``: per step the skip runner or the whole step as one captured graph).
+skip strategy with CUDA graphs: a step skips the later layers only if every row exited).
 
 Usage: python benchmarks/bench_compact.py [--tiny] [--out results.json]
        [--phases prefill,decode] [--time-budget 420]
@@ -287,8 +285,7 @@ def main() -> None:
                     help="decode batch sizes (default 1,4,8,16; --tiny 1,2)")
     ap.add_argument("--decode-fractions", type=csv(float), default=[0.5, 0.9])
     ap.add_argument("--decode-strategies", type=csv(str), default=["auto", "frozen"],
-                    help="tide strategies of the decode rows (frozen: the 2%% check of auto; "
-                         "adaptive: auto with the option adaptive)")
+                    help="tide strategies of the decode rows (frozen: the 2%% check of auto)")
     ap.add_argument("--decode-prompt", type=int, default=None, help="default 128 (--tiny 32)")
     ap.add_argument("--decode-steps", type=int, default=None, help="timed steps, default 32 "
                     "(--tiny 8)")
@@ -512,10 +509,7 @@ def main() -> None:
                             # (as the baseline); auto: the skip runner's own graphs.
                             extra = ({"mode": "reduce-overhead"}
                                      if strategy == "frozen" and not tiny else {})
-                            if strategy == "adaptive":  # auto with option adaptive
-                                extra = {"adaptive": True}
-                            fn = compile_tide("auto" if strategy == "adaptive" else strategy,
-                                              stats, **extra)
+                            fn = compile_tide(strategy, stats, **extra)
                             counts0 = dict(tide_backend.COMPILE_COUNTS)
                         res = decode_run(fn, model, prompt, tokens, cache, device,
                                          strategy == "frozen" and not tiny, dwarm, stats,
@@ -565,7 +559,7 @@ def main() -> None:
                        "elapsed_s": round(time.time() - start, 1)}, fh, indent=1)
 
 
-ROW_ORDER = ("tide frozen", "tide compact", "tide auto", "tide adaptive")
+ROW_ORDER = ("tide frozen", "tide compact", "tide auto")
 
 
 def row_key(r: dict, base_name: str) -> tuple:
@@ -591,13 +585,11 @@ def summarize(rows: list[dict], base_name: str) -> dict:
             (beats_frozen if ms < frozen else loses_frozen).append(f"L={L} f={f}")
         if base is not None:
             (beats_base if ms < base else loses_base).append(f"L={L} f={f}")
-    adaptive_ratio = []
     for (phase, L, f, name), ms in ok.items():
-        if name in ("tide auto", "tide adaptive"):  # prefill (length L), decode (batch L)
+        if name == "tide auto":  # prefill (length L), decode (batch L)
             frozen = ok.get((phase, L, f, "tide frozen"))
             if frozen is not None:
-                (auto_ratio if name == "tide auto" else adaptive_ratio).append(
-                    (ms / frozen - 1.0, f"{phase} {L}", f))
+                auto_ratio.append((ms / frozen - 1.0, f"{phase} {L}", f))
     lines = [
         f"compact beats frozen at: {', '.join(beats_frozen) or 'none'}; "
         f"loses at: {', '.join(loses_frozen) or 'none'}",
@@ -613,24 +605,16 @@ def summarize(rows: list[dict], base_name: str) -> dict:
     else:
         within = None
         lines.append("auto within 2% of frozen everywhere: n/a (no auto/frozen pairs)")
-    if adaptive_ratio:
-        worst = max(adaptive_ratio)
-        lines.append(f"adaptive within 2% of frozen everywhere: "
-                     f"{'yes' if worst[0] <= 0.02 else 'NO'} (worst {100 * worst[0]:+.1f}% at "
-                     f"{worst[1]} f={worst[2]}; {len(adaptive_ratio)} pairs)")
-    for row_name in ("tide auto", "tide adaptive"):
-        dec = []
-        for (phase, B, f, name), ms in order:
-            if phase == "decode" and name == row_name and ok.get((phase, B, None, base_name)):
-                dec.append(f"B={B} f={f}: x{ok[(phase, B, None, base_name)] / ms:.2f}")
-        if dec:
-            lines.append(f"decode {row_name} vs {base_name}: " + ", ".join(dec))
+    dec = []
+    for (phase, B, f, name), ms in order:
+        if phase == "decode" and name == "tide auto" and ok.get((phase, B, None, base_name)):
+            dec.append(f"B={B} f={f}: x{ok[(phase, B, None, base_name)] / ms:.2f}")
+    if dec:
+        lines.append(f"decode tide auto vs {base_name}: " + ", ".join(dec))
     return {"compact_beats_frozen": beats_frozen, "compact_loses_frozen": loses_frozen,
             "compact_beats_baseline": beats_base, "compact_loses_baseline": loses_base,
             "auto_vs_frozen": [{"at": at, "f": f, "rel": round(d, 4)} for d, at, f in auto_ratio],
             "auto_within_2pct": within,
-            "adaptive_vs_frozen": [{"at": at, "f": f, "rel": round(d, 4)}
-                                   for d, at, f in adaptive_ratio],
             "lines": lines}
 
 

@@ -114,37 +114,6 @@ def test_frozen_decode_is_one_captured_graph(monkeypatch):
     assert stats.mean_layers_executed == 6.0
 
 
-@pytest.mark.parametrize("exit_at", [None, 1])
-def test_adaptive_on_cuda(monkeypatch, exit_at):
-    """Option adaptive: never-exiting batch-2 steps move to the one captured graph,
-    exiting ones stay on the skip runner; outputs equal the reference throughout."""
-    from tide_compile import backend as B
-    from tide_compile.runtime.adaptive import AdaptiveSkipRunner
-
-    torch._dynamo.reset()
-    model = make_model("llama", num_layers=6).cuda()
-    routers = RouterSet.forced(model, exit_at=exit_at, config=CFG)
-    made = record_instances(monkeypatch, AdaptiveSkipRunner)
-    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
-                       options={"routers": routers, "adaptive": True})
-    c_fast = StaticCache(config=model.config, max_cache_len=48)
-    c_ref = StaticCache(config=model.config, max_cache_len=48)
-    ids = torch.randint(2, 97, (2, 4), device="cuda")
-    fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
-    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref)
-    for _ in range(24):
-        nid = ref.logits[:, -1:].argmax(-1)
-        out = fn(input_ids=nid, past_key_values=c_fast, use_cache=True)
-        ref = R.forward(model, routers, nid, CFG, past_key_values=c_ref)
-        torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
-    (runner,) = made
-    if exit_at is None:
-        assert runner.last_path == "through" and runner.through.captured
-    else:
-        assert runner.calls["through"] == 0 and runner.skip.captured
-    assert B.parse_options({}).adaptive is False
-
-
 def test_optimize_generate_cuda_matches_reference():
     torch._dynamo.reset()
     model = make_model("llama", num_layers=6).cuda()

@@ -46,7 +46,6 @@ from .passes import segment as segment_pass
 from .passes._fx import example_value, mutated_args, storage_key
 from .routers import RouterSet
 from .runtime.compact import CompactRunner
-from .runtime.adaptive import AdaptiveSkipRunner
 from .runtime.cudagraphs import GraphedSkipRunner
 from .runtime.runner import FrozenRunner, SkipRunner
 from .stats import ExitStats
@@ -96,10 +95,6 @@ class BackendOptions:
             a CUDA model compiled with Inductor (decode steps; measured on the H200, 8B
             shape: an exit tail after layer 8 took 0.42 ms instead of 0.70, the step
             2.10 ms instead of 2.52; it costs 0.8 GB there), off otherwise.
-        adaptive: strategy ``auto``, one-token steps on CUDA graphs: choose per step
-            between the skip runner and the whole step as one captured graph, from the
-            exits of recent steps (:mod:`.runtime.adaptive`). Off by default until
-            measured on the GPU (tested on CPU with the capture faked).
         kernels: ``"inductor"``: the route and exit-select ops are torch composites that
             Inductor fuses with their neighbours; ``"triton"``: the hand Triton kernels
             (``tide::route_fused``, ``tide::exit_select_fused``; their references off
@@ -121,7 +116,6 @@ class BackendOptions:
     cuda_graphs: bool | None = None
     kernels: Literal["auto", "inductor", "triton"] = "auto"
     stack_kv: bool | None = None
-    adaptive: bool = False
 
 
 OPTION_KEYS = tuple(f.name for f in dataclasses.fields(BackendOptions))
@@ -158,8 +152,6 @@ def parse_options(options: Mapping[str, Any] | None) -> BackendOptions:
                          f"{opts.compact_min_length!r}")
     if opts.kernels not in ("auto", "inductor", "triton"):
         raise ValueError(f"kernels must be 'auto', 'inductor' or 'triton', got {opts.kernels!r}")
-    if not isinstance(opts.adaptive, bool):
-        raise TypeError(f"options['adaptive'] must be True or False, got {opts.adaptive!r}")
     if opts.stack_kv is not None and not isinstance(opts.stack_kv, bool):
         raise TypeError(f"options['stack_kv'] must be True, False or None, got {opts.stack_kv!r}")
     if not isinstance(opts.inductor_config, dict):
@@ -390,11 +382,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                         gm.meta.get(insert_pass.EXTRA_INPUTS, []))
     if not use_graphs:
         return runner
-    graphed = GraphedSkipRunner(runner, _mutated_inputs(original))
-    if opts.strategy == "auto" and opts.adaptive:
-        # auto: per step, the skip runner or the whole step as one graph (runtime/adaptive.py)
-        return AdaptiveSkipRunner(graphed, through(), num_layers)
-    return graphed
+    return GraphedSkipRunner(runner, _mutated_inputs(original))
 
 
 def _use_cuda_graphs(opts: BackendOptions, on_cuda: bool) -> bool:

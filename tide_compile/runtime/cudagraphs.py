@@ -182,14 +182,12 @@ class GraphedSkipRunner:
                 self.exit_graphs[c].replay()
                 outs = exit_outputs(r.split.output_layout, exit_layer, self.exit_env[c], env)
                 result, exit_layer = _strip(outs, r.user_outputs)
-                r.last_exit_layer = exit_layer
                 ntok = exit_layer.numel()
                 self.stats.record_uniform(c, ntok, (c + 1) * ntok)
                 r.last_segments_run = k + 1
                 return _clone(result, self.input_ptrs)
         r.last_segments_run = len(self.graphs)
         result, exit_layer = _strip(r.split.outputs(env), r.user_outputs)
-        r.last_exit_layer = exit_layer
         ntok = exit_layer.numel()
         if ntok == 1 and r.cuts:
             # One token that did not exit at any checkpoint (else a flag was set).

@@ -148,9 +148,6 @@ class SkipRunner:
         self.num_layers = stats.num_layers
         #: segments run per call, for tests and benchmarks: index of the last one run.
         self.last_segments_run = 0
-        #: the last call's exit layer per token (a checkpoint index, -1: none); on CUDA
-        #: graphs, valid until the next replay
-        self.last_exit_layer: torch.Tensor | None = None
 
     def __call__(self, *args: Any) -> Any:
         env = self.split.env(*args, *self.extra)
@@ -166,7 +163,6 @@ class SkipRunner:
                 return self._exit_all(env, c, frozen_name, exit_layer_name)
         self.last_segments_run = len(segs)
         outs, exit_layer = _strip(self.split.outputs(env), self.user_outputs)
-        self.last_exit_layer = exit_layer
         self._record(exit_layer, self.num_layers)
         return outs
 
@@ -187,6 +183,5 @@ class SkipRunner:
         override.update(zip(self.head_meta.output_positions, head_outs))
         outs = exit_outputs(self.split.output_layout, exit_layer, override, env)
         result, exit_layer = _strip(outs, self.user_outputs)
-        self.last_exit_layer = exit_layer
         self._record(exit_layer, c + 1)
         return result
