@@ -186,7 +186,8 @@ def main() -> None:
                          "matmul); default: the backend's (on for CUDA)")
     ap.add_argument("--profile", default="",
                     help="comma list of row names (e.g. tide_exit@8) to profile after timing: "
-                         "prints the GPU kernels of 8 decode steps by total time")
+                         "prints the GPU kernels of 8 decode steps by total time and the host "
+                         "ops by self CPU time; with --out, also a Chrome trace beside it")
     ap.add_argument("--depths", default="",
                     help="comma list of exit depths for the exits rows (default: every checkpoint)")
     ap.add_argument("--breakdown", action="store_true",
@@ -297,6 +298,12 @@ def main() -> None:
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         print(f"# profile of {name}: {steps} decode steps (+ an eager prefill)", flush=True)
         print(prof.key_averages().table(sort_by=key, row_limit=30), flush=True)
+        print(f"# host side of {name}: ops by self CPU time", flush=True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
+        if args.out:
+            trace = f"{os.path.splitext(args.out)[0]}_{name.replace('@', '_')}.trace.json"
+            prof.export_chrome_trace(trace)
+            print(f"# trace: {trace}", flush=True)
 
     if "never" in wanted:
         tide_row("tide_never_exit", None)
