@@ -341,8 +341,8 @@ def test_compaction_threshold_is_validated():
 @pytest.mark.slow
 def test_inductor_compact_prefill_equals_reference(compactions, compact_runners):
     """Under Inductor, one compile serves two lengths; strategy auto with
-    compact_min_length 14 compacts the 16-token step and runs the 11-token one as the
-    frozen graph (compiled from symbolic fakes at first use)."""
+    compact_min_length 14 compacts the 16-token step and runs the 11-token one through
+    the frozen strategy's runner (compiled in the backend call)."""
     model = model_for("llama", num_layers=3)
     cfg = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
     routers = random_routers(model, 11, config=cfg)
