@@ -296,10 +296,11 @@ def main() -> None:
         with profile(activities=acts) as prof:
             decode_loop(fn, model, prompt, steps, cache_len, device, False)
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        averages = prof.key_averages()
         print(f"# profile of {name}: {steps} decode steps (+ an eager prefill)", flush=True)
-        print(prof.key_averages().table(sort_by=key, row_limit=30), flush=True)
+        print(averages.table(sort_by=key, row_limit=30), flush=True)
         print(f"# host side of {name}: ops by self CPU time", flush=True)
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
         if args.out:
             trace = f"{os.path.splitext(args.out)[0]}_{name.replace('@', '_')}.trace.json"
             prof.export_chrome_trace(trace)

@@ -350,8 +350,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
         return FrozenRunner(gm, example_inputs, compiler, stats, lazy=static)
 
     info_orig = layers_pass.run(original, ctx)
-
-    def through() -> GraphedSkipRunner:
+    if strategy == "frozen":
         # A static one-token step on CUDA: the whole inserted graph as one piece that the
         # runner captures into a CUDA graph itself. Inductor's own CUDA graphs do not
         # apply here: compiled outside Dynamo, the cache writes count as mutations of
@@ -365,9 +364,6 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
                            gm.meta.get(insert_pass.EXTRA_INPUTS, []))
         whole.strategy = "frozen"
         return GraphedSkipRunner(whole, _mutated_inputs(original))
-
-    if strategy == "frozen":
-        return through()
     split = segment_pass.split(gm, info, checkpoints, with_head=False)
     kv_fills = {c: kv_fill_pass.kv_fill_graph(original, info_orig, c + 1, num_layers - 1)
                 for c in checkpoints}
