@@ -230,3 +230,92 @@ def test_errors():
         R.forward(model_for("qwen2"), rs, torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="cache"):
         R.generate(model, rs, torch.ones(1, 2, dtype=torch.long), 2, cache="paged")
+
+
+# ----------------------------------------------------------------- deferred K/V
+def independent_exits(model, routers, ids, threshold):
+    """Each token's own exit head over the full model's states (all K/V exact), computed
+    directly from ``output_hidden_states``: the definition deferred K/V must meet."""
+    p = probe(model)
+    out = model(ids, output_hidden_states=True)
+    logits = out.logits.clone()
+    done = torch.zeros(ids.shape, dtype=torch.bool)
+    exit_layer = torch.full(ids.shape, -1)
+    for c in routers.checkpoint_layers:
+        h = out.hidden_states[c + 1]  # the residual stream after layer c
+        new = ~done & (routers.score(c, h) > threshold)
+        if bool(new.any()):
+            head = p.final_norm(routers.exit_state(c, h))
+            if p.project_out is not None:
+                head = p.project_out(head)
+            logits = torch.where(new[..., None], p.lm_head(head), logits)
+            exit_layer[new] = c
+        done |= new
+    return logits, exit_layer
+
+
+@SETTINGS
+@given(arch=st.sampled_from(ARCHS), batch=st.integers(1, 3), seq=st.integers(2, 9),
+       threshold=st.floats(0.2, 0.8), seed=st.integers(0, 1000))
+def test_deferred_teacher_forced_equals_independent_exits(arch, batch, seq, threshold, seed):
+    model = model_for(arch)
+    torch.manual_seed(seed)
+    ids = torch.randint(2, 97, (batch, seq))
+    rs = random_routers(model, seed)
+    out = R.forward(model, rs, ids, CFG, exit_threshold=threshold, kv="deferred")
+    want_logits, want_exits = independent_exits(model, rs, ids, threshold)
+    assert torch.equal(out.exit_layers, want_exits)
+    torch.testing.assert_close(out.logits, want_logits, rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(arch=st.sampled_from(ARCHS), seq=st.integers(3, 8), threshold=st.floats(0.2, 0.8),
+       seed=st.integers(0, 1000))
+def test_deferred_step_by_step_equals_teacher_forced_and_cache_is_exact(arch, seq, threshold, seed):
+    """Token by token through a cache, deferred gives the teacher-forced logits (rows exit
+    independently), and the cache ends equal to a plain forward's over the same tokens."""
+    model = model_for(arch)
+    torch.manual_seed(seed)
+    ids = torch.randint(2, 97, (2, seq))
+    rs = random_routers(model, seed)
+    whole = R.forward(model, rs, ids, CFG, exit_threshold=threshold, kv="deferred")
+    past = DynamicCache(config=model.config)
+    logits = []
+    for t in range(seq):
+        step = R.forward(model, rs, ids[:, t:t + 1], CFG, past_key_values=past,
+                         exit_threshold=threshold, kv="deferred")
+        past = step.past_key_values
+        logits.append(step.logits)
+    torch.testing.assert_close(torch.cat(logits, 1), whole.logits, rtol=1e-4, atol=1e-4)
+    plain = model(ids, use_cache=True).past_key_values
+    for layer in range(len(plain.layers)):
+        torch.testing.assert_close(past.layers[layer].keys, plain.layers[layer].keys, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(past.layers[layer].values, plain.layers[layer].values, rtol=1e-4, atol=1e-4)
+
+
+def test_propagate_and_deferred_differ_once_tokens_exit():
+    """The mode matters: a token that goes deep after one that exited attends to propagated
+    K/V in one mode and to exact ones in the other; without exits both are the plain model."""
+    model = model_for("llama")
+    torch.manual_seed(0)
+    ids = torch.randint(2, 97, (1, 12))
+    rs = random_routers(model, 3)
+    prop = R.forward(model, rs, ids, CFG, exit_threshold=0.5, kv="propagate")
+    defer = R.forward(model, rs, ids, CFG, exit_threshold=0.5, kv="deferred")
+    exits = defer.exit_layers[0]
+    first = int((exits >= 0).nonzero()[0])  # the same first exit in both modes: nothing before it exited
+    assert int(prop.exit_layers[0, first]) == int(exits[first])
+    deep_after = (exits == -1) & (prop.exit_layers[0] == -1) & (torch.arange(12) > first)
+    assert bool(deep_after.any()), "the example needs a deep token after an exit"
+    assert not torch.allclose(prop.logits[0, deep_after], defer.logits[0, deep_after], atol=1e-4)
+    torch.testing.assert_close(prop.logits[0, : first + 1], defer.logits[0, : first + 1])
+    never = RouterSet.forced(model, exit_at=None, config=CFG)
+    torch.testing.assert_close(R.forward(model, never, ids, CFG, kv="deferred").logits,
+                               model(ids).logits, rtol=0, atol=0)
+
+
+def test_kv_mode_is_checked():
+    model = model_for("llama")
+    rs = RouterSet.forced(model, exit_at=None, config=CFG)
+    with pytest.raises(ValueError, match="kv must be one of"):
+        R.forward(model, rs, torch.ones(1, 2, dtype=torch.long), CFG, kv="exact")

@@ -9,11 +9,22 @@ Semantics (DESIGN.md, "The one semantics"):
   after ``min_layers``) where its router score is strictly greater than
   ``exit_threshold``. Padding tokens never exit.
 * Its logits are ``lm_head(final_norm(E_c(h_c)))``.
-* For every layer ``l > c`` the token's K/V entries are computed by layer ``l``'s own
-  K/V path (input norm, k/v projections, k-norm, rotary) from the frozen state ``h_c``
-  and written to the cache (CALM's state propagation), so later tokens attend normally.
+* Its K/V at the layers ``l > c`` it skipped, which later tokens attend to, come from
+  one of two semantics (``kv``):
 
-How: the model's own forward runs unchanged, with three kinds of hooks. A forward hook
+  - ``"propagate"`` (CALM's state propagation): layer ``l``'s own K/V path (input norm,
+    k/v projections, k-norm, rotary) applied to the frozen state ``h_c``. Every cache
+    stays complete, but later tokens attend to K/V the full model would never produce.
+  - ``"deferred"`` (exact): the token's remaining layers run later, before any later
+    token reads them, so every K/V in the cache is the full model's own and only the
+    exited token's own logits are approximate. Teacher-forced, this is each token's own
+    exit head with all K/V exact ("independent exits", what calibration measures). The
+    reference runs every layer for every token at once, which writes the same cache;
+    when the compiled runner runs the deferred layers is an execution detail that does
+    not change any output.
+
+How: the model's own forward runs unchanged, with three kinds of hooks (``deferred``
+registers no pre-hooks on the later layers). A forward hook
 on each checkpoint layer scores the tokens that have not exited yet and freezes the
 exiting ones' states. A pre-hook on every later layer feeds exited tokens their frozen
 state as that layer's input, so the layer computes (and caches) their K/V from ``h_c``;
@@ -36,7 +47,17 @@ from .model_probe import ModelProbe, probe
 from .routers import RouterSet
 from .stats import ExitStats
 
-__all__ = ["forward", "generate", "ForwardOutput", "GenerateOutput", "ExitState"]
+__all__ = ["forward", "generate", "ForwardOutput", "GenerateOutput", "ExitState", "KV_MODES", "check_kv"]
+
+#: The K/V semantics for skipped layers (module docstring).
+KV_MODES = ("propagate", "deferred")
+
+
+def check_kv(kv: str) -> str:
+    """``kv`` if it is one of :data:`KV_MODES`, else a ValueError naming them."""
+    if kv not in KV_MODES:
+        raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
+    return kv
 
 
 class ForwardOutput(NamedTuple):
@@ -108,6 +129,7 @@ def forward(
     *,
     position_ids: torch.Tensor | None = None,
     exit_threshold: float | None = None,
+    kv: str = "propagate",
     _probe: ModelProbe | None = None,
 ) -> ForwardOutput:
     """One forward pass with per-token early exit.
@@ -121,10 +143,13 @@ def forward(
         attention_mask: ``[batch, past + seq]``, 0 at padding, as HF models take it.
         position_ids: passed to the model where it accepts them (left padding).
         exit_threshold: overrides ``config.exit_threshold``.
+        kv: ``"propagate"`` or ``"deferred"``: the K/V of exited tokens at the layers
+            they skip (module docstring).
 
     Returns:
         logits, stats (counted over non-padding tokens), exit layers, the cache.
     """
+    check_kv(kv)
     p = _probe or probe(model)
     routers.check_model(p)
     threshold, active = _resolve(routers, config, exit_threshold)
@@ -172,7 +197,7 @@ def forward(
         for c in active:
             handles.append(p.layers[c].register_forward_hook(make_checkpoint_hook(c),
                                                              with_kwargs=True))
-        for layer_idx in range(first + 1, p.num_layers):
+        for layer_idx in range(first + 1, p.num_layers) if kv == "propagate" else ():
             handles.append(p.layers[layer_idx].register_forward_pre_hook(freeze_pre_hook,
                                                                          with_kwargs=True))
         handles.append(p.final_norm.register_forward_pre_hook(final_norm_pre_hook))
@@ -281,6 +306,7 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     cache: str = "dynamic",
+    kv: str = "propagate",
 ) -> GenerateOutput:
     """Decode with early exit, one token per step, as ``model.generate`` would.
 
@@ -291,6 +317,8 @@ def generate(
     Args:
         cache: ``"dynamic"`` (``DynamicCache``) or ``"static"`` (``StaticCache`` sized
             to prompt + ``max_new_tokens``).
+        kv: ``"propagate"`` or ``"deferred"`` (module docstring). With ``"deferred"``
+            every prompt token's K/V is exact too; its last position may exit.
     """
     from transformers import DynamicCache, StaticCache
 
@@ -317,7 +345,7 @@ def generate(
     for _ in range(max_new_tokens):
         out = forward(model, routers, step_ids, config, past_key_values=past,
                       attention_mask=attention_mask, position_ids=positions,
-                      exit_threshold=exit_threshold, _probe=p)
+                      exit_threshold=exit_threshold, kv=check_kv(kv), _probe=p)
         stats.merge(_live_rows(out, step_ids, unfinished, attention_mask, p.num_layers))
         past = out.past_key_values
         next_ids = sample_next(out.logits[:, -1, :], do_sample=do_sample, temperature=temperature,
