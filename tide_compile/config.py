@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .validation import TIDEError
+
 __all__ = ["TIDEConfig", "checkpoint_layers", "EXIT_STRATEGIES"]
 
 #: Values of :attr:`TIDEConfig.exit_strategy`.
@@ -25,10 +27,10 @@ def checkpoint_layers(num_layers: int, checkpoint_interval: int, min_layers: int
     checkpoint, since leaving after the last layer is not an exit.
 
     Raises:
-        ValueError: if no layer qualifies, naming the setting to lower.
+        TIDEError: if no layer qualifies, naming the setting to lower (a ``ValueError``).
     """
     if num_layers < 2:
-        raise ValueError(
+        raise TIDEError(
             f"a model with {num_layers} decoder layer(s) has no layer to exit at: "
             "early exit needs at least 2 layers"
         )
@@ -47,7 +49,7 @@ def checkpoint_layers(num_layers: int, checkpoint_interval: int, min_layers: int
             )
         if not hints:
             hints.append("lower checkpoint_interval or min_layers")
-        raise ValueError(
+        raise TIDEError(
             f"no checkpoint layer for a {num_layers}-layer model with "
             f"checkpoint_interval={checkpoint_interval}, min_layers={min_layers} "
             f"(the final layer {num_layers - 1} is never a checkpoint): " + " or ".join(hints)
@@ -62,9 +64,9 @@ def _check_range(name: str, value: Any, lo: float, hi: float, *, integer: bool) 
     else:
         ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok_type or (not integer and not math.isfinite(value)):
-        raise ValueError(f"TIDEConfig.{name} must be {kind} in [{lo}, {hi}], got {value!r}")
+        raise TIDEError(f"TIDEConfig.{name} must be {kind} in [{lo}, {hi}], got {value!r}")
     if not lo <= value <= hi:
-        raise ValueError(f"TIDEConfig.{name} must be in [{lo}, {hi}], got {value!r}")
+        raise TIDEError(f"TIDEConfig.{name} must be in [{lo}, {hi}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ class TIDEConfig:
         if self.calibration_dataset is not None and (
             not isinstance(self.calibration_dataset, str) or not self.calibration_dataset.strip()
         ):
-            raise ValueError(
+            raise TIDEError(
                 "TIDEConfig.calibration_dataset must be None or a non-empty string (a local "
                 f"text file or folder, or a HuggingFace dataset name), got {self.calibration_dataset!r}"
             )
@@ -126,7 +128,7 @@ class TIDEConfig:
         _check_range("compaction_threshold", self.compaction_threshold, 0.0, 1.0, integer=False)
         object.__setattr__(self, "compaction_threshold", float(self.compaction_threshold))
         if self.exit_strategy not in EXIT_STRATEGIES:
-            raise ValueError(
+            raise TIDEError(
                 f"TIDEConfig.exit_strategy must be one of {', '.join(map(repr, EXIT_STRATEGIES))}, "
                 f"got {self.exit_strategy!r}"
             )
@@ -134,7 +136,7 @@ class TIDEConfig:
     def checkpoint_layers(self, num_layers: int) -> list[int]:
         """This config's checkpoint layers for a ``num_layers``-layer model."""
         if self.min_layers > num_layers:
-            raise ValueError(
+            raise TIDEError(
                 f"TIDEConfig.min_layers={self.min_layers} is beyond the model's "
                 f"{num_layers} layers: set min_layers to at most {num_layers - 1}"
             )
@@ -152,5 +154,9 @@ class TIDEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TIDEConfig":
+        """A config from :meth:`to_dict`'s output; unknown keys are ignored (files from
+        newer versions), bad values raise :class:`TIDEError`."""
+        if not isinstance(data, dict):
+            raise TIDEError(f"a TIDEConfig needs a dict of settings, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
