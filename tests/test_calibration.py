@@ -6,6 +6,7 @@ import builtins
 import json
 import string
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -238,38 +239,81 @@ def test_quality_table_shapes_and_report(tok, lines):
             assert row["token_agreement"] >= row["agreement"] - 1e-9
     t = r.threshold_for(0.9)
     assert r.config.exit_threshold == t
-    assert all(row["agreement"] is None or row["agreement"] >= 0.9 for row in first if row["threshold"] >= t)
+    # Every counted row (enough exiting tokens) at or above the answer meets the target.
+    assert all(row["agreement"] >= 0.9 for row in first
+               if row["threshold"] >= t and quality.row_exits(row) >= quality.MIN_EXITS)
     text = str(r.report())
     assert "First exit" in text and "layer 1" in text and "identity" in text
+    # report() shows how many exiting tokens back each first-exit row.
+    row_09 = next(row for row in first if row["threshold"] == 0.9)
+    n = quality.row_exits(row_09)
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("0.90 "))
+    assert f" {n}{'*' if n < quality.MIN_EXITS else ' '} " in line + " "
     json.dumps(r.quality_table)
     with pytest.raises(ValueError, match="target_agreement"):
         r.threshold_for(1.5)
 
 
-def test_threshold_for_rules():
-    def row(t, agreement):
-        return {"view": "first_exit", "threshold": t, "agreement": agreement}
+def counted(t, agreed, exited):
+    """A first-exit row with ``exited`` held-out tokens exiting, ``agreed`` of them agreeing."""
+    return {"view": "first_exit", "threshold": t, "agreement": agreed / exited if exited else None,
+            "exits": {"1": exited}}
 
-    table = [row(0.1, 0.8), row(0.5, 0.97), row(0.6, 0.94), row(0.7, 0.99), row(0.9, None)]
+
+def test_threshold_for_rules():
+    table = [counted(0.1, 800, 1000), counted(0.5, 970, 1000), counted(0.6, 940, 1000),
+             counted(0.7, 990, 1000), counted(0.9, 0, 0)]
     assert quality.threshold_for(table, 0.95) == 0.7  # not 0.5: 0.6 fails above it
     assert quality.threshold_for(table, 0.5) == 0.1
     with pytest.warns(UserWarning, match="no calibrated threshold"):
-        assert quality.threshold_for([row(0.5, 0.5), row(0.9, 0.6)], 0.99) == 1.0
+        assert quality.threshold_for([counted(0.5, 500, 1000), counted(0.9, 600, 1000)], 0.99) == 1.0
 
-    def counted(t, agreed, exited):
-        return {"view": "first_exit", "threshold": t, "agreement": agreed / exited, "exits": {"1": exited}}
-
-    # 20/20 agreeing exits is not enough evidence for 0.95 at 90% confidence; 200/200 is.
-    few, many = [counted(0.5, 18, 20), counted(0.9, 20, 20)], [counted(0.5, 190, 200), counted(0.9, 200, 200)]
-    with pytest.warns(UserWarning):
-        assert quality.threshold_for(few, 0.95) == 1.0
-    assert quality.threshold_for(few, 0.95, confidence=0.5) == 0.9
+    # 200/200 agreeing exits are enough evidence for 0.95 at 90% confidence.
+    many = [counted(0.5, 190, 200), counted(0.9, 200, 200)]
     assert quality.threshold_for(many, 0.95) == 0.9
     assert quality.threshold_for(many, 0.9) == 0.5
     assert quality.agreement_lower_bound(5, 10, 0.5) == 0.5
     assert 0.3 < quality.agreement_lower_bound(5, 10, 0.9) < 0.5
     with pytest.raises(ValueError, match="confidence"):
         quality.threshold_for(many, 0.9, confidence=1.0)
+
+
+@pytest.mark.parametrize(
+    "table, target, expected, warns",
+    [
+        # The issue's case: one exiting token at 1.00 (Wilson bound ~0.4) vetoed every target.
+        ([counted(0.95, 377, 434), counted(0.99, 39, 40), counted(1.0, 0, 1)], 0.8, 0.95, None),
+        # Rows under MIN_EXITS neither pass nor veto: 0.9 (20/20) cannot be the answer...
+        ([counted(0.5, 950, 1000), counted(0.9, 20, 20)], 0.9, 0.5, None),
+        # ... and 0.9 (3/20) does not veto 0.5.
+        ([counted(0.5, 950, 1000), counted(0.9, 3, 20)], 0.9, 0.5, None),
+        # A threshold where no token exits is no evidence either.
+        ([counted(0.5, 960, 1000), counted(0.99, 0, 0)], 0.9, 0.5, None),
+        # The issue's other case: 11 held-out tokens, none exiting at 0.64: too small.
+        ([counted(0.3, 5, 11), counted(0.64, 0, 0)], 0.95, 1.0, "too small to support"),
+        # Enough exits in all, but fewer than the Wilson bound needs for 0.99.
+        ([counted(0.5, 60, 60), counted(0.9, 55, 55)], 0.99, 1.0, "too small to support"),
+        # Rows without counts (a hand-made table) are no evidence.
+        ([{"view": "first_exit", "threshold": 0.5, "agreement": 1.0}], 0.5, 1.0, "too small"),
+    ],
+)
+def test_threshold_for_needs_evidence(table, target, expected, warns):
+    if warns is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert quality.threshold_for(table, target) == expected
+    else:
+        with pytest.warns(UserWarning, match=warns):
+            assert quality.threshold_for(table, target) == expected
+
+
+def test_threshold_for_min_exits_is_a_setting():
+    table = [counted(0.5, 500, 1000), counted(0.9, 20, 20)]
+    assert quality.threshold_for(table, 0.8, min_exits=10) == 0.9
+    with pytest.warns(UserWarning, match="no calibrated threshold"):
+        assert quality.threshold_for(table, 0.8) == 1.0  # 20 exits do not count by default
+    with pytest.raises(ValueError, match="min_exits"):
+        quality.threshold_for(table, 0.8, min_exits=0)
 
 
 def test_forced_routers_have_no_table():

@@ -10,7 +10,9 @@ metadata that ties it to one model, and is saved as safetensors with JSON metada
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -20,12 +22,30 @@ from torch import nn
 
 from .config import TIDEConfig
 from .model_probe import ModelProbe, probe
+from .validation import TIDEError, routers_mismatch
 
-__all__ = ["TokenRouter", "ExitProjection", "RouterSet", "FORMAT_VERSION"]
+__all__ = ["TokenRouter", "ExitProjection", "RouterSet", "FORMAT_VERSION", "RouterFileError"]
 
 #: Version of the router file layout; bumped on any incompatible change.
 FORMAT_VERSION = 1
 _METADATA_KEY = "tide_compile"
+#: Metadata key of the tensors' SHA-256 (files written before it existed load without).
+_CHECKSUM_KEY = "tensors_sha256"
+
+# Bounds of what RouterSet.load reads: memory stays within a small multiple of the
+# file's size, and the file's size within this (an 8B-shaped model's routers with rank-64
+# exit projections at 16 checkpoints take about 70 MB).
+MAX_FILE_BYTES = 2 << 30
+MAX_HEADER_BYTES = 16 << 20
+_MAX_LAYERS = 1 << 16
+_MAX_WIDTH = 1 << 20
+_MAX_BOTTLENECK = 1 << 16
+# safetensors dtype names read in router files.
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class RouterFileError(TIDEError):
+    """A router file that cannot be used: damaged, not a router file, or inconsistent."""
 
 # Forced routers push the logit this far: sigmoid gives exactly 0.0 or 1.0 in every dtype.
 _FORCE_LOGIT = 1.0e4
@@ -120,18 +140,18 @@ class RouterSet(nn.Module):
     ) -> None:
         super().__init__()
         if not routers:
-            raise ValueError("a RouterSet needs at least one router")
+            raise TIDEError("a RouterSet needs at least one router")
         num_layers = int(model_info["num_layers"])
         layers = sorted(int(c) for c in routers)
         for c in layers:
             if not 0 <= c < num_layers - 1:
-                raise ValueError(
+                raise TIDEError(
                     f"router at layer {c} is not a valid checkpoint for a {num_layers}-layer "
                     f"model (checkpoints are 0 .. {num_layers - 2}; the final layer never is)"
                 )
         extra = set(exit_projections or {}) - set(layers)
         if extra:
-            raise ValueError(f"exit projections at layers {sorted(extra)} have no router")
+            raise TIDEError(f"exit projections at layers {sorted(extra)} have no router")
         self.model_info: dict[str, Any] = dict(model_info)
         self.config = config
         self.routers = nn.ModuleDict({str(c): routers[c] for c in layers})
@@ -185,7 +205,7 @@ class RouterSet(nn.Module):
         return _fingerprint(model if isinstance(model, ModelProbe) else probe(model))
 
     def check_model(self, model: nn.Module | ModelProbe) -> None:
-        """Raise ``ValueError`` if these routers were not made for ``model``."""
+        """Raise :class:`TIDEError` (a ``ValueError``) if these routers were not made for ``model``."""
         actual = self.describe(model)
         diffs = [
             f"{key}: routers {self.model_info.get(key)!r}, model {actual[key]!r}"
@@ -193,10 +213,7 @@ class RouterSet(nn.Module):
             if self.model_info.get(key) != actual[key]
         ]
         if diffs:
-            raise ValueError(
-                "these routers were made for another model (" + "; ".join(diffs) + "). "
-                "Calibrate routers for this model with tide_compile.calibrate(model, ...)."
-            )
+            raise routers_mismatch(diffs)
 
     @classmethod
     def forced(
@@ -215,7 +232,7 @@ class RouterSet(nn.Module):
         p = probe(model)
         layers = config.checkpoint_layers(p.num_layers)
         if exit_at is not None and exit_at not in layers:
-            raise ValueError(f"exit_at={exit_at} is not a checkpoint; checkpoints are {layers}")
+            raise TIDEError(f"exit_at={exit_at} is not a checkpoint; checkpoints are {layers}")
         routers: dict[int, TokenRouter] = {}
         for c in layers:
             r = TokenRouter(p.hidden_size, config.router_bottleneck_dim)
@@ -238,7 +255,9 @@ class RouterSet(nn.Module):
 
         Agreement = fraction of exiting tokens whose exit-head top-1 equals the full
         model's, with the threshold applied at every checkpoint (first exit); it must
-        hold as a lower confidence bound at ``confidence`` (0.5: the estimate itself).
+        hold as a lower confidence bound at ``confidence`` (0.5: the estimate itself),
+        over at least ``quality.MIN_EXITS`` (50) exiting held-out tokens. 1.0 (never exit)
+        with a warning when the calibration cannot support the target.
         See :func:`tide_compile.calibration.quality.threshold_for`.
         """
         from .calibration import quality
@@ -251,11 +270,12 @@ class RouterSet(nn.Module):
 
         return quality.report(self)
 
-    def plot(self, path: str | os.PathLike[str]) -> None:
-        """Draw the quality table to ``path`` (needs matplotlib: the ``bench`` extra)."""
+    def plot(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Draw the quality table to ``path`` (needs matplotlib: the ``bench`` extra); an
+        existing file is replaced only with ``overwrite=True``."""
         from .calibration import quality
 
-        quality.plot(self, os.fspath(path))
+        quality.plot(self, os.fspath(path), overwrite=overwrite)
 
     # ------------------------------------------------------------------ files
     def metadata(self) -> dict[str, Any]:
@@ -278,21 +298,32 @@ class RouterSet(nn.Module):
             "quality_table": self.quality_table,
         }
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the routers to ``path`` as safetensors with JSON metadata (no pickle)."""
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        """Write the routers to ``path`` as safetensors with JSON metadata (no pickle).
+
+        The metadata holds a SHA-256 of the tensors, which :meth:`load` verifies. The
+        write is atomic (a temporary file, then ``os.replace``): an interrupted save
+        leaves any old file as it was.
+
+        Args:
+            path: the file to write.
+            overwrite: replace an existing file (else an existing file is an error).
+
+        Raises:
+            TIDEError: the path cannot be written (see :func:`tide_compile.outputs.check_output_file`).
+        """
         from safetensors.torch import save_file
 
-        tensors = {
-            f"routers.{k}": v.detach().to("cpu").contiguous()
-            for k, v in self.routers.state_dict().items()
-        }
+        from .outputs import atomic_write, check_output_file
+
+        target = check_output_file(path, overwrite=overwrite, what="router file")
+        tensors = {f"routers.{k}": v for k, v in self.routers.state_dict().items()}
         tensors.update(
-            {
-                f"exit_projections.{k}": v.detach().to("cpu").contiguous()
-                for k, v in self.exit_projections.state_dict().items()
-            }
+            {f"exit_projections.{k}": v for k, v in self.exit_projections.state_dict().items()}
         )
-        save_file(tensors, os.fspath(path), metadata={_METADATA_KEY: json.dumps(self.metadata())})
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        meta = {**self.metadata(), _CHECKSUM_KEY: _tensors_digest(tensors)}
+        atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(meta)}))
 
     @classmethod
     def load(
@@ -303,60 +334,68 @@ class RouterSet(nn.Module):
     ) -> "RouterSet":
         """Read routers written by :meth:`save`.
 
+        The file is checked before anything is allocated from it: its size and header,
+        the metadata against the router file schema (types, ranges, checkpoints below
+        the layer count), and the tensors' names and shapes against the metadata. Then
+        the tensors are read, checked against the metadata's SHA-256 (files written
+        before it existed have none) and for NaN/Inf. Memory stays within a small
+        multiple of the file's size, whatever the file holds.
+
         Args:
             path: the router file.
             model: if given, checked against the file's fingerprint (a mismatch raises
-                ``ValueError``), and the routers are placed on the model's device.
+                :class:`TIDEError`), and the routers are placed on the model's device.
             device: where to put the routers (default: the model's device, else CPU).
-        """
-        from safetensors import safe_open
 
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            RouterFileError: the file is not a valid router file (the message says what
+                is wrong with it); a ``TIDEError``.
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no router file at {path!r}")
-        try:
-            with safe_open(path, framework="pt") as f:
-                raw_meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types
-            raise ValueError(f"{path!r} is not a safetensors router file: {exc}") from exc
+        header, raw_meta, data = _read_safetensors(path)
         if _METADATA_KEY not in raw_meta:
-            raise ValueError(f"{path!r} is a safetensors file but not a tide_compile router file")
-        meta = json.loads(raw_meta[_METADATA_KEY])
-        version = meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"{path!r} has router format version {version}; this tide_compile reads "
-                f"version {FORMAT_VERSION}. Recalibrate, or use the tide_compile that wrote it."
-            )
-        info = meta["model"]
-        rcfg = meta["router"]
-        routers = {
-            c: TokenRouter(int(info["hidden_size"]), int(rcfg["bottleneck_dim"]), float(rcfg["eps"]))
-            for c in meta["checkpoint_layers"]
+            raise RouterFileError(f"{path!r} is a safetensors file but not a tide_compile router file")
+        try:
+            meta = json.loads(raw_meta[_METADATA_KEY])
+        except (ValueError, RecursionError) as exc:
+            raise RouterFileError(f"{path!r}: the router metadata is not valid JSON ({exc}); "
+                                  "the file is damaged: recalibrate or restore it") from None
+        spec = _check_metadata(meta, path)
+        expected = _expected_tensors(spec)
+        _check_tensor_headers(header, expected, path)
+        tensors = {
+            name: torch.frombuffer(data, dtype=_DTYPES[entry["dtype"]],
+                                   count=math.prod(entry["shape"]),
+                                   offset=entry["data_offsets"][0]).reshape(entry["shape"])
+            for name, entry in header.items()
         }
-        projections = {
-            int(c): ExitProjection(int(info["hidden_size"]), int(rank))
-            for c, rank in meta.get("exit_projection_rank", {}).items()
-        }
+        stored = meta.get(_CHECKSUM_KEY)
+        if stored is not None and stored != _tensors_digest(tensors):
+            raise RouterFileError(f"{path!r}: the router weights do not match the checksum in the "
+                                  "file's metadata: the file is damaged; recalibrate or restore it")
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                kind, c = name.split(".")[:2]
+                what = "router" if kind == "routers" else "exit projection"
+                raise RouterFileError(f"{path!r}: the {what} weights at checkpoint {c} ({name}) hold "
+                                      "NaN or Inf: recalibrate the routers (that checkpoint would never exit)")
+        with torch.device("meta"):
+            routers = {c: TokenRouter(spec["hidden_size"], spec["bottleneck_dim"], spec["eps"])
+                       for c in spec["checkpoint_layers"]}
+            projections = {c: ExitProjection(spec["hidden_size"], r) for c, r in spec["ranks"].items()}
         obj = cls(
             routers,
-            model_info=info,
-            config=TIDEConfig.from_dict(meta.get("config", {})),
+            model_info=spec["model"],
+            config=spec["config"],
             exit_projections=projections,
-            calibration=meta.get("calibration"),
-            quality_table=meta.get("quality_table"),
+            calibration=spec["calibration"],
+            quality_table=spec["quality_table"],
         )
-        obj.routers.load_state_dict(
-            {k[len("routers.") :]: v for k, v in tensors.items() if k.startswith("routers.")}
-        )
-        obj.exit_projections.load_state_dict(
-            {
-                k[len("exit_projections.") :]: v
-                for k, v in tensors.items()
-                if k.startswith("exit_projections.")
-            }
-        )
+        # Routers compute in float32 whatever the file stores (see TokenRouter).
+        obj.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, assign=True)
         if model is not None:
             obj.check_model(model)
             if device is None:
@@ -368,3 +407,209 @@ class RouterSet(nn.Module):
             f"model={self.model_info.get('model_class')}, layers={self.num_layers}, "
             f"checkpoints={self.checkpoint_layers}"
         )
+
+
+# ---------------------------------------------------------------------------- file format
+def _tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{t.dtype}\0{list(t.shape)}\0".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, dict[str, Any]], dict[str, str], bytearray]:
+    """(tensor entries, ``__metadata__``, data bytes) of a safetensors file, checked: the
+    size bounds, the header's JSON, every entry's dtype, shape and byte range."""
+
+    def bad(why: str) -> RouterFileError:
+        return RouterFileError(f"{path!r} is not a safetensors router file ({why}); "
+                               "pass a file written by RouterSet.save or `tide-compile calibrate`")
+
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise RouterFileError(f"{path!r} is {size / 2**30:.1f} GiB, larger than any router file "
+                              f"({MAX_FILE_BYTES / 2**30:.0f} GiB at most): pass a router file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"{size} bytes, too short")
+        n = int.from_bytes(head, "little")
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise bad(f"its header claims {n} bytes, the file has {size - 8} after the length")
+        raw = f.read(n)
+        data = bytearray(size - 8 - n)
+        if f.readinto(data) != len(data):
+            raise bad("it ended while being read")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise bad("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("its __metadata__ is not a map of strings")
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            raise bad(f"tensor {name!r} has no dtype/shape/offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in _DTYPES:
+            raise bad(f"tensor {name!r} has dtype {dtype!r}; router weights are one of {sorted(_DTYPES)}")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise bad(f"tensor {name!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+                and offsets[0] <= offsets[1] <= len(data)):
+            raise bad(f"tensor {name!r} has byte range {offsets!r} outside the file's {len(data)} data bytes")
+        itemsize = _DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != math.prod(shape) * itemsize or offsets[0] % itemsize:
+            raise bad(f"tensor {name!r}: shape {shape} does not fit its byte range {offsets}")
+    return header, meta, data
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _is_int_in(x: Any, lo: int, hi: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+
+def _is_prob(x: Any, none_ok: bool = False) -> bool:
+    if x is None:
+        return none_ok
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0
+
+
+def _is_real(x: Any, none_ok: bool = False) -> bool:
+    if x is None:
+        return none_ok
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_metadata(meta: Any, path: str) -> dict[str, Any]:
+    """The router file's metadata checked against the schema; returns what load builds from."""
+
+    def bad(field: str, why: str) -> RouterFileError:
+        return RouterFileError(f"{path!r}: router metadata {field} {why}; the file is damaged or "
+                               "not from this tide_compile: recalibrate or restore it")
+
+    if not isinstance(meta, dict):
+        raise bad("", f"is a JSON {type(meta).__name__}, not an object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise RouterFileError(
+            f"{path!r} has router format version {version!r}; this tide_compile reads "
+            f"version {FORMAT_VERSION}. Recalibrate, or use the tide_compile that wrote it."
+        )
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise bad("'model'", "is missing or not an object")
+    if not (isinstance(model.get("model_class"), str) and 0 < len(model["model_class"]) <= 200):
+        raise bad("model.model_class", f"is {model.get('model_class')!r}, not a class name")
+    if not _is_int_in(model.get("num_layers"), 2, _MAX_LAYERS):
+        raise bad("model.num_layers", f"is {model.get('num_layers')!r}, not an integer in [2, {_MAX_LAYERS}]")
+    if not _is_int_in(model.get("hidden_size"), 1, _MAX_WIDTH):
+        raise bad("model.hidden_size", f"is {model.get('hidden_size')!r}, not an integer in [1, {_MAX_WIDTH}]")
+    if "vocab_size" in model and not _is_int_in(model["vocab_size"], 0, 1 << 30):
+        raise bad("model.vocab_size", f"is {model['vocab_size']!r}, not an integer >= 0")
+    if "norm_kind" in model and not isinstance(model["norm_kind"], (str, type(None))):
+        raise bad("model.norm_kind", f"is {model['norm_kind']!r}, not a string")
+    num_layers, hidden = model["num_layers"], model["hidden_size"]
+
+    layers = meta.get("checkpoint_layers")
+    if not (isinstance(layers, list) and layers and all(_is_int_in(c, 0, num_layers - 2) for c in layers)):
+        raise bad("checkpoint_layers", f"is {str(layers)[:80]}, not a non-empty list of layers in "
+                  f"[0, {num_layers - 2}] (the final layer is never a checkpoint)")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise bad("checkpoint_layers", f"is {str(layers)[:80]}, not strictly increasing")
+
+    router = meta.get("router")
+    if not isinstance(router, dict):
+        raise bad("'router'", "is missing or not an object")
+    if router.get("input_transform", "rms") != "rms":
+        raise bad("router.input_transform", f"is {router.get('input_transform')!r}; this tide_compile knows 'rms'")
+    if not (_is_real(router.get("eps")) and 0.0 <= router["eps"] < 1.0):
+        raise bad("router.eps", f"is {router.get('eps')!r}, not a number in [0, 1)")
+    if not _is_int_in(router.get("bottleneck_dim"), 1, _MAX_BOTTLENECK):
+        raise bad("router.bottleneck_dim", f"is {router.get('bottleneck_dim')!r}, not an integer in [1, {_MAX_BOTTLENECK}]")
+
+    ranks_raw = meta.get("exit_projection_rank", {})
+    if not isinstance(ranks_raw, dict):
+        raise bad("exit_projection_rank", "is not an object")
+    ranks: dict[int, int] = {}
+    for key, rank in ranks_raw.items():
+        if not (key.isdigit() and int(key) in layers):
+            raise bad("exit_projection_rank", f"names layer {key!r}, not one of the checkpoints {layers}")
+        if not _is_int_in(rank, 1, hidden):
+            raise bad("exit_projection_rank", f"at layer {key} is {rank!r}, not an integer in [1, {hidden}]")
+        ranks[int(key)] = rank
+
+    config = meta.get("config", {})
+    if not isinstance(config, dict):
+        raise bad("config", "is not an object")
+    try:
+        cfg = TIDEConfig.from_dict(config)
+    except (ValueError, TypeError) as exc:
+        raise bad("config", f"is invalid ({exc})") from None
+
+    calibration = meta.get("calibration")
+    if calibration is not None and not isinstance(calibration, dict):
+        raise bad("calibration", "is not an object")
+    table = meta.get("quality_table")
+    if table is not None:
+        _check_quality_table(table, bad)
+    return {"model": model, "checkpoint_layers": layers, "hidden_size": hidden,
+            "bottleneck_dim": router["bottleneck_dim"], "eps": float(router["eps"]), "ranks": ranks,
+            "config": cfg, "calibration": calibration, "quality_table": table}
+
+
+def _check_quality_table(table: Any, bad: Any) -> None:
+    """Rows of the views ``threshold_for``, ``report`` and ``plot`` read must have their fields."""
+    if not isinstance(table, list) or not all(isinstance(r, dict) for r in table):
+        raise bad("quality_table", "is not a list of objects")
+    for i, r in enumerate(table):
+        view = r.get("view")
+        if view is None:
+            continue
+        if view not in ("first_exit", "checkpoint"):
+            raise bad(f"quality_table row {i}", f"has view {view!r}")
+        ok = _is_prob(r.get("threshold")) and _is_count(r.get("tokens"))
+        if view == "first_exit":
+            exits = r.get("exits")
+            ok = ok and (_is_prob(r.get("agreement"), True) and _is_prob(r.get("token_agreement"), True)
+                         and _is_prob(r.get("exit_rate"), True) and _is_real(r.get("mean_depth"), True)
+                         and isinstance(exits, dict) and all(_is_count(v) for v in exits.values()))
+        else:
+            ok = ok and (_is_count(r.get("layer")) and _is_prob(r.get("precision"), True)
+                         and _is_prob(r.get("exit_rate"), True) and _is_prob(r.get("recall"), True))
+        if not ok:
+            raise bad(f"quality_table row {i}", "has a missing or out-of-range field")
+
+
+def _expected_tensors(spec: Mapping[str, Any]) -> dict[str, list[int]]:
+    """Tensor name -> shape that the metadata implies (state_dict names of RouterSet)."""
+    h, b = spec["hidden_size"], spec["bottleneck_dim"]
+    out: dict[str, list[int]] = {}
+    for c in spec["checkpoint_layers"]:
+        out.update({f"routers.{c}.down.weight": [b, h], f"routers.{c}.down.bias": [b],
+                    f"routers.{c}.up.weight": [1, b], f"routers.{c}.up.bias": [1]})
+    for c, r in spec["ranks"].items():
+        out.update({f"exit_projections.{c}.down.weight": [r, h],
+                    f"exit_projections.{c}.up.weight": [h, r], f"exit_projections.{c}.up.bias": [h]})
+    return out
+
+
+def _check_tensor_headers(header: Mapping[str, Any], expected: Mapping[str, list[int]], path: str) -> None:
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        what = (f"lacks tensors {missing[:3]}" if missing else "") + (" and " if missing and extra else "") + (
+            f"has tensors the metadata does not describe {extra[:3]}" if extra else "")
+        raise RouterFileError(f"{path!r} {what}: the file is damaged or inconsistent; recalibrate or restore it")
+    for name, shape in expected.items():
+        if header[name]["shape"] != shape:
+            raise RouterFileError(f"{path!r}: tensor {name} has shape {header[name]['shape']}, its metadata "
+                                  f"says {shape}: the file is damaged or inconsistent; recalibrate or restore it")

@@ -25,8 +25,12 @@ from typing import Any
 
 import torch
 
+from ..validation import TIDEError
+
 __all__ = [
     "THRESHOLD_GRID",
+    "MIN_EXITS",
+    "row_exits",
     "quality_table",
     "threshold_for",
     "QualityReport",
@@ -36,6 +40,10 @@ __all__ = [
 
 #: Thresholds of the quality table: 0.01, 0.02, ..., 0.99, 0.995, 0.999.
 THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.01 * i, 2) for i in range(1, 100)) + (0.995, 0.999)
+#: Fewest held-out tokens that must exit at a threshold for ``threshold_for`` to count
+#: it. Below this a row's agreement says little (one exiting token gives 0% or 100%),
+#: and a Wilson bound over a handful of tokens vetoes every target.
+MIN_EXITS = 50
 # Thresholds shown by report() (the file keeps the whole grid).
 _REPORT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 
@@ -107,7 +115,7 @@ def quality_table(
 def _first_exit_rows(table: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     rows = sorted((r for r in table if r.get("view") == "first_exit"), key=lambda r: r["threshold"])
     if not rows:
-        raise ValueError(
+        raise TIDEError(
             "these routers have no quality table (they were not calibrated, e.g. RouterSet.forced); "
             "calibrate them with tide_compile.calibrate(model, tokenizer, dataset=...)"
         )
@@ -132,45 +140,89 @@ def agreement_lower_bound(agreed: int, exited: int, confidence: float) -> float:
     return (centre - margin) / denom
 
 
+def row_exits(row: Mapping[str, Any]) -> int | None:
+    """How many held-out tokens exit in a first-exit row (None: a table without counts)."""
+    exits = row.get("exits")
+    if not isinstance(exits, Mapping):
+        return None
+    return int(sum(exits.values()))
+
+
 def threshold_for(
-    table: Sequence[Mapping[str, Any]], target_agreement: float, confidence: float = 0.9
+    table: Sequence[Mapping[str, Any]],
+    target_agreement: float,
+    confidence: float = 0.9,
+    *,
+    min_exits: int = MIN_EXITS,
 ) -> float:
     """The smallest table threshold whose held-out first-exit agreement meets the target.
 
     Agreement = the fraction of exiting tokens whose exit-head top-1 equals the full
-    model's. Held-out agreement is an estimate from a finite sample, and picking the
-    smallest passing threshold favours thresholds whose estimate came out high; so a
-    threshold qualifies when the one-sided Wilson lower bound of its agreement at
-    ``confidence`` meets ``target_agreement`` (``confidence=0.5`` uses the estimate
-    itself), and the answer is the smallest ``t`` such that *every* table threshold
-    ``>= t`` qualifies (agreement is not monotone in the threshold on finite data; a
-    threshold where no token exits qualifies). If even the largest fails, returns 1.0
-    (never exit) with a warning.
+    model's. Evidence rules:
+
+    - A row counts only if at least ``min_exits`` held-out tokens exit at its threshold
+      (rows without counts, and rows where no token exits, have no evidence). Rows with
+      fewer exits neither pass nor veto: they are skipped.
+    - A counted row passes when the one-sided Wilson lower bound of its agreement, over
+      its exiting tokens, at ``confidence`` meets ``target_agreement`` (``confidence=0.5``:
+      the estimate itself). Held-out agreement is an estimate, and picking the smallest
+      passing threshold favours thresholds whose estimate came out high.
+    - The answer is the smallest counted threshold ``t`` such that every counted row
+      ``>= t`` passes (agreement is not monotone in the threshold on finite data).
+
+    If no counted row passes, returns 1.0 (never exit) with a warning that says why: a
+    calibration too small to support the target (too few exits anywhere for its Wilson
+    bound to reach it) asks for more text; otherwise the target is out of reach.
     """
     if not (isinstance(target_agreement, (int, float)) and 0.0 <= target_agreement <= 1.0):
-        raise ValueError(f"target_agreement must be in [0, 1], got {target_agreement!r}")
+        raise TIDEError(f"target_agreement must be in [0, 1], got {target_agreement!r}")
     if not (isinstance(confidence, (int, float)) and 0.0 <= confidence < 1.0):
-        raise ValueError(f"confidence must be in [0, 1), got {confidence!r}")
+        raise TIDEError(f"confidence must be in [0, 1), got {confidence!r}")
+    if isinstance(min_exits, bool) or not isinstance(min_exits, int) or min_exits < 1:
+        raise TIDEError(f"min_exits must be an integer >= 1, got {min_exits!r}")
     best = 1.0
+    most = 0
     for row in reversed(_first_exit_rows(table)):
-        exited = sum(row["exits"].values()) if "exits" in row else None
-        agreement = row["agreement"]
-        if agreement is None:
-            ok = True
-        elif exited is None:  # a hand-made table without counts: the estimate itself
-            ok = agreement >= target_agreement
-        else:
-            ok = agreement_lower_bound(round(agreement * exited), exited, confidence) >= target_agreement
-        if not ok:
+        exited = row_exits(row)
+        agreement = row.get("agreement")
+        if exited is None or agreement is None:
+            continue
+        most = max(most, exited)
+        if exited < min_exits:
+            continue  # too little evidence: neither passes nor vetoes
+        if agreement_lower_bound(round(agreement * exited), exited, confidence) < target_agreement:
             break
         best = float(row["threshold"])
     if best == 1.0:
-        warnings.warn(
-            f"no calibrated threshold reaches held-out agreement {target_agreement}: returning 1.0 "
-            "(no token exits). Lower the target, calibrate on more data, or use exit_strategy='projection'.",
-            stacklevel=3,
-        )
+        needed = _exits_needed(target_agreement, confidence, min_exits)
+        if most < needed < 1 << 24:
+            why = (f"the calibration is too small to support held-out agreement {target_agreement}: "
+                   f"that needs at least {needed} exiting held-out tokens at a threshold, and the "
+                   f"most at any threshold is {most}. Calibrate on more text "
+                   "(calibration_samples, --samples) or lower the target")
+        else:
+            why = (f"no calibrated threshold reaches held-out agreement {target_agreement} "
+                   f"(Wilson bound at confidence {confidence}, rows with at least {min_exits} "
+                   "exiting tokens). Lower the target, calibrate on more data, or use "
+                   "exit_strategy='projection'")
+        warnings.warn(f"{why}: returning 1.0 (no token exits).", stacklevel=3)
     return best
+
+
+def _exits_needed(target: float, confidence: float, min_exits: int) -> int:
+    """Fewest exits whose Wilson bound can reach ``target`` (all of them agreeing), and at
+    least ``min_exits``."""
+    n = min_exits
+    while n < 1 << 24 and agreement_lower_bound(n, n, confidence) < target:
+        n *= 2
+    lo, hi = max(min_exits, n // 2), n
+    while lo < hi:  # smallest n in [lo, hi] that reaches it
+        mid = (lo + hi) // 2
+        if agreement_lower_bound(mid, mid, confidence) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _fmt(x: Any, pct: bool = True) -> str:
@@ -209,13 +261,18 @@ class QualityReport:
             f"checkpoints {self.checkpoint_layers}; labels: {cal.get('labels', '?')}, "
             f"exit strategy: {cal.get('exit_strategy', 'identity')})",
             "",
-            "First exit, one threshold at every checkpoint:",
-            f"{'threshold':>9}  {'agreement':>9}  {'all-token':>9}  {'exit rate':>9}  {'mean depth':>10}  exits per checkpoint",
+            "First exit, one threshold at every checkpoint (exiting: the held-out tokens that "
+            f"exit, the evidence behind the agreement; * fewer than {MIN_EXITS}, not counted "
+            "by threshold_for):",
+            f"{'threshold':>9}  {'agreement':>9}  {'exiting':>8}  {'all-token':>9}  {'exit rate':>9}  "
+            f"{'mean depth':>10}  exits per checkpoint",
         ]
         for r in first:
             exits = " ".join(f"{c}:{k}" for c, k in r["exits"].items())
+            n_exit = row_exits(r)
+            count = "-" if n_exit is None else f"{n_exit}{'*' if n_exit < MIN_EXITS else ' '}"
             lines.append(
-                f"{r['threshold']:>9.2f}  {_fmt(r['agreement']):>9}  {_fmt(r['token_agreement']):>9}  "
+                f"{r['threshold']:>9.2f}  {_fmt(r['agreement']):>9}  {count:>8}  {_fmt(r['token_agreement']):>9}  "
                 f"{_fmt(r['exit_rate']):>9}  {_fmt(r['mean_depth'], pct=False):>10}  {exits}"
             )
         agreement = cal.get("exit_agreement")
@@ -224,9 +281,9 @@ class QualityReport:
             for c, v in agreement.items():
                 extra = f", with projection {_fmt(v['projection'])}" if v.get("projection") is not None else ""
                 lines.append(f"  layer {c}: identity {_fmt(v['identity'])}{extra}")
-        lines += ["", "Per checkpoint alone (precision / exit rate / recall):"]
+        lines += ["", "Per checkpoint alone (precision / exit rate / recall (exiting tokens)):"]
         per = [r for r in self.rows if r.get("view") == "checkpoint"]
-        header = f"{'threshold':>9}  " + "  ".join(f"{'layer ' + str(c):>20}" for c in self.checkpoint_layers)
+        header = f"{'threshold':>9}  " + "  ".join(f"{'layer ' + str(c):>28}" for c in self.checkpoint_layers)
         lines.append(header)
         by_t: dict[float, dict[int, Mapping[str, Any]]] = {}
         for r in self._shown(per):
@@ -235,8 +292,12 @@ class QualityReport:
             cells = []
             for c in self.checkpoint_layers:
                 r = by_t[t].get(c)
-                cell = "-" if r is None else f"{_fmt(r['precision'])}/{_fmt(r['exit_rate'])}/{_fmt(r['recall'])}"
-                cells.append(f"{cell:>20}")
+                if r is None:
+                    cell = "-"
+                else:
+                    n_exit = round((r["exit_rate"] or 0.0) * r.get("tokens", 0))
+                    cell = f"{_fmt(r['precision'])}/{_fmt(r['exit_rate'])}/{_fmt(r['recall'])} ({n_exit})"
+                cells.append(f"{cell:>28}")
             lines.append(f"{t:>9.2f}  " + "  ".join(cells))
         return "\n".join(lines)
 
@@ -257,8 +318,12 @@ def report(routers: Any) -> QualityReport:
     )
 
 
-def plot(routers: Any, path: str) -> None:
-    """Draw the quality table to ``path`` (any format matplotlib writes, e.g. ``.png``)."""
+def plot(routers: Any, path: str, *, overwrite: bool = False) -> None:
+    """Draw the quality table to ``path`` (any format matplotlib writes, e.g. ``.png``);
+    written atomically, an existing file replaced only with ``overwrite=True``."""
+    from ..outputs import atomic_write, check_output_file
+
+    target = check_output_file(path, overwrite=overwrite, what="plot file")
     try:
         import matplotlib.pyplot as plt
     except ImportError as exc:
@@ -286,5 +351,8 @@ def plot(routers: Any, path: str) -> None:
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    fmt = target.suffix.lstrip(".").lower() or "png"
+    try:
+        atomic_write(target, lambda tmp: fig.savefig(tmp, format=fmt))
+    finally:
+        plt.close(fig)
