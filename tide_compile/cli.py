@@ -11,15 +11,25 @@ their own modules, imported when the subcommand runs (``--help`` stays fast).
     tide-compile generate --model PATH --routers router.tide --prompt "..."
     tide-compile tune --model PATH --routers router.tide --data FILE... --out tune/
     tide-compile bench --out bench/                    # GPU; --tiny for the CPU smoke modes
+
+Errors: bad input (arguments, files, models, routers) prints one line on stderr naming the
+fix and exits with status 1; Ctrl-C prints one line and exits with status 130; ``--debug``
+(or ``TIDE_DEBUG=1``) also prints the traceback. Output files are checked before any work
+and never replaced without ``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "describe_error"]
 
 _DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
@@ -39,16 +49,56 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _checked(check: Callable[[Any], Any], kind: type) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)`` checked by a :mod:`.validation` function."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        from .validation import TIDEError
+
+        try:
+            return check(value)
+        except TIDEError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = check.__name__.replace("check_", "")
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr, exit status 1."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def load_model(path: str, device: str | None, dtype: str) -> tuple[object, object]:
-    """Model and tokenizer from a local HuggingFace folder, on ``device`` in ``dtype``."""
+    """Model and tokenizer from a local HuggingFace folder, on ``device`` in ``dtype``.
+
+    Raises:
+        ModelLoadError: the folder is not a model folder, or transformers cannot load it
+            (one line, naming the folder).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .cli_demo import check_model_arg
+    from .demo import ModelLoadError
+
+    check_model_arg(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else "auto"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+    except (OSError, ValueError, ImportError, KeyError, TypeError, RuntimeError) as exc:
+        raise ModelLoadError(f"could not load the model in {path} ({describe_error(exc)}); "
+                             "pass a folder written by save_pretrained (config.json, weights, "
+                             "tokenizer files)") from exc
     return model.to(device).eval(), tokenizer
 
 
@@ -69,7 +119,9 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset-config", default=None, help="configuration of --dataset")
     p.add_argument("--split", default="train", help="split of --dataset (default: %(default)s)")
     p.add_argument("--text-field", default=None, help="column holding the text (default: 'text')")
-    p.add_argument("--out", required=True, help="router file to write (e.g. router.tide)")
+    p.add_argument("--out", required=True, help="router file to write (e.g. router.tide); "
+                   "checked before any work")
+    p.add_argument("--force", action="store_true", help="replace --out (and --plot) if it exists")
     p.add_argument("--samples", type=_positive_int, default=d.calibration_samples,
                    help="calibration samples (default: %(default)s)")
     p.add_argument("--max-length", type=_positive_int, default=256, help="tokens per sample (default: %(default)s)")
@@ -110,11 +162,14 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         exit_strategy=args.exit_strategy,
     )
     dataset = [Path(x) for x in args.data] if args.data else args.dataset
-    if args.data:  # fail on a missing file before loading a large model
-        from .calibration.data import find_text_files
+    files: list[str] = []
+    if args.data:  # fail on a missing or unreadable file before loading a large model
+        from .calibration.data import check_text_file, find_text_files
 
-        for path in args.data:
-            find_text_files(path)
+        files = [f for path in args.data for f in find_text_files(path)]
+        for f in files:
+            check_text_file(f)
+    _check_outputs(args, [args.out, args.plot], files)
     model, tokenizer = load_any(args.model, args.device, args.dtype)
     routers = calibrate(
         model,
@@ -132,18 +187,34 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         target_agreement=args.threshold_target,
         seed=args.seed,
         progress=not args.quiet,
+        overwrite=args.force,
     )
     if args.plot:
-        routers.plot(args.plot)
+        routers.plot(args.plot, overwrite=args.force)
     if not args.quiet:
         print(routers.report())
         print()
     line = f"wrote {args.out} (checkpoints {routers.checkpoint_layers})"
     if args.threshold_target is not None:
-        line += (f"; exit_threshold {routers.config.exit_threshold:.2f} for held-out agreement "
-                 f">= {args.threshold_target}")
+        if routers.config.exit_threshold < 1.0:
+            line += (f"; exit_threshold {routers.config.exit_threshold:.2f} for held-out agreement "
+                     f">= {args.threshold_target}")
+        else:
+            line += (f"; exit_threshold 1.00 (no token exits): the held-out evidence does not "
+                     f"support agreement >= {args.threshold_target} (see the warning above)")
     print(line)
     return 0
+
+
+def _check_outputs(args: argparse.Namespace, outputs: Sequence[str | None], data_files: Sequence[str]) -> None:
+    """Every output file of the run, checked before any work (``--force`` to replace)."""
+    from .cli_demo import model_input_files
+    from .outputs import check_output_file
+
+    inputs = [*data_files, *model_input_files(getattr(args, "model", None))]
+    for out in outputs:
+        if out:
+            check_output_file(out, overwrite=args.force, inputs=inputs, what=out, force_hint="--force")
 
 
 # ---------------------------------------------------------------------------- demo
@@ -178,6 +249,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-samples", type=_positive_int, default=None,
                    help="with --calibrate: samples of 128 tokens (default: 400, as the shipped routers)")
     p.add_argument("--save-routers", default=None, metavar="FILE", help="also save the routers used")
+    p.add_argument("--force", action="store_true", help="replace --save-routers if it exists")
     p.add_argument("--inductor", action="store_true",
                    help="compile tide's graphs with Inductor (on a 2-core CPU this takes minutes)")
     p.add_argument("--repeats", type=_positive_int, default=3,
@@ -201,9 +273,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------- generate
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="with --do-sample (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=None, help="with --do-sample: keep the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="with --do-sample: nucleus probability")
+    from .validation import check_temperature, check_top_k, check_top_p
+
+    p.add_argument("--temperature", type=_checked(check_temperature, float), default=1.0,
+                   help="with --do-sample: finite, > 0 (default: %(default)s)")
+    p.add_argument("--top-k", type=_checked(check_top_k, int), default=None,
+                   help="with --do-sample: keep the k most likely tokens (>= 0; 0: all)")
+    p.add_argument("--top-p", type=_checked(check_top_p, float), default=None,
+                   help="with --do-sample: nucleus probability, in (0, 1]")
     p.add_argument("--seed", type=int, default=0, help="with --do-sample (default: %(default)s)")
 
 
@@ -267,7 +344,9 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                         "and data/shakespeare/heldout of a source checkout)")
     p.add_argument("--thresholds", default="0.5,0.6,0.7,0.8,0.85,0.9,0.95,0.99",
                    help="comma-separated thresholds (default: %(default)s)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for tune.md/.csv/.json/.png")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for tune.md/.csv/.json/.png "
+                   "(created if missing; checked before any work)")
+    p.add_argument("--force", action="store_true", help="replace tune.* files already in --out")
     p.add_argument("--window", type=_positive_int, default=128, help="tokens per window (default: %(default)s)")
     p.add_argument("--max-tokens", type=_positive_int, default=4096,
                    help="held-out tokens scored in all (default: %(default)s)")
@@ -302,18 +381,24 @@ def _tune(args: argparse.Namespace) -> int:
     from . import demo, tune
     from .cli_demo import check_model_arg, heldout_texts, load_any, routers_for
 
+    from .calibration.data import find_text_files, read_text_file
+    from .cli_demo import model_input_files
+    from .outputs import check_output_dir
+    from .validation import TIDEError
+
     thresholds = tune.parse_thresholds(args.thresholds)
     if args.new_tokens < 0:
-        raise ValueError(f"--new-tokens must be >= 0, got {args.new_tokens}")
+        raise TIDEError(f"--new-tokens must be >= 0, got {args.new_tokens}")
+    files: list[str] = []
     if args.data:
-        from .calibration.data import find_text_files
-
         files = [f for path in args.data for f in find_text_files(path)]
     elif args.model not in demo.MODELS:
-        raise ValueError("--data FILE... is required: held-out text the routers were not calibrated on")
+        raise TIDEError("--data FILE... is required: held-out text the routers were not calibrated on")
     check_model_arg(args.model)
-    texts = ([Path(f).read_text(encoding="utf-8") for f in files] if args.data
-             else heldout_texts(args.model))
+    names = [*tune.TABLE_FILES, *([] if args.no_plot else ["tune.png"])]
+    check_output_dir(args.out, names, overwrite=args.force, inputs=[*files, *model_input_files(args.model)],
+                     what=f"--out {args.out}", force_hint="--force")
+    texts = [read_text_file(f) for f in files] if args.data else heldout_texts(args.model)
     model, tokenizer = load_any(args.model, args.device, args.dtype)
     routers = routers_for(model, args.model, args.routers)
     device = next(model.parameters()).device
@@ -324,7 +409,7 @@ def _tune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
         repeats=args.repeats, inductor=inductor, progress=say,
     )
-    paths = tune.write_tables(result, args.out)
+    paths = tune.write_tables(result, args.out, overwrite=args.force)
     print()
     print(f"{result.scored_tokens} held-out tokens in windows of {result.window}; checkpoints "
           f"{result.checkpoint_layers} of {result.num_layers} layers; speed: {device}, Inductor "
@@ -337,7 +422,7 @@ def _tune(args: argparse.Namespace) -> int:
               + ("none (lower the target or sweep higher thresholds)" if best is None else f"{best:g}"))
     if not args.no_plot:
         png = Path(args.out) / "tune.png"
-        tune.plot(result, png)
+        tune.plot(result, png, overwrite=args.force)
         paths.append(png)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -375,26 +460,79 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tide-compile", description="Token-level early exit for HF causal LMs.")
+    parser = _Parser(prog="tide-compile", description="Token-level early exit for HF causal LMs.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, also print the traceback (as TIDE_DEBUG=1 does)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _SUBCOMMANDS:
         add(sub)
+    for p in sub.choices.values():  # --debug after the command too, without resetting it
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, also print the traceback (as TIDE_DEBUG=1 does)")
     return parser
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line for an exception: its message's first line; for an OS error the reason and
+    the file; for an error tide_compile did not expect, its type and a pointer to --debug."""
+    from .validation import TIDEError
+
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        line = f"{exc.strerror}: {exc.filename}"
+    else:
+        line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "") or type(exc).__name__
+    if len(line) > 400:
+        line = line[:400] + " ..."
+    if isinstance(exc, (TIDEError, ValueError, OSError, ImportError)):
+        return line
+    return f"{type(exc).__name__}: {line} (unexpected; run again with --debug for the traceback and report it)"
+
+
+@contextlib.contextmanager
+def _one_line_warnings(prefix: str, debug: bool) -> Iterator[None]:
+    """Warnings as one line each (``prefix: warning: ...``); as Python prints them with --debug."""
+    if debug:
+        yield
+        return
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: Any = None, line: str | None = None) -> None:
+        first = next((ln for ln in str(message).splitlines() if ln.strip()), str(message))
+        print(f"{prefix}: warning: {first.strip()}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``tide-compile`` and ``python -m tide_compile``; returns the exit status."""
+    """Entry point of ``tide-compile`` and ``python -m tide_compile``; returns the exit status.
+
+    Any error is one line on stderr, ``tide-compile COMMAND: error: ...``, and status 1;
+    Ctrl-C is ``... interrupted`` and status 130. ``--debug`` or ``TIDE_DEBUG=1`` prints
+    the traceback before that line.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        # Bad input: say what to fix, without a traceback.
-        print(f"tide-compile {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("TIDE_DEBUG", "").strip() not in ("", "0")
+    prefix = f"tide-compile {args.command}"
+    with _one_line_warnings(prefix, debug):
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+            print(f"{prefix}: interrupted (no output file was left half-written)", file=sys.stderr)
+            return 130
+        except Exception as exc:
+            if debug:
+                traceback.print_exc()
+            print(f"{prefix}: error: {describe_error(exc)}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ generation from a prompt, the exit stats, and tokens/s of tide against plain
 
 The shipped router files are written by::
 
-    python -m tide_compile demo --calibrate --save-routers tide_compile/demo_model/routers.tide
-    python -m tide_compile demo --model smollm2 --calibrate --save-routers tide_compile/smollm2/routers.tide
+    python -m tide_compile demo --calibrate --save-routers tide_compile/demo_model/routers.tide --force
+    python -m tide_compile demo --model smollm2 --calibrate --save-routers tide_compile/smollm2/routers.tide --force
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 __all__ = ["DEMO_ROUTERS", "CALIBRATION_RECIPES", "demo_calibration_texts",
            "calibration_texts", "heldout_texts", "calibrate_demo_routers", "check_model_arg",
-           "cpu_threads", "load_any", "routers_for", "run_demo", "run_generate"]
+           "cpu_threads", "load_any", "model_input_files", "routers_for", "run_demo", "run_generate"]
 
 _PACKAGE = Path(__file__).resolve().parent
 DEMO_ROUTERS: Path = _PACKAGE / "demo_model" / "routers.tide"
@@ -168,6 +168,13 @@ def _demo(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     device = args.device or "cpu"
     name = args.model
+    if args.routers and args.calibrate:
+        raise ValueError("pass either --routers FILE or --calibrate, not both")
+    if args.save_routers:  # before any work
+        from .outputs import check_output_file
+
+        check_output_file(args.save_routers, overwrite=args.force, inputs=model_input_files(name),
+                          what="--save-routers", force_hint="--force")
     model, tokenizer = demo.load(name, device=device)
     n_params = sum(p.numel() for p in model.parameters())
     where = (f"shipped with tide_compile, {demo.DEMO_DIR}" if name == "demo"
@@ -178,8 +185,6 @@ def _demo(args: argparse.Namespace) -> int:
     shipped = demo.SHIPPED_ROUTERS[name]
     prompt = args.prompt if args.prompt is not None else demo.DEFAULT_PROMPTS[name]
 
-    if args.routers and args.calibrate:
-        raise ValueError("pass either --routers FILE or --calibrate, not both")
     if args.routers:
         routers = RouterSet.load(args.routers, model=model)
         source = args.routers
@@ -199,7 +204,7 @@ def _demo(args: argparse.Namespace) -> int:
         routers = RouterSet.load(shipped, model=model)
         source = f"shipped, {shipped.relative_to(_PACKAGE)}"
     if args.save_routers:
-        routers.save(args.save_routers)
+        routers.save(args.save_routers, overwrite=args.force)
         print(f"wrote {args.save_routers}")
     print(_describe_routers(routers, source))
     threshold = routers.config.exit_threshold if args.threshold is None else args.threshold
@@ -278,13 +283,57 @@ def load_any(model: str, device: str | None, dtype: str) -> tuple[Any, Any]:
     return load_model(model, device, dtype)
 
 
+# Files that show a folder holds a model's weights / its tokenizer (any one of them).
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json",
+                    "*.pt", "*.pth", "*.h5", "*.msgpack")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                    "spiece.model", "vocab.txt", "tiktoken.model")
+
+
 def check_model_arg(model: str) -> None:
-    """Fail before any work unless ``model`` is a named model or an existing folder."""
+    """Fail before any work unless ``model`` is a named model or a model folder: a folder
+    with ``config.json``, weights and tokenizer files (each error names what is missing).
+
+    Raises:
+        ModelLoadError: one line naming the fix (a ``TIDEError`` for named models' errors too).
+    """
     from . import demo
 
-    if model not in demo.MODELS and not Path(model).is_dir():
-        raise FileNotFoundError(f"no model folder at {model!r} (pass a local HuggingFace model "
-                                f"folder, or one of: {', '.join(demo.MODELS)})")
+    if model in demo.MODELS:
+        return
+    path = Path(model).expanduser()
+    names = f"pass a local HuggingFace model folder, or one of: {', '.join(demo.MODELS)}"
+    if not path.exists():
+        raise demo.ModelLoadError(f"no model folder at {model!r} ({names})")
+    if not path.is_dir():
+        raise demo.ModelLoadError(f"{model!r} is a file, not a model folder ({names})")
+    if not (path / "config.json").is_file():
+        raise demo.ModelLoadError(f"no config.json in {model}: it is not a HuggingFace model folder "
+                                  f"({names}; save one with model.save_pretrained(folder))")
+    if not any(next(path.glob(pattern), None) for pattern in _WEIGHT_PATTERNS):
+        raise demo.ModelLoadError(f"no weights in {model} (model.safetensors or pytorch_model.bin): "
+                                  "save them with model.save_pretrained(folder)")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise demo.ModelLoadError(f"no tokenizer files in {model} (tokenizer.json, tokenizer_config.json "
+                                  "or tokenizer.model): save them with tokenizer.save_pretrained(folder)")
+
+
+def model_input_files(model: str | None) -> list[Path]:
+    """The files a run reads for ``--model`` (a folder's files, the demo model's, SmolLM2's
+    GGUF): no output may be written over one of them."""
+    from . import demo
+    from .outputs import model_input_files as folder_files
+
+    if model is None:
+        return []
+    if model == "demo":
+        return folder_files(demo.DEMO_DIR)
+    if model == "smollm2":
+        try:
+            return [demo.smollm2_gguf()]
+        except demo.ModelLoadError:
+            return []
+    return folder_files(model)
 
 
 def routers_for(model: Any, model_arg: str, routers_arg: str | None) -> Any:
@@ -310,6 +359,10 @@ def _generate(args: argparse.Namespace) -> int:
 
     from .runtime.model import optimize
 
+    from .validation import TIDEError
+
+    if not args.prompt:
+        raise TIDEError("--prompt is empty: pass the text to continue")
     check_model_arg(args.model)
     model, tokenizer = load_any(args.model, args.device, args.dtype)
     routers = routers_for(model, args.model, args.routers)

@@ -36,9 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .outputs import atomic_write, check_output_dir, check_output_file
 from .routers import RouterSet
+from .validation import TIDEError
 
 __all__ = [
+    "TABLE_FILES",
     "TuneRow",
     "TuneResult",
     "parse_thresholds",
@@ -49,6 +52,9 @@ __all__ = [
     "write_tables",
     "plot",
 ]
+
+#: The files :func:`write_tables` writes into its folder (:func:`plot` adds ``tune.png``).
+TABLE_FILES = ("tune.md", "tune.csv", "tune.json")
 
 
 @dataclass
@@ -130,12 +136,12 @@ def parse_thresholds(text: str) -> list[float]:
         try:
             value = float(part)
         except ValueError:
-            raise ValueError(f"thresholds: {part!r} is not a number (write e.g. 0.5,0.7,0.9)") from None
+            raise TIDEError(f"thresholds: {part!r} is not a number (write e.g. 0.5,0.7,0.9)") from None
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"thresholds: {value} is outside [0, 1]")
+            raise TIDEError(f"thresholds: {value} is outside [0, 1]")
         values.append(value)
     if not values:
-        raise ValueError("thresholds: none given (write e.g. 0.5,0.7,0.9)")
+        raise TIDEError("thresholds: none given (write e.g. 0.5,0.7,0.9)")
     return sorted(set(values))
 
 
@@ -161,7 +167,7 @@ def token_windows(tokenizer: Any, texts: Sequence[str], window: int, max_tokens:
             rows.append(([bos] if bos is not None else [chunk[0]]) + chunk)
             budget -= window
     if not rows:
-        raise ValueError(
+        raise TIDEError(
             f"the text has fewer than window={window} tokens: pass more text or a smaller --window"
         )
     return torch.tensor(rows, dtype=torch.long)
@@ -314,7 +320,7 @@ def sweep(
     thresholds = [float(t) for t in thresholds]
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
-            raise ValueError(f"threshold {t} is outside [0, 1]")
+            raise TIDEError(f"threshold {t} is outside [0, 1]")
     routers.check_model(model)
     windows = token_windows(tokenizer, texts, window, max_tokens)
     say = progress or (lambda _line: None)
@@ -365,26 +371,35 @@ def sweep(
     )
 
 
-def write_tables(result: TuneResult, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Write ``tune.md``, ``tune.csv`` and ``tune.json`` into ``out_dir``; returns the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / "tune.md"
-    md.write_text(result.markdown() + "\n", encoding="utf-8")
-    csv_path = out / "tune.csv"
-    names = list(asdict(result.rows[0]))
-    with csv_path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=names)
-        writer.writeheader()
-        for r in result.rows:
-            writer.writerow(asdict(r))
-    js = out / "tune.json"
-    js.write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
+def write_tables(result: TuneResult, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
+    """Write ``tune.md``, ``tune.csv`` and ``tune.json`` into ``out_dir``; returns the paths.
+
+    ``out_dir`` is created if missing (its parent must exist). Each file is written
+    atomically; existing ones are replaced only with ``overwrite=True`` (checked for all
+    three before any is written).
+    """
+    out = check_output_dir(out_dir, TABLE_FILES, overwrite=overwrite, what="tune output folder")
+    out.mkdir(exist_ok=True)
+
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(asdict(result.rows[0])))
+            writer.writeheader()
+            for r in result.rows:
+                writer.writerow(asdict(r))
+
+    md, csv_path, js = (out / name for name in TABLE_FILES)
+    atomic_write(md, lambda tmp: Path(tmp).write_text(result.markdown() + "\n", encoding="utf-8"))
+    atomic_write(csv_path, write_csv)
+    atomic_write(js, lambda tmp: Path(tmp).write_text(json.dumps(result.to_dict(), indent=1) + "\n",
+                                                      encoding="utf-8"))
     return [md, csv_path, js]
 
 
-def plot(result: TuneResult, path: str | os.PathLike[str]) -> None:
-    """Draw the sweep to ``path`` (needs matplotlib: ``pip install 'tide-compile[bench]'``)."""
+def plot(result: TuneResult, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    """Draw the sweep to ``path`` (needs matplotlib: ``pip install 'tide-compile[bench]'``);
+    written atomically, an existing file replaced only with ``overwrite=True``."""
+    target = check_output_file(path, overwrite=overwrite, what="tune plot")
     try:
         import matplotlib.pyplot as plt
     except ImportError as exc:
@@ -420,5 +435,8 @@ def plot(result: TuneResult, path: str | os.PathLike[str]) -> None:
     ax2.set_title(f"decode speed ({s.get('device')}, inductor {'on' if s.get('inductor') else 'off'})")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.fspath(path))
-    plt.close(fig)
+    fmt = target.suffix.lstrip(".").lower() or "png"
+    try:
+        atomic_write(target, lambda tmp: fig.savefig(tmp, format=fmt))
+    finally:
+        plt.close(fig)

@@ -11,6 +11,7 @@ error naming the fix.
 
 from __future__ import annotations
 
+import codecs
 import os
 import random
 from collections.abc import Sequence
@@ -18,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CalibrationDataError", "load_rows", "build_samples", "TokenSamples", "find_text_files"]
+from ..validation import TIDEError
+
+__all__ = ["CalibrationDataError", "load_rows", "build_samples", "TokenSamples", "find_text_files",
+           "check_text_file", "read_text_file"]
 
 # Extensions read from a folder; anything else in it is ignored.
 _TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -26,7 +30,11 @@ _TEXT_SUFFIXES = (".txt", ".text", ".md")
 _CANDIDATE_FACTOR = 4
 
 
-class CalibrationDataError(ValueError):
+# Bytes read at a time when checking that a file is text.
+_CHECK_CHUNK = 1 << 20
+
+
+class CalibrationDataError(TIDEError):
     """The calibration text source cannot be used (the message says how to fix it)."""
 
 
@@ -67,6 +75,49 @@ def find_text_files(path: str | os.PathLike[str]) -> list[str]:
     raise CalibrationDataError(f"calibration data file or folder {str(p)!r} does not exist")
 
 
+def check_text_file(path: str | os.PathLike[str], encoding: str = "utf-8") -> None:
+    """Fail unless ``path`` is readable text in ``encoding``, naming the file and the
+    encoding (read in chunks: memory stays small for any file size).
+
+    Raises:
+        CalibrationDataError: unreadable, binary (NUL bytes), or not ``encoding``.
+    """
+    name = os.fspath(path)
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset = 0
+    try:
+        with open(name, "rb") as f:
+            while chunk := f.read(_CHECK_CHUNK):
+                nul = chunk.find(b"\0")
+                if nul >= 0:
+                    raise CalibrationDataError(
+                        f"{name} is not text: it holds a NUL byte at offset {offset + nul} "
+                        f"(a binary file?); pass {encoding} text files")
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    raise CalibrationDataError(
+                        f"{name} is not {encoding} text (byte 0x{chunk[max(exc.start, 0)]:02x} near offset "
+                        f"{offset + max(exc.start, 0)}): convert it, e.g. iconv -f latin1 -t {encoding} "
+                        f"{name} > converted.txt") from None
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise CalibrationDataError(f"{name} is not {encoding} text (it ends inside a character): "
+                                   f"convert it to {encoding}") from None
+    except OSError as exc:
+        raise CalibrationDataError(f"cannot read {name}: {exc.strerror or exc}") from None
+
+
+def read_text_file(path: str | os.PathLike[str], encoding: str = "utf-8") -> str:
+    """The text of ``path``, or :class:`CalibrationDataError` naming the file and encoding."""
+    check_text_file(path, encoding)
+    try:
+        return Path(path).read_text(encoding=encoding)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationDataError(f"cannot read {os.fspath(path)} as {encoding} text: {exc}") from None
+
+
 def _looks_local(source: str) -> bool:
     """A path rather than a hub name ("name" or "owner/name")?"""
     if Path(source).expanduser().exists():
@@ -91,11 +142,18 @@ def _load_local(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[str], str
     files: list[str] = []
     for path in paths:
         files.extend(find_text_files(os.path.expanduser(os.fspath(path))))
+    for f in files:  # a clear error before the datasets loader's own
+        check_text_file(f)
     datasets = _import_datasets("local text files")
     # One row per file, verbatim: build_samples cuts it between lines, blank lines kept.
-    ds = datasets.load_dataset(
-        "text", data_files=files, split="train", sample_by="document", keep_linebreaks=True
-    )
+    try:
+        ds = datasets.load_dataset(
+            "text", data_files=files, split="train", sample_by="document", keep_linebreaks=True
+        )
+    except Exception as exc:  # the datasets library raises its own error types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CalibrationDataError(f"could not read the calibration text files ({first}); "
+                                   "pass UTF-8 text files, or the text as a list of strings") from exc
     return list(ds["text"]), "files: " + ", ".join(files[:8]) + (" ..." if len(files) > 8 else "")
 
 

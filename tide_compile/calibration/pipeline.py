@@ -17,10 +17,12 @@ from torch import nn
 
 from ..config import TIDEConfig
 from ..model_probe import probe
+from ..outputs import check_output_file
 from ..routers import ExitProjection, RouterSet
+from ..validation import TIDEError
 from . import quality
 from .collect import collect_states
-from .data import build_samples, load_rows
+from .data import build_samples, find_text_files, load_rows
 from .labels import agree_labels, check_label_kind, cosine_labels, head_top1
 from .train import PROJECTION_LOSSES, split_by_sample, train_projection, train_router
 
@@ -29,7 +31,7 @@ __all__ = ["calibrate"]
 
 def _check_positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"calibrate: {name} must be a positive integer, got {value!r}")
+        raise TIDEError(f"calibrate: {name} must be a positive integer, got {value!r}")
 
 
 def calibrate(
@@ -52,6 +54,7 @@ def calibrate(
     protect_first_token: bool = True,
     seed: int = 0,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> RouterSet:
     """Calibrate early-exit routers for ``model`` on text (eager, once).
 
@@ -63,7 +66,9 @@ def calibrate(
             (default: ``config.calibration_dataset``).
         config: checkpoints (``checkpoint_interval``, ``min_layers``), router width,
             ``calibration_samples``, ``exit_strategy``, ``convergence_threshold``.
-        save_path: if given, the routers are also saved there.
+        save_path: if given, the routers are also saved there (checked before any work:
+            its folder exists and is writable, it is not a folder or one of the text
+            files; written atomically).
         dataset_config, split, text_field: which hub configuration, split and column.
         labels: ``"agree"`` (exit head top-1 == full model top-1) or ``"cosine"``.
         max_length: tokens per sample (longer samples are truncated).
@@ -74,13 +79,16 @@ def calibrate(
         projection_rank: rank of each exit projection (``exit_strategy="projection"``).
         projection_loss: ``"kl"`` (match the full distribution) or ``"ce"`` (its top-1).
         target_agreement: if given, the returned routers' ``config.exit_threshold`` is
-            :meth:`RouterSet.threshold_for` of it.
+            :meth:`RouterSet.threshold_for` of it (1.0, with a warning, when the held-out
+            evidence cannot support the target).
         protect_first_token: label the first token of every sample "do not exit" (in
             router training and in the quality table). Every later token attends to it
             (the attention sink), so K/V propagated from its early state cost more than
             its own next-token agreement shows.
         seed: seeds the sample choice, token subset, splits, initializations and batch order.
         progress: show tqdm progress bars.
+        overwrite: replace an existing ``save_path`` (else an existing file is an error,
+            raised before any work).
 
     Returns:
         A :class:`RouterSet` on the model's device, with ``quality_table`` and
@@ -97,9 +105,18 @@ def calibrate(
     ):
         _check_positive(name, value)
     if projection_loss not in PROJECTION_LOSSES:
-        raise ValueError(f"calibrate: projection_loss must be 'kl' or 'ce', got {projection_loss!r}")
-    if target_agreement is not None and not 0.0 <= float(target_agreement) <= 1.0:
-        raise ValueError(f"calibrate: target_agreement must be in [0, 1], got {target_agreement!r}")
+        raise TIDEError(f"calibrate: projection_loss must be 'kl' or 'ce', got {projection_loss!r}")
+    if target_agreement is not None and not (
+        isinstance(target_agreement, (int, float)) and not isinstance(target_agreement, bool)
+        and 0.0 <= target_agreement <= 1.0
+    ):
+        raise TIDEError(f"calibrate: target_agreement must be in [0, 1], got {target_agreement!r}")
+    if save_path is not None:  # before any work: a bad path must not cost a calibration
+        source = dataset if dataset is not None else config.calibration_dataset
+        inputs = [source] if isinstance(source, (str, os.PathLike)) else (
+            [x for x in source if isinstance(x, os.PathLike)] if isinstance(source, (list, tuple)) else [])
+        text_files = [f for x in inputs if os.path.exists(x) for f in find_text_files(x)]
+        check_output_file(save_path, overwrite=overwrite, inputs=text_files, what="save_path")
 
     p = probe(model)
     layers = config.checkpoint_layers(p.num_layers)
@@ -206,5 +223,5 @@ def calibrate(
         quality_table=table,
     ).to(device)
     if save_path is not None:
-        result.save(save_path)
+        result.save(save_path, overwrite=overwrite)
     return result
