@@ -63,7 +63,7 @@ def _check_range(name: str, value: Any, lo: float, hi: float, *, integer: bool) 
         ok_type = isinstance(value, int) and not isinstance(value, bool)
     else:
         ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok_type or (not integer and not math.isfinite(value)):
+    if not ok_type or (isinstance(value, float) and not math.isfinite(value)):
         raise TIDEError(f"TIDEConfig.{name} must be {kind} in [{lo}, {hi}], got {value!r}")
     if not lo <= value <= hi:
         raise TIDEError(f"TIDEConfig.{name} must be in [{lo}, {hi}], got {value!r}")

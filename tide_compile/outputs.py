@@ -78,15 +78,15 @@ def check_output_file(
     if target.is_dir():
         raise TIDEError(f"{what}: {str(target)!r} is a folder: pass a file path inside it, "
                         f"e.g. {target / 'router.tide'}")
+    exists = target.exists() or target.is_symlink()
+    if exists and not (stat.S_ISREG(os.lstat(target).st_mode) or target.is_symlink()):
+        raise TIDEError(f"{what}: {str(target)!r} is not a regular file: choose another path")
     _check_parent(target.parent if str(target.parent) else Path("."), what)
     for item in inputs:
         if _same_file(target, Path(os.fspath(item))):
             raise TIDEError(f"{what}: {str(target)!r} is an input of this run ({item}): writing "
                             "there would destroy it; choose another path")
-    if target.exists() or target.is_symlink():
-        mode = os.lstat(target).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-            raise TIDEError(f"{what}: {str(target)!r} is not a regular file: choose another path")
+    if exists:
         if not overwrite:
             raise TIDEError(f"{what}: {str(target)!r} exists: pass {force_hint} to replace it, "
                             "or choose another path")

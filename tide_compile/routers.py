@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -430,8 +431,8 @@ def _read_safetensors(path: str) -> tuple[dict[str, dict[str, Any]], dict[str, s
 
     size = os.path.getsize(path)
     if size > MAX_FILE_BYTES:
-        raise RouterFileError(f"{path!r} is {size / 2**30:.1f} GiB, larger than any router file "
-                              f"({MAX_FILE_BYTES / 2**30:.0f} GiB at most): pass a router file")
+        raise RouterFileError(f"{path!r} has {size} bytes, larger than any router file "
+                              f"({MAX_FILE_BYTES} bytes at most): pass a router file")
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -456,7 +457,7 @@ def _read_safetensors(path: str) -> tuple[dict[str, dict[str, Any]], dict[str, s
         if not isinstance(entry, dict):
             raise bad(f"tensor {name!r} has no dtype/shape/offsets")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise bad(f"tensor {name!r} has dtype {dtype!r}; router weights are one of {sorted(_DTYPES)}")
         if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
             raise bad(f"tensor {name!r} has shape {shape!r}")
@@ -486,7 +487,9 @@ def _is_prob(x: Any, none_ok: bool = False) -> bool:
 def _is_real(x: Any, none_ok: bool = False) -> bool:
     if x is None:
         return none_ok
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if isinstance(x, bool):
+        return False
+    return isinstance(x, int) or (isinstance(x, float) and math.isfinite(x))  # JSON ints may be huge
 
 
 def _check_metadata(meta: Any, path: str) -> dict[str, Any]:
@@ -541,7 +544,7 @@ def _check_metadata(meta: Any, path: str) -> dict[str, Any]:
         raise bad("exit_projection_rank", "is not an object")
     ranks: dict[int, int] = {}
     for key, rank in ranks_raw.items():
-        if not (key.isdigit() and int(key) in layers):
+        if not (re.fullmatch(r"[0-9]{1,6}", key) and int(key) in layers):
             raise bad("exit_projection_rank", f"names layer {key!r}, not one of the checkpoints {layers}")
         if not _is_int_in(rank, 1, hidden):
             raise bad("exit_projection_rank", f"at layer {key} is {rank!r}, not an integer in [1, {hidden}]")

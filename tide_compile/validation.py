@@ -63,7 +63,8 @@ def _is_int(value: Any) -> bool:
 # ---------------------------------------------------------------------------- sampling
 def check_temperature(temperature: Any) -> float:
     """``temperature`` as a float; it must be a finite number > 0."""
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature <= 0:
+    if not _is_real(temperature) or temperature <= 0 or not (
+            isinstance(temperature, int) or math.isfinite(temperature)):
         raise TIDEError(f"temperature must be a finite number > 0, got {temperature!r} "
                         "(1.0 samples from the model's distribution; for greedy decoding "
                         "leave do_sample off)")
