@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["DEMO_ROUTERS", "CALIBRATION_RECIPES", "demo_calibration_texts",
-           "calibration_texts", "heldout_texts", "calibrate_demo_routers", "check_model_arg",
+           "calibration_texts", "text_chunks", "heldout_texts", "calibrate_demo_routers", "check_model_arg",
            "cpu_threads", "load_any", "model_input_files", "routers_for", "run_demo", "run_generate"]
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -67,11 +67,36 @@ def demo_calibration_texts() -> list[str]:
     ]
 
 
-def calibration_texts(name: str) -> list[Any]:
+def text_chunks(text: str, chars: int = 2000) -> list[str]:
+    """``text`` cut between lines into pieces of about ``chars`` characters (blank-only
+    pieces dropped)."""
+    out: list[str] = []
+    group: list[str] = []
+    size = 0
+    for line in text.split("\n"):
+        group.append(line)
+        size += len(line) + 1
+        if size >= chars:
+            out.append("\n".join(group).strip("\n"))
+            group, size = [], 0
+    out.append("\n".join(group).strip("\n"))
+    return [piece for piece in out if piece.strip()]
+
+
+def calibration_texts(name: str, seed: int = 0, chunk_chars: int = 2000) -> list[str]:
     """The text a named model's shipped routers were calibrated on (a source checkout's
-    ``data/``). ``smollm2``: ``data/code/calibration`` (Python standard-library modules)
-    and ``data/shakespeare/train`` (plays); the held-out halves, ``data/code/heldout`` and
-    ``data/shakespeare/heldout``, are what quality is measured on."""
+    ``data/``), as a list of strings (no ``datasets`` needed).
+
+    ``demo``: :func:`demo_calibration_texts`. ``smollm2``: ``data/code/calibration``
+    (Python standard-library modules) and ``data/shakespeare/train`` (plays), each domain
+    cut into ~``chunk_chars`` pieces, shuffled (seeded) within the domain, then
+    interleaved code, prose, code, ...: ``calibrate`` packs rows in order and draws its
+    samples from the first ones, so without interleaving a small run would see one
+    domain. The held-out halves, ``data/code/heldout`` and ``data/shakespeare/heldout``,
+    are what quality is measured on (:func:`heldout_texts`).
+    """
+    import random
+
     if name == "demo":
         return demo_calibration_texts()
     folders = [_DATA / "code" / "calibration", _DATA / "shakespeare" / "train"]
@@ -82,7 +107,13 @@ def calibration_texts(name: str) -> list[Any]:
             "tide-compile, not in the installed package): pass --data FILE..., or use the "
             "shipped routers (drop --calibrate)"
         )
-    return [path for folder in folders for path in sorted(folder.glob("*.txt"))]
+    domains = []
+    for folder in folders:
+        chunks = [c for path in sorted(folder.glob("*.txt"))
+                  for c in text_chunks(path.read_text(encoding="utf-8"), chunk_chars)]
+        random.Random(seed).shuffle(chunks)
+        domains.append(chunks)
+    return [d[i] for i in range(max(map(len, domains))) for d in domains if i < len(d)]
 
 
 def heldout_texts(name: str) -> list[str]:
