@@ -6,6 +6,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Hypothesis: compiling an example takes seconds, so deadlines mean nothing; a test that
+# compiles sets its own (small) max_examples, its budget, on top of this profile.
+settings.register_profile(
+    "tide", deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile("tide")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -15,17 +23,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def record_instances(monkeypatch, cls) -> list:
-    """Every instance of ``cls`` built while the test runs, in order (``__init__`` patched
-    through ``monkeypatch``, so undone after the test)."""
-    made: list = []
-    init = cls.__init__
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(cls, "__init__", keep)
-    return made

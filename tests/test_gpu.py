@@ -9,8 +9,9 @@ import tide_compile
 from tide_compile import ExitStats, RouterSet, TIDEConfig
 from tide_compile import reference as R
 from tide_compile.runtime.cudagraphs import GraphedSkipRunner
+from tide_testing import (assert_caches_equal, dynamic_ids, random_routers, record_instances,
+                          splitting_threshold)
 from tiny_models import make_model
-from conftest import record_instances
 
 pytestmark = pytest.mark.gpu
 CFG = TIDEConfig(checkpoint_interval=2, router_bottleneck_dim=8)
@@ -18,7 +19,6 @@ TOL = {torch.float32: 2e-3, torch.bfloat16: 5e-2}
 
 
 def _routers(model, seed):
-    from test_reference import random_routers
     return random_routers(model, seed, config=CFG).to("cuda")
 
 
@@ -148,8 +148,6 @@ def test_runner_is_graphed_on_cuda(monkeypatch):
 
 def test_compact_prefill_cuda_equals_reference():
     """Strategy compact with Inductor on CUDA (dynamic-length pieces compiled once)."""
-    from test_compact import assert_caches_equal, dynamic_ids, splitting_threshold
-
     torch._dynamo.reset()
     model = make_model("llama", num_layers=6).cuda()
     routers = _routers(model, 5)

@@ -76,7 +76,7 @@ def test_insert_places_routes_and_selects(arch):
     n_in = len([n for n in gm.graph.nodes if n.op == "placeholder"])
     ctx = PassContext(num_layers=6, checkpoint_layers=(1, 3), hidden_size=32)
     info = layers.run(gm, ctx)
-    insert.run(gm, info, routers, [1, 3], 0.5)
+    insert.insert_exits(gm, info, routers, [1, 3], 0.5)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.tide.route.default) == 2
     # every layer after the first checkpoint reads its input through exit_select
@@ -97,4 +97,4 @@ def test_insert_refuses_bad_checkpoints():
     gm = _graph(model)
     info = layers.run(gm, PassContext(num_layers=4, checkpoint_layers=(1,), hidden_size=32))
     with pytest.raises(ValueError, match="not exit layers"):
-        insert.run(gm, info, routers, [3], 0.5)
+        insert.insert_exits(gm, info, routers, [3], 0.5)

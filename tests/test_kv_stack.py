@@ -4,13 +4,17 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
+from hypothesis import settings
+
 from tide_compile import ExitStats, RouterSet
+from tide_compile.options import parse_options
+from tide_compile.passes import kv_stack
 from tide_compile.passes._fx import target_name
 from tide_compile.runtime.runner import SkipRunner
-from test_backend import ARCHS5, CFG, SETTINGS, decode_equals_reference, \
-    inductor_forced_decode_equals_reference, model_for, new_cache, run_both
-from conftest import record_instances
-from test_reference import random_routers
+from tide_testing import (ARCHS5, CFG, compacted_prefill_equals_reference, decode_equals_reference,
+                          dynamic_ids, inductor_forced_decode_equals_reference, model_for,
+                          new_cache, random_routers, record_instances, run_both,
+                          skip_layers_executed, splitting_threshold)
 
 
 def compiled(model, routers, **options):
@@ -22,15 +26,25 @@ def compiled(model, routers, **options):
     return fn, stats
 
 
-@SETTINGS
+@settings(max_examples=10)
 @given(arch=st.sampled_from(ARCHS5), strategy=st.sampled_from(["skip", "auto"]),
        batch=st.integers(1, 2), prompt=st.integers(1, 5), threshold=st.floats(0.05, 0.95),
        seed=st.integers(0, 10_000))
-def test_stacked_kv_fill_equals_reference(arch, strategy, batch, prompt, threshold, seed):
+def test_stacked_kv_fill_equals_reference(monkeypatch, arch, strategy, batch, prompt, threshold,
+                                          seed):
+    """Equal to the reference; the one-token steps stopped where the reference's exits
+    let them, and every KV-fill ran stacked."""
+    stacked = []
+    real = kv_stack.run
+    monkeypatch.setattr(kv_stack, "run", lambda *a: stacked.append(real(*a)) or stacked[-1])
     model = model_for(arch)
     routers = random_routers(model, seed)
-    fn, _ = compiled(model, routers, exit_threshold=threshold, strategy=strategy)
-    run_both(model, routers, fn, "static", batch, prompt, 3, threshold, seed)
+    fn, stats = compiled(model, routers, exit_threshold=threshold, strategy=strategy)
+    steps = run_both(model, routers, fn, "static", batch, prompt, 3, threshold, seed)
+    skip = [s for s in steps if s.shape[1] == 1 or strategy == "skip"]
+    assert stats.layers_executed == (sum(skip_layers_executed(s, 4) for s in skip)
+                                     + sum(s.numel() * 4 for s in steps if s not in skip))
+    assert stacked and max(stacked) > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
@@ -62,24 +76,20 @@ def test_forced_exit_with_stacked_kv_fill_writes_the_reference_cache(arch, monke
 
 
 def test_stacked_kv_option_is_validated():
-    from tide_compile import backend as B
-
-    assert B.parse_options({"stack_kv": True}).stack_kv is True
-    assert B.parse_options({}).stack_kv is None
+    assert parse_options({"stack_kv": True}).stack_kv is True
+    assert parse_options({}).stack_kv is None
     with pytest.raises(ValueError, match="unknown"):
-        B.parse_options({"stack_kvs": True})
+        parse_options({"stack_kvs": True})
     with pytest.raises(TypeError, match="stack_kv"):
-        B.parse_options({"stack_kv": "yes"})
+        parse_options({"stack_kv": "yes"})
 
 
 @pytest.mark.parametrize("given, stacked", [(None, False), (True, True), (False, False)])
 def test_stack_kv_default_is_off_on_cpu(monkeypatch, given, stacked):
     """None (the default) stacks only for a CUDA model compiled with Inductor."""
-    from tide_compile import backend as B
-
     calls = []
-    real = B._stack_kv
-    monkeypatch.setattr(B, "_stack_kv", lambda *a: (calls.append(1), real(*a))[1])
+    real = kv_stack.run
+    monkeypatch.setattr(kv_stack, "run", lambda *a: (calls.append(1), real(*a))[1])
     model = model_for("llama")
     routers = RouterSet.forced(model, exit_at=0, config=CFG)
     torch._dynamo.reset()
@@ -101,9 +111,6 @@ def test_inductor_stacked_kv_fill_equals_reference():
 
 
 def test_compact_prefill_with_stacked_kv_fill_equals_reference():
-    from test_compact import compacted_prefill_equals_reference, dynamic_ids, \
-        splitting_threshold
-
     model = model_for("qwen2")
     routers = random_routers(model, 11)
     ids = dynamic_ids(2, 16, 3)

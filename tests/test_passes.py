@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from graph_capture import capture, tensors_equal
 from tiny_models import make_model
 from tide_compile.model_probe import probe
-from tide_compile.passes import PassContext, PassError, run_pipeline
+from tide_compile.passes import KV_FILL, LAYERS, SEGMENT, PassContext, PassError, run_passes
 from tide_compile.passes import _fx
 from tide_compile.passes.kv_fill import kv_fill_graph
 from tide_compile.passes.layers import META_KEY, LayerInfo, _layer_entries, rank
@@ -54,14 +54,12 @@ def context(pr, cuts) -> PassContext:
     return PassContext.from_probe(pr, cuts)
 
 
+#: The analysis passes on a graph without exits inserted.
+ANALYSIS_PASSES = (LAYERS, SEGMENT, KV_FILL)
+
+
 def layer_info(gm, pr) -> LayerInfo:
-    return run_pipeline(gm, context(pr, [0]), pipeline=_only("layers")).layer_info
-
-
-def _only(name):
-    from tide_compile.passes import PIPELINE
-
-    return [p for p in PIPELINE if p[0] == name]
+    return run_passes(gm, context(pr, [0]), [LAYERS]).layer_info
 
 
 # ---------------------------------------------------------------------------- references
@@ -166,7 +164,7 @@ def test_layers_refuses_a_partial_graph():
     ctx = PassContext.from_probe(pr, [0])
     ctx.num_layers = NUM_LAYERS + 1
     with pytest.raises(PassError, match="fullgraph=True"):
-        run_pipeline(caps[0].gm, ctx, pipeline=_only("layers"))
+        run_passes(caps[0].gm, ctx, [LAYERS])
 
 
 # ----------------------------------------------------------------------------- segment
@@ -313,7 +311,7 @@ def test_kv_fill_for_any_checkpoint(arch, cache, c):
 def test_kv_fill_keeps_only_the_kv_path(arch, cache):
     model, pr, caps = captured(arch, cache)
     for cap in caps:
-        ctx = run_pipeline(cap.gm, context(pr, [0, 2]))
+        ctx = run_passes(cap.gm, context(pr, [0, 2]), ANALYSIS_PASSES)
         kv = ctx.kv_fills[0]
         assert kv.layers == (1, NUM_LAYERS - 1)
         for l in range(1, NUM_LAYERS):
@@ -385,10 +383,11 @@ def test_dead_code_elimination_keeps_writes_through_aliases():
 
 def test_pipeline_runs_in_order_and_fills_the_context():
     model, pr, caps = captured("qwen2", "dynamic")
-    ctx = run_pipeline(caps[-1].gm, context(pr, [0, 2]))
+    ctx = run_passes(caps[-1].gm, context(pr, [0, 2]), ANALYSIS_PASSES)
     assert ctx.layer_info.num_layers == NUM_LAYERS
     assert [s.layers for s in ctx.split.segments] == [(0, 0), (1, 2), (3, 3)]
     assert set(ctx.kv_fills) == {0, 2}
+    assert ctx.log == ["layers", "segment", "kv_fill"]
     assert ctx.kv_fills[2].layers == (3, 3)
     with pytest.raises(PassError, match="strictly increasing"):
         split(caps[-1].gm, ctx.layer_info, [2, 1])

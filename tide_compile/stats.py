@@ -25,7 +25,10 @@ class ExitStats:
         total_tokens: tokens whose outputs were produced.
         exits_per_layer: checkpoint layer -> tokens that exited there.
         layers_executed: token-layers that ran (full layers; KV-fill not included).
-        last_exit_layers / last_layers_executed: of the latest :meth:`record` call.
+        steps_by_strategy: strategy -> steps (calls) that ran it (``"skip"``, ``"frozen"``,
+            ``"compact"``); steps recorded without a strategy are not in it.
+        last_exit_layers / last_layers_executed / last_strategy: of the latest
+            :meth:`record` call.
     """
 
     #: pending device tensors are counted once this many have accumulated
@@ -33,14 +36,17 @@ class ExitStats:
 
     def __init__(self, num_layers: int, total_tokens: int = 0,
                  exits_per_layer: dict[int, int] | None = None,
-                 layers_executed: int = 0) -> None:
+                 layers_executed: int = 0,
+                 steps_by_strategy: dict[str, int] | None = None) -> None:
         self.num_layers = num_layers
         self.total_tokens = total_tokens
         self.layers_executed = layers_executed
+        self.steps_by_strategy: dict[str, int] = dict(steps_by_strategy or {})
         self._exits: dict[int, int] = dict(exits_per_layer or {})
         self._pending: list[torch.Tensor] = []
         self.last_exit_layers: torch.Tensor | None = None
         self.last_layers_executed = 0
+        self.last_strategy: str | None = None
 
     @property
     def exits_per_layer(self) -> dict[int, int]:
@@ -52,7 +58,8 @@ class ExitStats:
         self._pending = []
         self._exits = dict(value)
 
-    def record(self, exit_layers: torch.Tensor, layers_executed: int | None = None) -> None:
+    def record(self, exit_layers: torch.Tensor, layers_executed: int | None = None,
+               strategy: str | None = None) -> None:
         """Add a step's tokens.
 
         Args:
@@ -61,6 +68,7 @@ class ExitStats:
             layers_executed: token-layers that ran in this step; defaults to the sum
                 of the tokens' depths (a path that really skipped every exited layer;
                 this reads the device at once).
+            strategy: the strategy the step ran (counted in ``steps_by_strategy``).
         """
         t = exit_layers.detach()
         n = int(t.numel())
@@ -78,8 +86,14 @@ class ExitStats:
                 self._flush()
         self.total_tokens += n
         self.layers_executed += int(layers_executed)
+        self._step(strategy)
         self.last_exit_layers = t
         self.last_layers_executed = int(layers_executed)
+
+    def _step(self, strategy: str | None) -> None:
+        self.last_strategy = strategy
+        if strategy is not None:
+            self.steps_by_strategy[strategy] = self.steps_by_strategy.get(strategy, 0) + 1
 
     def _count(self, flat: torch.Tensor) -> None:
         exited = flat[flat >= 0]
@@ -93,13 +107,15 @@ class ExitStats:
             pending, self._pending = self._pending, []
             self._count(torch.cat([p.to(torch.int64) for p in pending]).cpu())
 
-    def record_uniform(self, exit_layer: int, tokens: int, layers_executed: int) -> None:
+    def record_uniform(self, exit_layer: int, tokens: int, layers_executed: int,
+                       strategy: str | None = None) -> None:
         """Add ``tokens`` tokens that all exited at ``exit_layer`` (-1: none), without
         reading any device tensor (the runner already knows)."""
         if exit_layer >= 0:
             self._exits[exit_layer] = self._exits.get(exit_layer, 0) + tokens
         self.total_tokens += tokens
         self.layers_executed += int(layers_executed)
+        self._step(strategy)
         self.last_exit_layers = torch.full((tokens,), exit_layer, dtype=torch.int64)
         self.last_layers_executed = int(layers_executed)
 
@@ -111,12 +127,16 @@ class ExitStats:
             )
         self.total_tokens += other.total_tokens
         self.layers_executed += other.layers_executed
+        for strategy, steps in other.steps_by_strategy.items():
+            self.steps_by_strategy[strategy] = self.steps_by_strategy.get(strategy, 0) + steps
         for layer, count in other.exits_per_layer.items():
             self._exits[layer] = self._exits.get(layer, 0) + count
 
     def reset(self) -> None:
         self.last_exit_layers = None
         self.last_layers_executed = 0
+        self.last_strategy = None
+        self.steps_by_strategy = {}
         self.total_tokens = 0
         self._exits = {}
         self._pending = []
@@ -131,7 +151,8 @@ class ExitStats:
     def __repr__(self) -> str:
         return (f"ExitStats(num_layers={self.num_layers}, total_tokens={self.total_tokens}, "
                 f"exits_per_layer={self.exits_per_layer}, "
-                f"layers_executed={self.layers_executed})")
+                f"layers_executed={self.layers_executed}, "
+                f"steps_by_strategy={self.steps_by_strategy})")
 
     @property
     def exited_tokens(self) -> int:
@@ -177,6 +198,9 @@ class ExitStats:
         lines.append(
             f"Layers executed per token: {self.mean_layers_executed:.2f} / {self.num_layers}"
         )
+        if self.steps_by_strategy:
+            lines.append("Steps by strategy: " + ", ".join(
+                f"{name} {steps}" for name, steps in sorted(self.steps_by_strategy.items())))
         return "\n".join(lines)
 
     def __str__(self) -> str:

@@ -27,6 +27,7 @@ __all__ = [
     "storage_key",
     "mutated_args",
     "is_mutation",
+    "mutated_placeholders",
     "eliminate_dead_code",
     "drop_unused_placeholders",
     "extract",
@@ -126,6 +127,14 @@ def storage_key(node: fx.Node) -> Any:
     ):
         root = root.args[0]
     return ("node", root)
+
+
+def mutated_placeholders(gm: fx.GraphModule) -> set[int]:
+    """Indices of the placeholders ``gm`` writes in place (directly or through a view)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = {storage_key(a) for n in gm.graph.nodes for a in mutated_args(n)}
+    written.discard(None)
+    return {i for i, p in enumerate(placeholders) if storage_key(p) in written}
 
 
 def drop_unused_placeholders(graph: fx.Graph, keep: Iterable[str] = ()) -> tuple[str, ...]:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -47,7 +47,10 @@ from .insert import STATE_NAMES
 from .layers import META_KEY, LayerInfo
 from .segment import SplitGraph, output_nodes
 
-__all__ = ["CompactPlan", "plan", "OFFSETS"]
+if TYPE_CHECKING:
+    from . import PassContext
+
+__all__ = ["CompactPlan", "run", "compacted_segments", "OFFSETS"]
 
 #: Name of the extra input of compacted segments: the kept tokens' offsets in the step.
 OFFSETS = "tide_offsets"
@@ -76,8 +79,14 @@ def _expr(v: Any) -> Any:
     return v.node.expr if isinstance(v, torch.SymInt) else None
 
 
-def plan(gm: fx.GraphModule, info: LayerInfo, split: SplitGraph) -> CompactPlan:
-    """Plan compaction of ``split`` (made from ``gm`` with ``cut_before_head=True``)."""
+def run(gm: fx.GraphModule, ctx: "PassContext") -> CompactPlan:
+    """Pass entry ``compact``: :func:`compacted_segments` of ``ctx.split`` (made by
+    ``segment_before_head``)."""
+    return compacted_segments(gm, ctx.need("layer_info", "layers"), ctx.need("split", "segment"))
+
+
+def compacted_segments(gm: fx.GraphModule, info: LayerInfo, split: SplitGraph) -> CompactPlan:
+    """The compacted segments of ``split`` (made from ``gm`` with ``cut_before_head=True``)."""
     first_cut = split.checkpoint_layers[0]
     state = example_value(info.state_after(first_cut))
     if not isinstance(state, torch.Tensor) or state.dim() < 2:

@@ -1,9 +1,9 @@
 """Pass `insert`: put the exit decision and the frozen-state selection into the graph.
 
 Matches: a graph tagged by :mod:`.layers` (its :class:`~.layers.LayerInfo`) and the
-routers of ``ctx`` at the checkpoint layers.
+routers at the checkpoint layers (``ctx.routers``, ``ctx.checkpoint_layers``).
 
-Emits (the frozen strategy, DESIGN.md's in-graph oracle):
+Emits (the frozen strategy, the in-graph oracle):
 
 - after the first checkpoint's state, an all-false exit state
   ``(exited, frozen, exit_layer)`` (:func:`init_exit_state`);
@@ -42,8 +42,9 @@ from .layers import META_KEY, LayerInfo
 
 if TYPE_CHECKING:
     from ..routers import RouterSet
+    from . import PassContext
 
-__all__ = ["run", "init_exit_state", "final_select", "EXIT_LAYER_OUTPUT", "STATE_NAMES",
+__all__ = ["run", "insert_exits", "init_exit_state", "final_select", "EXIT_LAYER_OUTPUT", "STATE_NAMES",
            "EXTRA_INPUTS"]
 
 #: ``gm.meta`` key holding how many outputs the graph had before this pass.
@@ -103,7 +104,16 @@ def _input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
     return node
 
 
-def run(
+def run(gm: fx.GraphModule, ctx: "PassContext") -> fx.GraphModule:
+    """Pass entry ``insert``: :func:`insert_exits` with the context's layer info, routers,
+    checkpoints, threshold and kernels."""
+    if ctx.routers is None:
+        raise PassError("insert needs routers (ctx.routers is None)")
+    return insert_exits(gm, ctx.need("layer_info", "layers"), ctx.routers, ctx.checkpoint_layers,
+                        ctx.threshold, kernels=ctx.kernels)
+
+
+def insert_exits(
     gm: fx.GraphModule,
     info: LayerInfo,
     routers: "RouterSet",

@@ -50,7 +50,7 @@ import torch.fx as fx
 
 from ._fx import (PassError, drop_unused_placeholders, eliminate_dead_code, example_value,
                   extract, mutated_args, target_name)
-from .layers import META_KEY, LayerInfo, _normalize_path
+from .layers import META_KEY, LayerInfo, normalize_path
 from .segment import output_nodes
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class KVFillGraph:
 def _module_suffix(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     for value in reversed(list(stack.values())):
-        path = _normalize_path(str(value[0] if isinstance(value, tuple) else value))
+        path = normalize_path(str(value[0] if isinstance(value, tuple) else value))
         m = _SUFFIX.search(path)
         if m:
             return m.group(1) or "<layer>"
@@ -161,9 +161,12 @@ def _fresh_like(ev: torch.Tensor) -> torch.Tensor:
 
 
 def run(gm: fx.GraphModule, ctx: "PassContext") -> dict[int, KVFillGraph]:
-    """Pass-manager entry: for each checkpoint ``c``, the KV-fill of layers ``c+1 .. L-1``
-    (what the runner needs when every row exits at ``c``)."""
-    if ctx.layer_info is None:
-        raise PassError("kv_fill needs the layers pass to run first (ctx.layer_info is None)")
-    L = ctx.layer_info.num_layers
-    return {c: kv_fill_graph(gm, ctx.layer_info, c + 1, L - 1) for c in ctx.checkpoint_layers}
+    """Pass entry ``kv_fill``: for each checkpoint ``c``, the KV-fill of layers
+    ``c+1 .. L-1`` (what the runner needs when every row exits at ``c``), derived from
+    the graph before insertion (``ctx.original`` when the ``original`` pass ran, else ``gm``)."""
+    if ctx.original is not None:
+        gm, info = ctx.original, ctx.need("original_info", "original")
+    else:
+        info = ctx.need("layer_info", "layers")
+    L = info.num_layers
+    return {c: kv_fill_graph(gm, info, c + 1, L - 1) for c in ctx.checkpoint_layers}

@@ -3,7 +3,7 @@
 A KV-fill graph (:mod:`.kv_fill`) computes, for each skipped layer, its input norm of the
 same frozen state and then its K and V projections: two small matmuls per layer (at
 decode, matrix-vector products of a few MB each, seen on the H200 as ~48 split-K GEMV
-kernels per step at ~5 us each when 24 layers are skipped). This pass replaces every
+kernels per step when 24 layers are skipped; benchmarks/RESULTS.md). This pass replaces every
 group of projections of the same shape by one ``bmm`` over weights stacked once, at
 compile time, into a ``[G, in, out]`` buffer of the graph module.
 
@@ -28,14 +28,17 @@ changed afterwards are not seen (compile again).
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.fx as fx
 
 from ._fx import drop_unused_placeholders, example_value, mutated_args, storage_key, target_name
 
-__all__ = ["run", "stacked_linear", "StackCache"]
+if TYPE_CHECKING:
+    from . import PassContext
+
+__all__ = ["run", "run_pass", "stacked_linear", "StackCache"]
 
 
 def stacked_linear(wt: torch.Tensor, b: torch.Tensor | None, *xs: torch.Tensor
@@ -170,3 +173,20 @@ def run(gm: fx.GraphModule, value_of: Callable[[str], Any], cache: StackCache,
         gm.recompile()
     return stacked
 
+
+
+def run_pass(gm: fx.GraphModule, ctx: "PassContext") -> int:
+    """Pass entry ``kv_stack``: with ``ctx.stack_kv``, stack the projections of each KV-fill
+    graph in ``ctx.kv_fills`` (weights from ``ctx.input_values``; later checkpoints' graphs
+    view the first one's stacks). Returns the number of groups stacked."""
+    if not ctx.stack_kv:
+        return 0
+    cache = StackCache()
+    stacked = 0
+    for c in sorted(ctx.kv_fills):
+        kv = ctx.kv_fills[c]
+        groups = run(kv.gm, ctx.input_values.get, cache)
+        if groups:
+            kv.input_names = tuple(n.target for n in kv.gm.graph.nodes if n.op == "placeholder")
+        stacked += groups
+    return stacked

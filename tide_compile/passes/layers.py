@@ -43,7 +43,7 @@ from ._fx import PassError, example_value
 if TYPE_CHECKING:
     from . import PassContext
 
-__all__ = ["LayerInfo", "LAYER_PATH", "Tag", "run", "rank", "layer_of"]
+__all__ = ["LayerInfo", "LAYER_PATH", "Tag", "run", "rank", "layer_of", "normalize_path"]
 
 #: Suffix of a decoder layer's module path (after normalizing ``_modules['x']`` and
 #: ``[N]`` spellings to dots).
@@ -92,7 +92,8 @@ def layer_of(node: fx.Node) -> Tag | None:
     return node.meta.get(META_KEY)
 
 
-def _normalize_path(path: str) -> str:
+def normalize_path(path: str) -> str:
+    """A module path with ``_modules['x']`` and ``[N]`` spellings written as ``.x`` / ``.N``."""
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
     return re.sub(r"\[['\"]?(\w+)['\"]?\]", r".\1", path)
 
@@ -109,7 +110,7 @@ def _layer_entries(node: fx.Node) -> list[tuple[int, str]]:
     found = []
     for value in stack.values():
         path, cls = value if isinstance(value, tuple) else (value, "")
-        m = LAYER_PATH.search(_normalize_path(str(path)))
+        m = LAYER_PATH.search(normalize_path(str(path)))
         if m:
             found.append((int(m.group(2)), _class_name(cls)))
     return found

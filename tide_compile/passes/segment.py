@@ -47,7 +47,8 @@ from .layers import META_KEY, LayerInfo, rank
 if TYPE_CHECKING:
     from . import PassContext
 
-__all__ = ["Segment", "SplitGraph", "HeadGraph", "run", "split", "head_graph", "output_nodes"]
+__all__ = ["Segment", "SplitGraph", "HeadGraph", "run", "run_before_head", "run_whole", "run_head",
+           "split", "head_graph", "output_nodes"]
 
 
 @dataclass
@@ -289,7 +290,26 @@ def head_graph(gm: fx.GraphModule, info: LayerInfo) -> HeadGraph:
 
 
 def run(gm: fx.GraphModule, ctx: "PassContext") -> SplitGraph:
-    """Pass-manager entry: split at ``ctx.checkpoint_layers`` using ``ctx.layer_info``."""
-    if ctx.layer_info is None:
-        raise PassError("segment needs the layers pass to run first (ctx.layer_info is None)")
-    return split(gm, ctx.layer_info, ctx.checkpoint_layers)
+    """Pass entry ``segment``: split at ``ctx.checkpoint_layers`` (no head graph: the
+    ``head`` pass derives it from the graph before insertion)."""
+    return split(gm, ctx.need("layer_info", "layers"), ctx.checkpoint_layers, with_head=False)
+
+
+def run_before_head(gm: fx.GraphModule, ctx: "PassContext") -> SplitGraph:
+    """Pass entry ``segment_before_head``: as ``segment``, with one more cut after the
+    last layer (the compaction runner runs the head on every token)."""
+    return split(gm, ctx.need("layer_info", "layers"), ctx.checkpoint_layers,
+                 with_head=False, cut_before_head=True)
+
+
+def run_whole(gm: fx.GraphModule, ctx: "PassContext") -> SplitGraph:
+    """Pass entry ``segment_whole``: the whole graph as one segment (no cut)."""
+    return split(gm, ctx.need("layer_info", "layers"), (), with_head=False)
+
+
+def run_head(gm: fx.GraphModule, ctx: "PassContext") -> HeadGraph:
+    """Pass entry ``head``: the read-out of the graph before insertion (``ctx.original``
+    when the ``original`` pass ran, else ``gm``)."""
+    if ctx.original is not None:
+        return head_graph(ctx.original, ctx.need("original_info", "original"))
+    return head_graph(gm, ctx.need("layer_info", "layers"))

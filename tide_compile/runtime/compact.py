@@ -35,13 +35,11 @@ row): a position is kept when any row's token there continues.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from ..passes.compact import CompactPlan
-from ..stats import ExitStats
-from .runner import Compiler, FrozenRunner, SkipRunner, _Lazy, _strip, _token_count
+from .runner import FrozenRunner, LazyGraph, RunnerArtifacts, SkipRunner, strip_exit_layer
 
 __all__ = ["CompactRunner", "bucket"]
 
@@ -71,42 +69,39 @@ def bucket(m: int) -> int:
 class CompactRunner(SkipRunner):
     """Run a dynamic-length step, compacting the tokens that continue; see the module doc.
 
-    Args (beyond :class:`SkipRunner`'s): ``plan`` from :func:`..passes.compact.plan`
-    (the split must have been made with ``cut_before_head=True``), ``threshold`` the
-    ``compaction_threshold``; ``frozen`` the frozen strategy's runner
-    (:class:`..runner.FrozenRunner`), run for steps of fewer than ``min_length`` positions.
+    Built from :class:`~.runner.RunnerArtifacts` with ``compact`` (the compacted
+    segments; the split made with ``cut_before_head=True``), ``compaction_threshold``
+    and ``compact_min_length`` (steps shorter than it run the frozen strategy's runner,
+    built here from ``whole``). Every piece compiles once for the symbolic length.
     """
 
     strategy = "compact"
 
-    def __init__(self, split: Any, kv_fills: dict[int, Any], head: Any,
-                 state_names: dict[int, tuple[str, str, str]],
-                 projections: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
-                 user_outputs: int | None, compiler: Compiler, stats: ExitStats,
-                 extra_inputs: Sequence[torch.Tensor], plan: CompactPlan,
-                 threshold: float, frozen: FrozenRunner | None = None,
-                 min_length: int = 0) -> None:
-        super().__init__(split, kv_fills, head, state_names, projections, user_outputs,
-                         compiler, stats, extra_inputs)
-        self.cuts = list(split.checkpoint_layers[:-1])  # the last cut is before the head
-        self.plan = plan
-        self.threshold = float(threshold)
-        self.compacted = {k: _Lazy(gm, compiler, f"compact{k}") for k, gm in plan.segments.items()}
-        self.frozen = frozen
-        self.min_length = int(min_length)
+    def __init__(self, art: RunnerArtifacts) -> None:
+        if art.compact is None:
+            raise ValueError("the compaction runner needs the compacted segments (compact pass)")
+        super().__init__(art)
+        self.cuts = list(art.split.checkpoint_layers[:-1])  # the last cut is before the head
+        self.plan = art.compact
+        self.threshold = float(art.compaction_threshold)
+        self.compacted = {k: LazyGraph(gm, art.compiler, f"compact{k}")
+                          for k, gm in art.compact.segments.items()}
+        self.min_length = int(art.compact_min_length)
+        self.frozen = FrozenRunner(art) if self.min_length > 0 else None
         # Names of the exit state after each checkpoint, by kind (for the scatter back).
-        self._exited_names = {names[0] for names in state_names.values()}
-        self._frozen_names = {names[1] for names in state_names.values()}
-        self._exit_layer_names = {names[2] for names in state_names.values()}
+        self._exited_names = {names[0] for names in art.state_names.values()}
+        self._frozen_names = {names[1] for names in art.state_names.values()}
+        self._exit_layer_names = {names[2] for names in art.state_names.values()}
         #: tokens (positions) the layers after the compaction point ran on, last call;
         #: None when the call did not compact.
         self.last_compacted: tuple[int, int] | None = None
         #: whether the last call ran the frozen graph (a step shorter than min_length)
         self.last_frozen = False
+        self.for_symbolic_sizes()
 
-    def pieces(self) -> list[_Lazy]:
+    def pieces(self) -> list[LazyGraph]:
         """Every lazily compiled piece (segments, compacted segments, KV-fills, head)."""
-        return [*self.segments, *self.compacted.values(), *self.kv_fills.values(), self.head]
+        return [*super().pieces(), *self.compacted.values()]
 
     def _seq_len(self, env: dict[str, Any]) -> int:
         return int(env[self.plan.seq_symbols[0]])
@@ -150,14 +145,14 @@ class CompactRunner(SkipRunner):
             env = self._scatter_back(env, compact, s)
         post = segs[-1]
         env.update(zip(post.output_names, self.segments[-1](*[env[n] for n in post.input_names])))
-        outs, exit_layer = _strip(self.split.outputs(env), self.user_outputs)
+        outs, exit_layer = strip_exit_layer(self.split.outputs(env), self.user_outputs)
         if compact is None:
-            depth_tokens = _token_count(exit_layer) * self.num_layers
+            depth_tokens = exit_layer.numel() * self.num_layers
         else:
             c = compact.cut
             rows = exit_layer.shape[0] if exit_layer.dim() > 1 else 1
             depth_tokens = rows * (s * (c + 1) + compact.n * (self.num_layers - c - 1))
-        self.stats.record(exit_layer, layers_executed=depth_tokens)
+        self.stats.record(exit_layer, layers_executed=depth_tokens, strategy=self.strategy)
         return outs
 
     def _compact(self, env: dict[str, Any], k: int, c: int, cont: torch.Tensor, b: int,

@@ -1,9 +1,10 @@
 """The skip strategy with each piece captured into its own CUDA graph.
 
-Measured on the H200 (DESIGN.md): after every segment the runner must read a flag on
-the host; through ``torch.compile(mode="reduce-overhead")`` wrappers that costs about
-0.26 ms per checkpoint, through raw ``torch.cuda.CUDAGraph`` replays about 13 us. So:
-compile each piece with Inductor (no CUDA graphs of its own), capture
+After every segment the runner reads a flag on the host. Behind a compiled wrapper
+(``torch.compile(mode="reduce-overhead")``) each read exposes the wrapper's Python work;
+behind a raw ``torch.cuda.CUDAGraph`` replay it costs a replay, a flag read and a branch
+(the measurements: benchmarks/RESULTS.md). So: compile each piece with Inductor (no CUDA
+graphs of its own), capture
 
 * one graph per segment, ending with a copy of ``exited.all()`` into pinned host memory,
 * one graph per checkpoint ``c`` for the exit tail: KV-fill of layers ``c+1 ..``, the
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from ..passes.insert import final_select
-from .runner import SkipRunner, _strip, exit_outputs
+from .runner import SkipRunner, exit_outputs, strip_exit_layer
 
 __all__ = ["GraphedSkipRunner"]
 
@@ -181,19 +182,20 @@ class GraphedSkipRunner:
                 exit_layer = env[r.state_names[c][2]]
                 self.exit_graphs[c].replay()
                 outs = exit_outputs(r.split.output_layout, exit_layer, self.exit_env[c], env)
-                result, exit_layer = _strip(outs, r.user_outputs)
+                result, exit_layer = strip_exit_layer(outs, r.user_outputs)
                 ntok = exit_layer.numel()
-                self.stats.record_uniform(c, ntok, (c + 1) * ntok)
+                self.stats.record_uniform(c, ntok, (c + 1) * ntok, strategy=self.strategy)
                 r.last_segments_run = k + 1
                 return _clone(result, self.input_ptrs)
         r.last_segments_run = len(self.graphs)
-        result, exit_layer = _strip(r.split.outputs(env), r.user_outputs)
+        result, exit_layer = strip_exit_layer(r.split.outputs(env), r.user_outputs)
         ntok = exit_layer.numel()
         if ntok == 1 and r.cuts:
             # One token that did not exit at any checkpoint (else a flag was set).
-            self.stats.record_uniform(-1, 1, r.num_layers)
+            self.stats.record_uniform(-1, 1, r.num_layers, strategy=self.strategy)
         else:
-            self.stats.record(exit_layer, layers_executed=ntok * r.num_layers)
+            self.stats.record(exit_layer, layers_executed=ntok * r.num_layers,
+                              strategy=self.strategy)
         return _clone(result, self.input_ptrs)
 
 

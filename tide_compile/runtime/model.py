@@ -3,24 +3,59 @@
 ``fast = tide_compile.optimize(model, routers, exit_threshold=0.85)`` compiles
 ``model.forward`` with the ``tide`` backend (same keyword options as
 ``torch.compile(..., backend="tide", options=...)``). ``fast.generate`` runs its own
-static-cache decode loop (prefill, then one compiled step per token: HF's auto-compiled
-static generate recompiles, a hand loop does not) and accepts the common ``generate``
-arguments; ``fast.tide_stats`` counts exits over real tokens only.
+static-cache decode loop and accepts the common ``generate`` arguments;
+``fast.tide_stats`` counts exits over real tokens only, and the steps each strategy ran.
+
+Shapes: every call of ``generate`` runs in a *bucket*: the batch rounded up to a power of
+two and the cache length (prompt + new tokens) rounded up to a power of two of at least
+:data:`MIN_CACHE_BUCKET` positions (or ``max_cache_len`` as given). Each bucket owns one
+``StaticCache``, made at its first use and reused (reset) by every later call, and
+compiles two graphs once: the prompt step (its length symbolic, so every prompt length
+reuses it) and the one-token step (static sizes: the skip strategy, captured into CUDA
+graphs on CUDA). Rows added to fill the batch bucket, and rows that have finished (EOS),
+mirror a live row (its tokens, mask, positions and cache), so they exit when it exits and
+never keep a step from skipping; their outputs are dropped and not counted.
 """
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..backend import parse_options
+from ..options import TideOptions, parse_options
 from ..reference import eos_and_pad, position_ids_from_mask, sample_next
 from ..routers import RouterSet
 from ..stats import ExitStats
 
-__all__ = ["optimize", "TIDEModel"]
+__all__ = ["optimize", "TIDEModel", "cache_bucket", "batch_bucket", "MIN_CACHE_BUCKET"]
+
+#: The shortest cache ``generate`` allocates (positions); longer ones double.
+MIN_CACHE_BUCKET = 256
+#: Recompiles Dynamo may make beyond this model's buckets (its own default is 8).
+_RECOMPILE_HEADROOM = 8
+
+
+def cache_bucket(positions: int) -> int:
+    """The cache length for ``positions``: the next power of two, at least
+    :data:`MIN_CACHE_BUCKET`."""
+    return max(MIN_CACHE_BUCKET, 1 << max(positions - 1, 0).bit_length())
+
+
+def batch_bucket(rows: int) -> int:
+    """The rows the cache holds for a batch of ``rows``: the next power of two."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+@dataclass
+class _Bucket:
+    """One cache shape: its ``StaticCache`` and which of its two graphs have run."""
+
+    cache: Any
+    compiled: set[str] = field(default_factory=set)
 
 
 class TIDEModel(nn.Module):
@@ -29,38 +64,56 @@ class TIDEModel(nn.Module):
     Attributes:
         model: the wrapped HF model (unchanged).
         routers: its routers.
+        options: the backend options in force (:class:`~..options.TideOptions`).
         tide_stats: exits counted over real tokens (no padding, no finished rows) by
-            :meth:`generate`, and over every position by direct calls.
+            :meth:`generate`, and over every position by direct calls; the steps each
+            strategy ran (``steps_by_strategy``).
     """
 
-    def __init__(self, model: nn.Module, routers: RouterSet, options: dict[str, Any],
-                 compile_kwargs: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, options: TideOptions, *, fullgraph: bool = True,
+                 dynamic: bool | None = None) -> None:
         super().__init__()
+        routers = options.routers
+        if routers is None:
+            raise TypeError("TIDEModel needs options with routers (tide_compile.optimize)")
         routers.check_model(model)
         self.model = model
         self.routers = routers
-        self._raw_stats = ExitStats(num_layers=routers.num_layers)
-        self._caches: dict[tuple[int, int, torch.device], Any] = {}
-        self.tide_stats = ExitStats(num_layers=routers.num_layers)
-        opts = {**options, "routers": routers, "stats": self._raw_stats}
-        parse_options(opts)
+        if options.stats is None:
+            options = options.replace(stats=ExitStats(num_layers=routers.num_layers))
+        #: what the runners count: every position of every step
+        self._raw_stats: ExitStats = options.stats
         self.options = options
-        #: the prefill is compiled with a dynamic length, for the compact strategy
-        self._compacts = options.get("strategy", "auto") in ("auto", "compact")
-        self.compiled_forward = torch.compile(model.forward, backend="tide", options=opts,
-                                              **compile_kwargs)
+        self.tide_stats = ExitStats(num_layers=routers.num_layers)
+        self._buckets: dict[tuple[int, int, torch.device], _Bucket] = {}
+        # dynamic=False unless asked: each bucket's graphs keep static sizes (the prompt
+        # step's length is marked dynamic by generate itself).
+        self.compiled_forward = torch.compile(model.forward, backend="tide", options=self.options,
+                                              fullgraph=fullgraph,
+                                              dynamic=False if dynamic is None else dynamic)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         before = self._raw_stats.total_tokens
         out = self.compiled_forward(*args, **kwargs)
-        if self._raw_stats.total_tokens != before and self._raw_stats.last_exit_layers is not None:
-            self.tide_stats.record(self._raw_stats.last_exit_layers,
-                                   layers_executed=self._raw_stats.last_layers_executed)
+        raw = self._raw_stats
+        if raw.total_tokens != before and raw.last_exit_layers is not None:
+            self.tide_stats.record(raw.last_exit_layers, layers_executed=raw.last_layers_executed,
+                                   strategy=raw.last_strategy)
         return out
 
     @property
     def config(self) -> Any:
         return self.model.config
+
+    def cache_memory(self) -> dict[tuple[int, int, str], int]:
+        """Bytes held by each bucket's cache: ``(rows, length, device) -> bytes``."""
+        return {(rows, length, str(device)): _cache_bytes(b.cache)
+                for (rows, length, device), b in self._buckets.items()}
+
+    def release_caches(self) -> None:
+        """Drop every bucket's cache (the next call of a bucket makes it again; its graphs
+        stay compiled but Dynamo compiles again for the new cache tensors)."""
+        self._buckets.clear()
 
     @torch.no_grad()
     def generate(
@@ -83,13 +136,10 @@ class TIDEModel(nn.Module):
 
         Left-padded batches take ``attention_mask``; rows stop at EOS (from the
         arguments or ``model.generation_config``) and are padded afterwards. The cache is
-        a ``StaticCache`` of ``max_cache_len`` (default prompt + ``max_new_tokens``; pass
-        one size for prompts of different lengths, as a new size is a new cache shape and
-        compiles again). The prompt runs the compact strategy (unless ``strategy`` says
-        otherwise), the decode steps the skip strategy.
+        a ``StaticCache`` of the bucket (module docstring): ``max_cache_len`` positions if
+        given, else prompt + ``max_new_tokens`` rounded up to a power of two of at least
+        :data:`MIN_CACHE_BUCKET`; the batch rounded up to a power of two.
         """
-        from transformers import StaticCache
-
         if unsupported:
             raise TypeError(
                 f"TIDEModel.generate does not support {sorted(unsupported)}; supported: "
@@ -100,84 +150,135 @@ class TIDEModel(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         eos, pad_token_id = eos_and_pad(self.model, eos_token_id, pad_token_id)
         batch, prompt_len = input_ids.shape
+        device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        cache_len = max_cache_len or prompt_len + max_new_tokens
-        if cache_len < prompt_len + max_new_tokens:
+        needed = prompt_len + max_new_tokens
+        cache_len = cache_bucket(needed) if max_cache_len is None else max_cache_len
+        if cache_len < needed:
             raise ValueError(f"max_cache_len={cache_len} < prompt {prompt_len} + "
                              f"max_new_tokens {max_new_tokens}")
-        # One cache per shape, reset between calls: a new cache would be new graph inputs
-        # (Dynamo guards on the static addresses of cache tensors) and recompile.
-        key = (batch, cache_len, input_ids.device)
-        past = self._caches.get(key)
-        if past is None:
-            past = StaticCache(config=self.model.config, max_cache_len=cache_len)
-            # Create the cache tensors now (one eager token): created inside a compiled
-            # prefill they would be graph outputs, which compaction cannot gather.
-            self.model(input_ids=input_ids[:, :1], past_key_values=past, use_cache=True)
-            self._caches[key] = past
+        rows = batch_bucket(batch)
+        bucket = self._bucket(rows, cache_len, device)
+        past = bucket.cache
         past.reset()
-        eos_t = torch.tensor(eos, device=input_ids.device, dtype=torch.long)
-        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        positions = position_ids_from_mask(attention_mask)
-        # The mask spans the whole cache (same shape every step, so no recompilation);
-        # without padding there is none at all.
-        padded = not bool(attention_mask.bool().all())
-        mask = None
-        if padded:
-            mask = attention_mask.new_zeros(batch, cache_len)
-            mask[:, :prompt_len] = attention_mask
-        step_ids = input_ids
-        sequences = input_ids
-        written = prompt_len
-        if self._compacts and prompt_len >= 2:
-            # A dynamic-length prefill: the compact strategy needs the length symbolic,
-            # and prompts of other lengths reuse the graph.
-            step_ids = step_ids.clone()
-            positions = positions.clone()
+        # Rows past the batch mirror row 0; finished rows later mirror a live row.
+        source = list(range(batch)) + [0] * (rows - batch)
+        index = torch.tensor(source, device=device)
+        # The mask spans the whole cache: one shape for every step of the bucket.
+        mask = attention_mask.new_zeros(rows, cache_len)
+        mask[:, :prompt_len] = attention_mask[index]
+        positions = position_ids_from_mask(attention_mask)[index]
+        step_ids = input_ids[index]
+        if prompt_len >= 2:
+            # One prompt graph per bucket for every prompt length.
             torch._dynamo.mark_dynamic(step_ids, 1)
             torch._dynamo.mark_dynamic(positions, 1)
+        eos_t = torch.tensor(eos, device=device, dtype=torch.long)
+        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+        live = [True] * batch
+        sequences = input_ids
+        written = prompt_len
         for _ in range(max_new_tokens):
-            out = self.compiled_forward(input_ids=step_ids, attention_mask=mask,
-                                        position_ids=positions, past_key_values=past,
-                                        use_cache=True)
-            self._count(step_ids.shape[1], mask, unfinished, written)
+            kind = "prompt" if written == prompt_len and prompt_len >= 2 else "step"
+            with self._may_compile(bucket, kind):
+                out = self.compiled_forward(input_ids=step_ids, attention_mask=mask,
+                                            position_ids=positions, past_key_values=past,
+                                            use_cache=True)
+            self._count(batch, step_ids.shape[1], mask, unfinished, written)
             next_ids = sample_next(out.logits[:, -1, :], do_sample=do_sample,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator)
-            next_ids = torch.where(unfinished, next_ids, torch.full_like(next_ids, pad_token_id))
-            sequences = torch.cat([sequences, next_ids[:, None]], dim=-1)
+            own = next_ids[:batch]
+            own = torch.where(unfinished, own, torch.full_like(own, pad_token_id))
+            sequences = torch.cat([sequences, own[:, None]], dim=-1)
             if eos:
-                unfinished = unfinished & ~torch.isin(next_ids, eos_t)
-            if not bool(unfinished.any()):
-                break
-            if mask is not None:
-                mask[:, written] = 1
+                unfinished = unfinished & ~torch.isin(own, eos_t)
+            mask[:, written] = 1
             written += 1
             positions = positions[:, -1:] + 1
-            # A fresh tensor: CUDA-graph outputs are overwritten by the next replay.
-            step_ids = next_ids[:, None].clone()
+            if batch == 1:
+                if not bool(unfinished.any()):
+                    break
+            else:
+                now = unfinished.tolist()  # the loop's one host read per step
+                if not any(now):
+                    break
+                if any(live[i] and not now[i] for i in range(batch)):
+                    # A row finished: it, and every row mirroring a finished one, mirror
+                    # a live row from now on.
+                    live = now
+                    src = now.index(True)
+                    dead = [i for i in range(rows) if i >= batch or not live[i]]
+                    _mirror_rows(past, mask, positions, dead, src)
+                    source = [src if i in dead else i for i in range(rows)]
+                    index = torch.tensor(source, device=device)
+            # A fresh tensor (CUDA-graph outputs are overwritten by the next replay), in
+            # which mirroring rows take their source row's token.
+            step_ids = next_ids[index][:, None]
         return sequences
 
-    def _count(self, seq: int, mask: torch.Tensor | None, unfinished: torch.Tensor,
+    def _bucket(self, rows: int, cache_len: int, device: torch.device) -> _Bucket:
+        """The bucket's cache, made at its first use."""
+        from transformers import StaticCache
+
+        key = (rows, cache_len, device)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            cache = StaticCache(config=self.model.config, max_cache_len=cache_len)
+            # Create the cache tensors now (one eager token): created inside a compiled
+            # prompt step they would be graph outputs, which compaction cannot gather.
+            self.model(input_ids=torch.zeros(rows, 1, dtype=torch.long, device=device),
+                       past_key_values=cache, use_cache=True)
+            bucket = self._buckets[key] = _Bucket(cache)
+        return bucket
+
+    def _may_compile(self, bucket: _Bucket, kind: str) -> contextlib.AbstractContextManager:
+        """Around the first prompt / one-token step of a bucket: Dynamo's recompile limit
+        raised to cover two graphs per bucket (each bucket is new cache tensors and new
+        static sizes, so a new graph)."""
+        if kind in bucket.compiled:
+            return contextlib.nullcontext()
+        bucket.compiled.add(kind)
+        limit = max(torch._dynamo.config.recompile_limit,
+                    _RECOMPILE_HEADROOM + 2 * len(self._buckets))
+        return torch._dynamo.config.patch(recompile_limit=limit)
+
+    def _count(self, batch: int, seq: int, mask: torch.Tensor, unfinished: torch.Tensor,
                written: int) -> None:
-        """Count the step's real tokens: no padding, no rows that already stopped."""
+        """Count the step's real tokens: no padding, no mirroring rows, no finished rows."""
         raw = self._raw_stats
         exits = raw.last_exit_layers
         if exits is None:
             return
-        batch = unfinished.shape[0]
-        executed = raw.last_layers_executed
-        per_token = executed // max(1, exits.numel())
-        if mask is None and batch == 1:
-            # Nothing to drop (a stopped single row ends the loop): no device read.
-            self.tide_stats.record(exits, layers_executed=executed)
-            return
-        keep = unfinished[:, None].expand(batch, seq)
-        if mask is not None:
-            keep = keep & mask[:, written - seq: written].bool()
-        kept = exits.reshape(batch, seq).to(keep.device)[keep]
-        self.tide_stats.record(kept, layers_executed=per_token * int(kept.numel()))
+        rows = mask.shape[0]
+        per_token = raw.last_layers_executed // max(1, exits.numel())
+        keep = unfinished[:, None] & mask[:batch, written - seq: written].bool()
+        kept = exits.reshape(rows, seq)[:batch].to(keep.device)[keep]
+        self.tide_stats.record(kept, layers_executed=per_token * int(kept.numel()),
+                               strategy=raw.last_strategy)
+
+
+def _mirror_rows(cache: Any, mask: torch.Tensor, positions: torch.Tensor, rows: list[int],
+                 src: int) -> None:
+    """Make ``rows`` copies of row ``src``: every cache tensor with a batch dimension, the
+    mask and the positions, in place (compiled graphs hold their addresses)."""
+    dst = torch.tensor(rows, device=mask.device)
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == mask.shape[0]:
+                t.index_copy_(0, dst.to(t.device), t[src:src + 1].expand(len(rows), *t.shape[1:]))
+    mask.index_copy_(0, dst, mask[src:src + 1].expand(len(rows), -1))
+    positions.index_copy_(0, dst, positions[src:src + 1].expand(len(rows), -1))
+
+
+def _cache_bytes(cache: Any) -> int:
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = True,
@@ -187,35 +288,37 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
     Args:
         model: an HF causal LM (eval mode).
         routers: a RouterSet or a router file path (checked against the model).
-        fullgraph, dynamic: passed to ``torch.compile``.
-        mode: ``"exit"`` (a :class:`TIDEModel`: tokens exit early, outputs approximate)
-            or ``"speculative"`` (a :class:`~.speculative.SpeculativeModel`: early-exit
-            drafts verified at full depth, outputs those of the plain model; takes
-            ``max_draft``, ``max_draft_depth``, ``verify_mode``; batch 1). Any other
-            value is the backend's Inductor ``mode`` option (as before ``mode`` chose
-            the decoding mode), in mode ``"exit"``.
+        fullgraph, dynamic: passed to ``torch.compile`` (``dynamic=None``: static sizes
+            per bucket, see :class:`TIDEModel`).
+        mode: the decoding mode: ``"exit"`` (a :class:`TIDEModel`: tokens exit early,
+            outputs approximate) or ``"speculative"`` (a
+            :class:`~.speculative.SpeculativeModel`: early-exit drafts verified at full
+            depth, outputs those of the plain model; takes ``max_draft``,
+            ``max_draft_depth``, ``cap_drafts``, ``verify_mode``; batch 1).
         **options: the ``tide`` backend options (``exit_threshold``, ``min_layers``,
             ``strategy``, ``compaction_threshold``, ``compact_min_length``, ``stack_kv``,
-            ``inductor``, ``inductor_config``, ``cuda_graphs``, ``kernels``; the Inductor
-            mode as ``inductor_mode``). With ``strategy`` ``"auto"`` (default) or
-            ``"compact"``, :meth:`TIDEModel.generate` compiles the prompt with a dynamic
-            length, so every prompt length reuses one graph; it compacts (``auto``:
-            prompts of at least ``compact_min_length`` tokens, 2048 by default).
+            ``inductor``, ``inductor_config``, ``cuda_graphs``, ``kernels``), with the
+            Inductor mode as ``inductor_mode``.
     """
-    if isinstance(routers, str):
-        routers = RouterSet.load(routers, model=model)
+    if mode not in ("exit", "speculative"):
+        raise ValueError(f"mode must be 'exit' or 'speculative' (the decoding mode), got "
+                         f"{mode!r}; pass an Inductor mode as inductor_mode={mode!r}")
+    if "mode" in options:
+        raise TypeError("the Inductor mode is optimize(..., inductor_mode=...)")
     if "inductor_mode" in options:
         options["mode"] = options.pop("inductor_mode")
+    if isinstance(routers, str):
+        routers = RouterSet.load(routers)
     if mode == "speculative":
         from .speculative import SpeculativeModel
 
         if dynamic:
             raise ValueError("mode='speculative' compiles static shapes; drop dynamic=True")
         return SpeculativeModel(model, routers, fullgraph=fullgraph, **options)
-    if mode != "exit":
-        options["mode"] = mode
     if "routers" in options or "stats" in options:
         raise TypeError("pass routers positionally; optimize() keeps its own stats "
                         "(read fast.tide_stats)")
-    parse_options({**options, "routers": routers})
-    return TIDEModel(model, routers, dict(options), {"fullgraph": fullgraph, "dynamic": dynamic})
+    if isinstance(routers, RouterSet):
+        options["stats"] = ExitStats(num_layers=routers.num_layers)
+    return TIDEModel(model, parse_options({**options, "routers": routers}),
+                     fullgraph=fullgraph, dynamic=dynamic)

@@ -1,4 +1,4 @@
-"""Runners: execute a Dynamo graph with early exit, by one of two strategies.
+"""Runners: execute a Dynamo graph with early exit, by one of the strategies.
 
 * :class:`FrozenRunner` runs the whole graph with the exit state inserted
   (:mod:`..passes.insert`): every layer runs for every token, exited tokens' layer inputs
@@ -8,45 +8,113 @@
   batch has exited, the remaining segments are not run; a KV-fill graph writes the
   skipped layers' K/V from the frozen states and the head reads the logits out.
   Otherwise the next segment runs, with exited rows frozen as in the frozen strategy.
+  (:mod:`.compact` adds compaction, :mod:`.cudagraphs` CUDA-graph capture.)
 
-Both count :class:`~..stats.ExitStats` from what actually ran and return the model's
-outputs in the graph's own layout (the exit-layer output the insert pass appended is
-stripped).
+Every runner is built from one :class:`RunnerArtifacts` (what the backend's passes made),
+counts :class:`~..stats.ExitStats` from what actually ran, with the strategy of the step,
+and returns the model's outputs in the graph's own layout (the exit-layer output the
+insert pass appended is stripped).
+
+Pieces (segments, KV-fills, head) compile on their first call (:class:`LazyGraph`): a
+graph with static sizes from that call's inputs; a graph with symbolic sizes once, from
+the placeholders' fake values, so one compiled piece serves every size.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
-from ..passes.insert import EXIT_LAYER_OUTPUT, EXTRA_INPUTS, final_select
+from ..passes._fx import example_value, mutated_placeholders
+from ..passes.insert import final_select
 from ..stats import ExitStats
 
-__all__ = ["FrozenRunner", "SkipRunner", "Compiler"]
+if TYPE_CHECKING:
+    from ..passes import CompactPlan, HeadGraph, KVFillGraph, SplitGraph
+
+__all__ = ["FrozenRunner", "SkipRunner", "RunnerArtifacts", "LazyGraph", "Compiler",
+           "strip_exit_layer", "exit_outputs"]
 
 #: ``compile(gm, example_inputs) -> callable``: Inductor's compile_fx, or ``gm.forward``.
 Compiler = Callable[[fx.GraphModule, Sequence[Any]], Callable[..., Any]]
 
+#: ``(c, down_w, up_w, up_b)`` of the exit projection at checkpoint ``c``.
+Projection = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]
 
-def _token_count(exit_layer: torch.Tensor) -> int:
-    return int(exit_layer.numel())
+
+@dataclass
+class RunnerArtifacts:
+    """Everything a runner runs: the results of the backend's passes for one graph.
+
+    Attributes:
+        stats: where the runner counts exits.
+        compiler: compiles the pieces (segments, KV-fills, head, compacted segments).
+        user_outputs: outputs of the graph before insertion (None: a single output).
+        extra_inputs: tensors appended to every call's arguments (router weights).
+        symbolic: the graph has symbolic sizes: every piece compiles once, from fakes.
+        whole: the inserted graph (the frozen strategy), compiled by ``whole_compiler``
+            from ``example_inputs`` (Dynamo's).
+        mutated_inputs: indices of the graph inputs it writes in place (cache tensors).
+        split / kv_fills / head: the segments, the KV-fill graph per checkpoint, the
+            read-out (skip and compact strategies).
+        state_names: per checkpoint, the names of ``(exited, frozen, exit_layer)`` after it.
+        projections: the exit projections.
+        compact: the compacted segments (compact strategy).
+        compaction_threshold: compact when fewer than this fraction of positions continue.
+        compact_min_length: steps of fewer positions run ``whole`` (0: never).
+    """
+
+    stats: ExitStats
+    compiler: Compiler
+    user_outputs: int | None
+    extra_inputs: list[torch.Tensor] = field(default_factory=list)
+    symbolic: bool = False
+    whole: fx.GraphModule | None = None
+    whole_compiler: Compiler | None = None
+    example_inputs: list[Any] = field(default_factory=list)
+    mutated_inputs: set[int] = field(default_factory=set)
+    split: "SplitGraph | None" = None
+    kv_fills: "dict[int, KVFillGraph]" = field(default_factory=dict)
+    head: "HeadGraph | None" = None
+    state_names: dict[int, tuple[str, str, str]] = field(default_factory=dict)
+    projections: list[Projection] = field(default_factory=list)
+    compact: "CompactPlan | None" = None
+    compaction_threshold: float = 0.5
+    compact_min_length: int = 0
 
 
-class _Lazy:
-    """A graph compiled on its first call, with that call's inputs as example inputs."""
+class LazyGraph:
+    """A graph compiled on its first call: from that call's inputs, or from
+    :attr:`example_inputs` when set (:meth:`for_symbolic_sizes`)."""
 
     def __init__(self, gm: fx.GraphModule, compiler: Compiler, name: str) -> None:
         self.gm = gm
         self.compiler = compiler
         self.name = name
         self.fn: Callable[..., Any] | None = None
-        #: compile from these (e.g. symbolic fake values) instead of the first call's inputs
+        #: compile from these (symbolic fake values) instead of the first call's inputs
         self.example_inputs: list[Any] | None = None
-
         #: inputs made contiguous at each call (compiled for contiguous fake inputs)
         self.contiguous_inputs: frozenset[int] = frozenset()
+
+    def for_symbolic_sizes(self) -> "LazyGraph":
+        """Compile from the placeholders' fake values (one graph for every size).
+
+        Inputs are compiled as contiguous and made contiguous at each call: Dynamo's fake
+        values and the runtime tensors may disagree on the strides of broadcast
+        (stride-0) dimensions, which compiled code asserts. Inputs the graph writes in
+        place stay as they are.
+        """
+        mutated = mutated_placeholders(self.gm)
+        fakes = [example_value(p) for p in self.gm.graph.nodes if p.op == "placeholder"]
+        self.contiguous_inputs = frozenset(
+            i for i, ev in enumerate(fakes) if isinstance(ev, torch.Tensor) and i not in mutated)
+        self.example_inputs = [_contiguous_fake(ev) if i in self.contiguous_inputs else ev
+                               for i, ev in enumerate(fakes)]
+        return self
 
     def __call__(self, *args: Any) -> Any:
         if self.contiguous_inputs:
@@ -58,7 +126,16 @@ class _Lazy:
         return self.fn(*args)
 
 
-def _strip(outs: Any, user_outputs: int | None) -> tuple[Any, Any]:
+def _contiguous_fake(ev: torch.Tensor) -> torch.Tensor:
+    mode = getattr(ev, "fake_mode", None)
+    if mode is None:
+        return ev.contiguous()
+    with mode:
+        return torch.empty(ev.shape, dtype=ev.dtype, device=ev.device)
+
+
+def strip_exit_layer(outs: Any, user_outputs: int | None) -> tuple[Any, torch.Tensor]:
+    """``(the model's outputs, exit_layer)`` from the inserted graph's outputs."""
     outs = tuple(outs)
     exit_layer = outs[-1]
     if user_outputs is None:
@@ -90,64 +167,79 @@ def exit_outputs(layout: Sequence[str | None], exit_layer: torch.Tensor,
 
 
 class FrozenRunner:
-    """Run the inserted whole graph (the frozen strategy)."""
+    """Run the inserted whole graph (the frozen strategy).
+
+    With static sizes the graph compiles at the first call, outside Dynamo's tracing
+    context, like the skip strategy's pieces (inside it, Inductor would trace the router
+    inputs, which Dynamo has no source for, in Dynamo's shape environment, and a guard on
+    one of their sizes cannot be built). With symbolic sizes it compiles now, inside that
+    context, from Dynamo's example inputs.
+    """
 
     strategy = "frozen"
 
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], compiler: Compiler,
-                 stats: ExitStats, lazy: bool = False) -> None:
-        self.user_outputs = gm.meta.get(EXIT_LAYER_OUTPUT)
-        self.num_layers = stats.num_layers
-        self.stats = stats
-        self.extra = list(gm.meta.get(EXTRA_INPUTS, []))
-        # lazy (static shapes): compile at the first call, outside Dynamo's tracing
-        # context, like the skip strategy's pieces. Inside it, Inductor would trace the
-        # router inputs (which Dynamo has no source for) in Dynamo's shape environment,
-        # and a guard on one of their sizes (seen: CUDA's pad_mm) cannot be built.
-        self.fn = (_Lazy(gm, compiler, "frozen") if lazy
-                   else compiler(gm, list(example_inputs) + self.extra))
+    def __init__(self, art: RunnerArtifacts) -> None:
+        if art.whole is None or art.whole_compiler is None:
+            raise ValueError("the frozen runner needs the whole inserted graph and its compiler")
+        self.user_outputs = art.user_outputs
+        self.num_layers = art.stats.num_layers
+        self.stats = art.stats
+        self.extra = list(art.extra_inputs)
+        self.fn = (art.whole_compiler(art.whole, list(art.example_inputs) + self.extra)
+                   if art.symbolic else LazyGraph(art.whole, art.whole_compiler, "frozen"))
 
     def __call__(self, *args: Any) -> Any:
-        outs, exit_layer = _strip(self.fn(*args, *self.extra), self.user_outputs)
-        self.stats.record(exit_layer, layers_executed=_token_count(exit_layer) * self.num_layers)
+        outs, exit_layer = strip_exit_layer(self.fn(*args, *self.extra), self.user_outputs)
+        self.stats.record(exit_layer, layers_executed=exit_layer.numel() * self.num_layers,
+                          strategy=self.strategy)
         return outs
 
 
 class SkipRunner:
     """Run segments, skipping the rest of the model once every token has exited.
 
-    Args:
-        split: the inserted graph split at the checkpoints (:mod:`..passes.segment`).
-        kv_fills: per checkpoint ``c``, the graph writing layers ``c+1 ..`` K/V from a
-            frozen state (derived from the graph before insertion, :mod:`..passes.kv_fill`).
-        head: ``h -> logits`` from the graph's tail.
-        state_names: per checkpoint, the names of ``(exited, frozen, exit_layer)`` after it.
-        projections: ``(c, down_w, up_w, up_b)`` of the exit projections.
-        user_outputs: outputs of the graph before insertion (None: a single output).
+    With no checkpoint cut (``split`` of one segment) it runs the whole inserted graph as
+    one piece: the frozen strategy in the form :mod:`.cudagraphs` captures.
     """
 
-    strategy = "skip"
-
-    def __init__(self, split: Any, kv_fills: dict[int, Any], head: Any,
-                 state_names: dict[int, tuple[str, str, str]],
-                 projections: Sequence[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]],
-                 user_outputs: int | None, compiler: Compiler, stats: ExitStats,
-                 extra_inputs: Sequence[torch.Tensor] = ()) -> None:
-        self.split = split
-        self.extra = list(extra_inputs)
-        self.cuts = list(split.checkpoint_layers)
-        self.segments = [_Lazy(s.gm, compiler, f"segment{k}") for k, s in enumerate(split.segments)]
-        self.kv_fills = {c: _Lazy(g.gm, compiler, f"kv_fill{c}") for c, g in kv_fills.items()}
-        self.kv_meta = kv_fills
-        self.head = _Lazy(head.gm, compiler, "head")
-        self.head_meta = head
-        self.state_names = state_names
-        self.projections = list(projections)
-        self.user_outputs = user_outputs
-        self.stats = stats
-        self.num_layers = stats.num_layers
+    def __init__(self, art: RunnerArtifacts) -> None:
+        if art.split is None:
+            raise ValueError("the skip runner needs the split graph (the segment pass)")
+        self.split = art.split
+        self.extra = list(art.extra_inputs)
+        self.cuts = list(art.split.checkpoint_layers)
+        self.segments = [LazyGraph(s.gm, art.compiler, f"segment{k}")
+                         for k, s in enumerate(art.split.segments)]
+        self.kv_fills = {c: LazyGraph(g.gm, art.compiler, f"kv_fill{c}")
+                         for c, g in art.kv_fills.items()}
+        self.kv_meta = art.kv_fills
+        self.head = LazyGraph(art.head.gm, art.compiler, "head") if art.head is not None else None
+        self.head_meta = art.head
+        self.state_names = art.state_names
+        self.projections = list(art.projections)
+        self.user_outputs = art.user_outputs
+        self.stats = art.stats
+        self.num_layers = art.stats.num_layers
         #: segments run per call, for tests and benchmarks: index of the last one run.
         self.last_segments_run = 0
+        if self.cuts and self.head is None:
+            raise ValueError("the skip runner needs the head graph to exit at a checkpoint")
+
+    @property
+    def strategy(self) -> str:
+        """``"skip"``, or ``"frozen"`` for a runner without cuts (one piece)."""
+        return "skip" if self.cuts else "frozen"
+
+    def pieces(self) -> list[LazyGraph]:
+        """Every lazily compiled piece."""
+        return [*self.segments, *self.kv_fills.values(),
+                *([self.head] if self.head is not None else [])]
+
+    def for_symbolic_sizes(self) -> "SkipRunner":
+        """Compile every piece once for symbolic sizes (:meth:`LazyGraph.for_symbolic_sizes`)."""
+        for piece in self.pieces():
+            piece.for_symbolic_sizes()
+        return self
 
     def __call__(self, *args: Any) -> Any:
         env = self.split.env(*args, *self.extra)
@@ -162,15 +254,17 @@ class SkipRunner:
                 self.last_segments_run = k + 1
                 return self._exit_all(env, c, frozen_name, exit_layer_name)
         self.last_segments_run = len(segs)
-        outs, exit_layer = _strip(self.split.outputs(env), self.user_outputs)
+        outs, exit_layer = strip_exit_layer(self.split.outputs(env), self.user_outputs)
         self._record(exit_layer, self.num_layers)
         return outs
 
     def _record(self, exit_layer: torch.Tensor, depth: int) -> None:
-        self.stats.record(exit_layer, layers_executed=_token_count(exit_layer) * depth)
+        self.stats.record(exit_layer, layers_executed=exit_layer.numel() * depth,
+                          strategy=self.strategy)
 
     def _exit_all(self, env: dict[str, Any], c: int, frozen_name: str,
                   exit_layer_name: str) -> Any:
+        assert self.head is not None and self.head_meta is not None
         frozen = env[frozen_name]
         exit_layer = env[exit_layer_name]
         override: dict[int, Any] = {}
@@ -182,6 +276,6 @@ class SkipRunner:
         head_outs = self.head(*[env[n] for n in self.head_meta.input_names])
         override.update(zip(self.head_meta.output_positions, head_outs))
         outs = exit_outputs(self.split.output_layout, exit_layer, override, env)
-        result, exit_layer = _strip(outs, self.user_outputs)
+        result, exit_layer = strip_exit_layer(outs, self.user_outputs)
         self._record(exit_layer, c + 1)
         return result

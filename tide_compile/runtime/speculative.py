@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..backend import parse_options
+from ..options import parse_options
 from ..reference import eos_and_pad, processed_probs
 from ..routers import RouterSet
 from ..stats import ExitStats
@@ -119,16 +119,18 @@ def set_cache_length(cache: Any, length: int) -> None:
             counter.fill_(length)
 
 
+#: A router logit whose sigmoid is exactly 1.0 in float32: a score above any threshold < 1.
+_EXIT_LOGIT = 100.0
+
+
 def _forced_at(routers: RouterSet, layer: int) -> RouterSet:
     """A copy of ``routers`` whose router at ``layer`` scores exactly 1 (every token exits)."""
-    from ..routers import _FORCE_LOGIT
-
     forced = copy.deepcopy(routers)
     r = forced.router(layer)
     with torch.no_grad():
         for param in r.parameters():
             param.zero_()
-        r.up.bias.fill_(_FORCE_LOGIT)
+        r.up.bias.fill_(_EXIT_LOGIT)
     return forced
 
 
@@ -260,13 +262,12 @@ class SpeculativeModel(nn.Module):
                              f"got {max_draft_depth}")
         options = {"strategy": "skip", **options}
         opts = parse_options({**options, "routers": routers})
-        config = routers.config if opts.min_layers is None else routers.config.replace(
-            min_layers=opts.min_layers)
-        checkpoints = [c for c in routers.checkpoint_layers if c + 1 >= config.min_layers]
+        checkpoints = opts.checkpoints
         if not checkpoints:
             raise ValueError(
-                f"no checkpoint at or after min_layers={config.min_layers}: drafts would be "
-                "full-depth and speculative mode could not be faster; lower min_layers"
+                f"no checkpoint at or after min_layers={opts.min_layers or routers.config.min_layers}: "
+                "drafts would be full-depth and speculative mode could not be faster; lower "
+                "min_layers"
             )
         # The cap: a draft step never computes past the first checkpoint deeper than
         # max_draft_depth. A token still there exits by force (and ends the draft): the

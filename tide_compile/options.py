@@ -1,0 +1,182 @@
+"""Options of the ``tide`` backend, validated once into one resolved object.
+
+``torch.compile(..., backend="tide", options={...})``, :func:`tide_compile.optimize` and
+:func:`tide_compile.attach` all take these keywords. :func:`parse_options` is the one place
+where they are checked: unknown keys and bad values raise a clear error naming the fix.
+It returns a :class:`TideOptions`, which also carries what follows from the routers (the
+threshold, the checkpoints at or after ``min_layers``, the compaction threshold), so the
+backend, the runners and the speculative model never resolve them again.
+
+This module sits below the backend and the runtime: both import it, it imports neither.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from .config import TIDEConfig
+from .routers import RouterSet
+from .stats import ExitStats
+
+__all__ = ["TideOptions", "parse_options", "resolve_exits", "OPTION_KEYS", "STRATEGIES",
+           "KERNELS"]
+
+Strategy = Literal["auto", "frozen", "skip", "compact"]
+Kernels = Literal["auto", "inductor", "triton"]
+
+#: Values of the option ``strategy``.
+STRATEGIES = ("auto", "frozen", "skip", "compact")
+#: Values of the option ``kernels``.
+KERNELS = ("auto", "inductor", "triton")
+
+
+@dataclass(frozen=True)
+class TideOptions:
+    """The ``tide`` backend's options, validated (:func:`parse_options`).
+
+    Attributes (the user's keywords):
+        routers: the routers, or None: routers attached to the model with
+            :func:`tide_compile.attach` (the backend finds them from the graph's parameters).
+        exit_threshold: overrides the routers' config threshold.
+        min_layers: overrides the routers' config ``min_layers``.
+        strategy: ``"auto"`` (default: :func:`tide_compile.plan.plan` picks per graph),
+            ``"frozen"`` (every layer runs; exits selected in-graph), ``"skip"`` (stop
+            after a checkpoint once every row has exited), ``"compact"`` (dynamic-length
+            StaticCache steps: the layers after a checkpoint run only the continuing tokens).
+        compaction_threshold: overrides the routers' config ``compaction_threshold``.
+        compact_min_length: ``auto`` only: a step of a dynamic-length graph with fewer
+            positions than this (and more than one) runs the frozen graph; 0: always the
+            compaction runner. The default is measured (benchmarks/RESULTS.md).
+        inductor: compile the graphs with Inductor (else run the FX graphs as they are).
+        inductor_config: Inductor config patches (as ``torch.compile(options=...)``).
+        mode: Inductor mode (``"default"``, ``"max-autotune-no-cudagraphs"``, ...).
+        stats: the ExitStats to count into (a new one per graph if None).
+        cuda_graphs: capture static one-token steps into CUDA graphs (the skip strategy
+            each piece, the frozen strategy the whole step); None: on for a CUDA model
+            compiled with Inductor.
+        kernels: ``"inductor"`` (route / exit-select as torch composites Inductor fuses),
+            ``"triton"`` (the hand Triton kernels on CUDA), ``"auto"``: triton for static
+            graphs of a CUDA model compiled with Inductor, else inductor.
+        stack_kv: stack the K/V projection weights of the layers after the first
+            checkpoint into one buffer at compile time, so a KV-fill graph runs one
+            batched matmul (:mod:`.passes.kv_stack`; a copy of those weights, taken at
+            compile time). None: on for static one-token skip steps of a CUDA model
+            compiled with Inductor, off otherwise.
+
+    Attributes (resolved from the routers; None while ``routers`` is None):
+        threshold: the exit threshold in force.
+        checkpoints: the checkpoint layers at or after ``min_layers``.
+        compaction: the compaction threshold in force.
+    """
+
+    routers: RouterSet | None = None
+    exit_threshold: float | None = None
+    min_layers: int | None = None
+    strategy: Strategy = "auto"
+    compaction_threshold: float | None = None
+    compact_min_length: int = 2048
+    inductor: bool = True
+    inductor_config: Mapping[str, Any] = field(default_factory=dict)
+    mode: str | None = None
+    stats: ExitStats | None = None
+    cuda_graphs: bool | None = None
+    kernels: Kernels = "auto"
+    stack_kv: bool | None = None
+    # resolved
+    threshold: float | None = field(default=None, init=False)
+    checkpoints: tuple[int, ...] | None = field(default=None, init=False)
+    compaction: float | None = field(default=None, init=False)
+
+    def given(self) -> dict[str, Any]:
+        """The user's keywords that differ from the defaults (routers excluded)."""
+        defaults = TideOptions()
+        return {k: getattr(self, k) for k in OPTION_KEYS
+                if k != "routers" and getattr(self, k) != getattr(defaults, k)}
+
+    def replace(self, **changes: Any) -> "TideOptions":
+        """A copy with ``changes`` to the user's keywords, validated again."""
+        return parse_options({**{k: getattr(self, k) for k in OPTION_KEYS}, **changes})
+
+
+#: The user's keywords, in declaration order.
+OPTION_KEYS = tuple(f.name for f in dataclasses.fields(TideOptions) if f.init)
+
+
+def resolve_exits(routers: RouterSet, exit_threshold: float | None = None,
+                  min_layers: int | None = None) -> tuple[float, tuple[int, ...]]:
+    """The threshold in force and the checkpoints a token may exit at.
+
+    ``exit_threshold`` / ``min_layers`` override the routers' config; the checkpoints are
+    the routers' layers ``c`` with ``c + 1 >= min_layers`` (the final layer is never one).
+    """
+    config = routers.config
+    if min_layers is not None:
+        config = config.replace(min_layers=min_layers)
+    if config.min_layers > routers.num_layers:
+        raise ValueError(f"min_layers={config.min_layers} is beyond the model's "
+                         f"{routers.num_layers} layers: set it to at most {routers.num_layers - 1}")
+    threshold = config.exit_threshold if exit_threshold is None else float(exit_threshold)
+    checkpoints = tuple(c for c in routers.checkpoint_layers if c + 1 >= config.min_layers)
+    return threshold, checkpoints
+
+
+def parse_options(options: Mapping[str, Any] | TideOptions | None) -> TideOptions:
+    """Validate ``options`` into a :class:`TideOptions` (returned as is if it is one).
+
+    A router file path is loaded. Unknown keys and bad values raise ``ValueError`` /
+    ``TypeError`` naming the option and what it accepts.
+    """
+    if isinstance(options, TideOptions):
+        return options
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown tide backend option(s) {unknown}; known options: {list(OPTION_KEYS)}"
+        )
+    routers = options.get("routers")
+    if isinstance(routers, (str, os.PathLike)):
+        options["routers"] = routers = RouterSet.load(routers)
+    if routers is not None and not isinstance(routers, RouterSet):
+        raise TypeError(f"options['routers'] must be a RouterSet or a router file path, got "
+                        f"{type(routers).__name__}")
+    # Ranges are TIDEConfig's (one statement of them).
+    for key in ("exit_threshold", "min_layers", "compaction_threshold"):
+        if options.get(key) is not None:
+            TIDEConfig(**{key: options[key]})
+    if options.get("strategy", "auto") not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {options['strategy']!r}")
+    length = options.get("compact_min_length", 2048)
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"compact_min_length must be an int >= 0 (positions), got {length!r}")
+    if options.get("kernels", "auto") not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {options['kernels']!r}")
+    for key in ("stack_kv", "cuda_graphs"):
+        if options.get(key) is not None and not isinstance(options[key], bool):
+            raise TypeError(f"options[{key!r}] must be True, False or None, got {options[key]!r}")
+    if not isinstance(options.get("inductor", True), bool):
+        raise TypeError(f"options['inductor'] must be True or False, got {options['inductor']!r}")
+    if not isinstance(options.get("inductor_config", {}), Mapping):
+        raise TypeError("options['inductor_config'] must be a dict of Inductor config patches")
+    if options.get("mode") is not None and not isinstance(options["mode"], str):
+        raise TypeError(f"options['mode'] must be an Inductor mode name, got {options['mode']!r}")
+    stats = options.get("stats")
+    if stats is not None and not isinstance(stats, ExitStats):
+        raise TypeError(f"options['stats'] must be an ExitStats, got {type(stats).__name__}")
+    if "inductor_config" in options:
+        options["inductor_config"] = dict(options["inductor_config"])
+    opts = TideOptions(**options)
+    if routers is not None:
+        threshold, checkpoints = resolve_exits(routers, opts.exit_threshold, opts.min_layers)
+        if stats is not None and stats.num_layers != routers.num_layers:
+            raise ValueError(f"options['stats'] counts a {stats.num_layers}-layer model, routers "
+                             f"are for {routers.num_layers} layers")
+        compaction = (routers.config.compaction_threshold if opts.compaction_threshold is None
+                      else float(opts.compaction_threshold))
+        object.__setattr__(opts, "threshold", threshold)
+        object.__setattr__(opts, "checkpoints", checkpoints)
+        object.__setattr__(opts, "compaction", compaction)
+    return opts
