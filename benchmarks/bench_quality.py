@@ -379,12 +379,23 @@ def reference_run(model: Any, routers: Any, dom: Domain, threshold: float, kv: s
 
 @torch.no_grad()
 def greedy(model: Any, routers: Any, prompts: torch.Tensor, new_tokens: int, threshold: float,
-           kv: str) -> tuple[torch.Tensor, Any]:
+           kv: str, threads: int | None = None) -> tuple[torch.Tensor, Any]:
+    """Greedy continuations (EOS ignored) under ``reference.generate``.
+
+    ``threads``: torch CPU threads for the decode loop. Its steps are many small ops; on
+    a shared CPU every parallel region of a multi-threaded op can wait for a descheduled
+    thread (seen: about 2 s per SmolLM2 step with 2 threads on 2 busy cores)."""
     from tide_compile import reference
 
     device = next(model.parameters()).device
-    out = reference.generate(model, routers, prompts.to(device), new_tokens, exit_threshold=threshold,
-                             kv=kv, eos_token_id=[])
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        out = reference.generate(model, routers, prompts.to(device), new_tokens, exit_threshold=threshold,
+                                 kv=kv, eos_token_id=[])
+    finally:
+        torch.set_num_threads(before)
     return out.sequences[:, prompts.shape[1]:].cpu(), out.stats
 
 
@@ -542,9 +553,10 @@ def evaluate_router_set(model: Any, p: Any, routers: Any, name: str, domains: li
             if args.prompts > 0 and args.new_tokens > 0:
                 t1 = time.perf_counter()
                 if dom.greedy_plain is None:
-                    dom.greedy_plain, _ = greedy(model, routers, dom.prompts, args.new_tokens, 1.0, "propagate")
+                    dom.greedy_plain, _ = greedy(model, routers, dom.prompts, args.new_tokens, 1.0, "propagate",
+                                                 args.decode_threads)
                 for kv in KV_MODES:
-                    seq, stats = greedy(model, routers, dom.prompts, args.new_tokens, t, kv)
+                    seq, stats = greedy(model, routers, dom.prompts, args.new_tokens, t, kv, args.decode_threads)
                     g = continuation_match(seq, dom.greedy_plain)
                     g["exit_rate"] = _r(stats.exit_rate, 4)
                     g["mean_depth"] = _r(stats.mean_depth, 3)
@@ -772,6 +784,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "batches per domain at the last target, to check the two agree")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--decode-threads", type=int, default=None,
+                    help="torch CPU threads for the greedy decode loops (default: 1 on a CPU device)")
     ap.add_argument("--out", type=Path, default=Path("bench_quality_out"))
     ap.add_argument("--reuse-routers", action="store_true", help="load OUT/routers/*.tide if present")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
@@ -794,6 +808,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error(f"--strategies: unknown {s!r} (identity, projection)")
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.decode_threads is None and str(args.device) == "cpu":
+        args.decode_threads = 1
     return args
 
 
@@ -832,7 +848,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "intervals": args.intervals, "strategies": args.strategies, "targets": args.targets,
             "extra_thresholds": args.extra_thresholds, "prompts": args.prompts,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "deferred_from": args.deferred_from, "seed": args.seed,
+            "deferred_from": args.deferred_from, "seed": args.seed, "decode_threads": args.decode_threads,
             "layers_executed": "propagate: mean depth (exited tokens stop at their checkpoint, as the skip "
                                "runtime does at batch-1 decode; kv_fill_layers = skipped layers whose K/V "
                                "are filled from the frozen state, not counted); deferred: num_layers "
