@@ -38,18 +38,16 @@ DTYPES = ["float32", "float16", "bfloat16"]
 ROUTE_SHAPES = [(1, 1, 1), (3, 33, 7), (2, 130, 64), (5, 33, 1), (1, 130, 7), (20, 33, 7),
                 (17, 130, 64)]
 SELECT_SHAPES = [(1, 1), (3, 33), (4, 130), (2, 1030)]
-COMPACT_ROWS = [1, 7, 40, 1500]
 
 ROUTE_CASES = [f"route-{m}x{h}x{b}-{dt}" for (m, h, b) in ROUTE_SHAPES for dt in DTYPES]
-SELECT_CASES = [f"{kind}-{m}x{h}-{dt}" for kind in ("select", "scatter")
-                for (m, h) in SELECT_SHAPES for dt in DTYPES] + ["select-3x33-mixed"]
-COMPACT_CASES = [f"compact-{m}-{p}" for m in COMPACT_ROWS for p in ("none", "all", "rand")]
+SELECT_CASES = [f"select-{m}x{h}-{dt}" for (m, h) in SELECT_SHAPES for dt in DTYPES] \
+    + ["select-3x33-mixed"]
 
 _SCRIPT = textwrap.dedent(r'''
     import json, os, sys
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
-    from tide_compile.kernels import route_triton as RT, select_triton as ST, compact_triton as CT
+    from tide_compile.kernels import route_triton as RT, select_triton as ST
 
     def rel(a, b):
         a, b = a.double(), b.double()
@@ -100,7 +98,7 @@ _SCRIPT = textwrap.dedent(r'''
                                                                (exited, frozen, exit_layer)],
                     new_exits=int((out[0] & ~exited).sum()))
 
-    def select_case(name, kind, M, H, dt, seed):
+    def select_case(name, M, H, dt, seed):
         g = torch.Generator().manual_seed(seed)
         dtype = getattr(torch, dt) if dt != "mixed" else torch.bfloat16
         fdtype = dtype if dt != "mixed" else torch.float32
@@ -108,38 +106,15 @@ _SCRIPT = textwrap.dedent(r'''
         frozen = torch.randn(M, H, generator=g).to(fdtype)
         mask = torch.rand(M, generator=g) < 0.5
         mask[0] = True
-        if kind == "select":
-            out = ST.exit_select_triton(mask, frozen, h)
-            ref = ST.exit_select_reference(mask, frozen, h)
-            ok = torch.equal(out, ref) and out.dtype == h.dtype
-            if dt == "mixed":
-                # The interpreter truncates float32 -> bfloat16 (the GPU rounds to
-                # nearest even, as torch does): allow one bf16 ulp here only.
-                ulp = ((out.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-30))
-                ok = out.dtype == h.dtype and bool((ulp <= 2.0 ** -7).all())
-        else:
-            got = ST.exit_scatter_triton(frozen.clone(), h, mask)
-            ref = ST.exit_scatter_reference(frozen.clone(), h, mask)
-            ok = torch.equal(got, ref)
+        out = ST.exit_select_triton(mask, frozen, h)
+        ref = ST.exit_select_reference(mask, frozen, h)
+        ok = torch.equal(out, ref) and out.dtype == h.dtype
+        if dt == "mixed":
+            # The interpreter truncates float32 -> bfloat16 (the GPU rounds to
+            # nearest even, as torch does): allow one bf16 ulp here only.
+            ulp = ((out.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-30))
+            ok = out.dtype == h.dtype and bool((ulp <= 2.0 ** -7).all())
         return dict(case=name, equal=bool(ok))
-
-    def compact_case(name, M, pattern, seed):
-        g = torch.Generator().manual_seed(seed)
-        exited = {"none": torch.zeros(M, dtype=torch.bool), "all": torch.ones(M, dtype=torch.bool),
-                  "rand": torch.rand(M, generator=g) < 0.5}[pattern]
-        idx, cnt = CT.continuing_index_triton(exited)
-        ridx, rcnt = CT.continuing_index_reference(exited)
-        H = 37
-        x = torch.randn(M, H, generator=g)
-        # Gather and scatter at most 8 rows (interpreter cost), padded slots included.
-        sel = ridx[:8].clone()
-        gat = CT.gather_rows_triton(x, sel)
-        rows = torch.randn(sel.numel(), H, generator=g)
-        sc = CT.scatter_rows_triton(x.clone(), rows, sel)
-        return dict(case=name, index_eq=bool(torch.equal(idx, ridx)),
-                    count_eq=bool(torch.equal(cnt, rcnt)),
-                    gather_eq=bool(torch.equal(gat, CT.gather_rows_reference(x, sel))),
-                    scatter_eq=bool(torch.equal(sc, CT.scatter_rows_reference(x.clone(), rows, sel))))
 
     cases = json.loads(sys.argv[1])
     for seed, name in enumerate(cases):
@@ -148,11 +123,9 @@ _SCRIPT = textwrap.dedent(r'''
             if parts[0] == "route":
                 M, H, B = map(int, parts[1].split("x"))
                 res = route_case(name, M, H, B, parts[2], seed)
-            elif parts[0] in ("select", "scatter"):
-                M, H = map(int, parts[1].split("x"))
-                res = select_case(name, parts[0], M, H, parts[2], seed)
             else:
-                res = compact_case(name, int(parts[1]), parts[2], seed)
+                M, H = map(int, parts[1].split("x"))
+                res = select_case(name, M, H, parts[2], seed)
         except Exception as e:  # reported per case
             res = dict(case=name, error=f"{type(e).__name__}: {e}")
         print("RESULT " + json.dumps(res), flush=True)
@@ -164,7 +137,7 @@ def interpreted():
     """Run every interpreter case in one subprocess; results by case name."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
-    cases = ROUTE_CASES + SELECT_CASES + COMPACT_CASES
+    cases = ROUTE_CASES + SELECT_CASES
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(cases)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     results = {}
@@ -201,14 +174,8 @@ def test_route_cases_are_not_saturated(interpreted):
 
 
 @pytest.mark.parametrize("case", SELECT_CASES)
-def test_select_and_scatter_kernels_interpreted(interpreted, case):
+def test_select_kernel_interpreted(interpreted, case):
     assert _result(interpreted, case)["equal"]
-
-
-@pytest.mark.parametrize("case", COMPACT_CASES)
-def test_compaction_kernels_interpreted(interpreted, case):
-    r = _result(interpreted, case)
-    assert r["index_eq"] and r["count_eq"] and r["gather_eq"] and r["scatter_eq"], r
 
 
 # ---------------------------------------------------------------- CPU ops (this process)
@@ -274,6 +241,50 @@ def test_fused_ops_gradients_equal_the_references():
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
     assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("rows", [6, 40])
+def test_route_launch_keeps_a_symbolic_row_count_symbolic(rows):
+    """The launch of tide::route_fused as Inductor traces it for a graph whose length is
+    symbolic (fake CUDA tensors on this CPU): it must not read the row count. Reading it
+    (block sizes from int(M)) specialized the symbol to the traced length, and Dynamo
+    refused optimize(...).generate's prompt marked dynamic on CUDA with
+    "specialized it to be a constant (6)"."""
+    from torch._dynamo.source import ConstantSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from tide_compile.kernels.route_triton import _launch_route
+
+    env = ShapeEnv()
+    symbol = env.create_symbol(rows, source=ConstantSource("s"), dynamic_dim=DimDynamic.DYNAMIC)
+    s = env.create_symintnode(symbol, hint=rows)
+    launched = []
+
+    class Kernel:  # records the grid instead of launching
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append((grid, kwargs))
+
+    with FakeTensorMode(shape_env=env):
+        h = torch.empty(1, s, 32, device="cuda")
+        exited = torch.zeros(1, s, dtype=torch.bool, device="cuda")
+        exit_layer = torch.zeros(1, s, dtype=torch.long, device="cuda")
+        w1, b1 = torch.empty(8, 32, device="cuda"), torch.empty(8, device="cuda")
+        w2, b2 = torch.empty(1, 8, device="cuda"), torch.empty(1, device="cuda")
+        out = _launch_route(Kernel(), h, exited, torch.empty_like(h), exit_layer, w1, b1, w2,
+                            b2, 0.5, 1, 1e-6)
+    ((grid, kwargs),) = launched
+    assert isinstance(grid[0], torch.SymInt)  # the grid follows the length
+    assert kwargs["USE_DOT"] and kwargs["BLOCK_M"] == 32
+    assert not env.replacements and not env.guards  # nothing specialized or guarded
+    assert out[1].shape[1] is s or str(out[1].shape[1]) == str(s)
+
+
+def test_route_launch_picks_decode_tiles_for_few_static_rows():
+    from tide_compile.kernels.route_triton import _blocks
+
+    assert _blocks(1, 4096, 128) == (1, 4, 1024, False)
+    assert _blocks(16, 4096, 128)[3] is True
 
 
 def test_kernels_option_switches_the_ops():
@@ -346,8 +357,7 @@ def test_route_kernel_gpu(rows, dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("rows", [1, 16, 333])
-def test_select_and_compact_kernels_gpu(rows, dtype):
-    from tide_compile.kernels import compact_triton as CT
+def test_select_kernel_gpu(rows, dtype):
     from tide_compile.kernels import select_triton as ST
 
     H = 4096
@@ -358,18 +368,9 @@ def test_select_and_compact_kernels_gpu(rows, dtype):
                        ST.exit_select_reference(mask, frozen, h))
     assert torch.equal(torch.ops.tide.exit_select_fused(mask, frozen, h),
                        ST.exit_select_reference(mask, frozen, h))
-    assert torch.equal(ST.exit_scatter_triton(frozen.clone(), h, mask),
-                       ST.exit_scatter_reference(frozen.clone(), h, mask))
     frozen32 = frozen.float() * 1.001  # mixed dtypes: frozen fp32, h lower precision
     assert torch.equal(ST.exit_select_triton(mask, frozen32, h),
                        ST.exit_select_reference(mask, frozen32, h))
-    idx, cnt = CT.continuing_index_triton(mask)
-    ridx, rcnt = CT.continuing_index_reference(mask)
-    assert torch.equal(idx, ridx) and torch.equal(cnt, rcnt)
-    assert torch.equal(CT.gather_rows_triton(h, idx), CT.gather_rows_reference(h, idx))
-    rows_new = torch.randn(rows, H, device="cuda").to(dtype)
-    assert torch.equal(CT.scatter_rows_triton(h.clone(), rows_new, idx),
-                       CT.scatter_rows_reference(h.clone(), rows_new, idx))
 
 
 @pytest.mark.gpu

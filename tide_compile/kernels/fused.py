@@ -14,10 +14,7 @@ import torch
 from . import ops  # noqa: F401  (tide::route, tide::exit_select)
 from . import route_triton, select_triton  # noqa: F401  (the *_fused ops)
 
-__all__ = ["route_op", "exit_select_op", "KERNEL_CHOICES"]
-
-#: Values of the backend option ``kernels``.
-KERNEL_CHOICES = ("inductor", "triton")
+__all__ = ["route_op", "exit_select_op"]
 
 
 def route_op(kernels: str = "inductor") -> torch._ops.OpOverload:

@@ -126,10 +126,16 @@ def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _blocks(m: int, h: int, b: int) -> tuple[int, int, int, bool]:
+def _blocks(m: int | torch.SymInt, h: int, b: int) -> tuple[int, int, int, bool]:
     """Block sizes from the shape (a rule, not a table): few rows -> broadcast FMAs and
-    small ``b``-blocks for many programs; many rows -> ``tl.dot`` tiles."""
-    if m >= 16:
+    small ``b``-blocks for many programs; many rows -> ``tl.dot`` tiles.
+
+    A symbolic row count (a graph compiled once for every step length, e.g. a prefill
+    marked dynamic) gets the many-rows tiles without reading it: comparing or converting
+    it would specialize the compiled graph to the traced length (Dynamo then refuses a
+    dimension marked dynamic). The tiles are correct for any row count (masked).
+    """
+    if isinstance(m, torch.SymInt) or m >= 16:
         # 32 x 32 x 64 tiles: ~190 registers, no spills (sm_90, ptxas).
         block_m, block_b = 32, min(max(_pow2(b), 16), 32)
         block_k = min(max(_pow2(h), 16), 64)

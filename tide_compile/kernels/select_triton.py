@@ -1,20 +1,10 @@
-"""Exit selection: ``tide::exit_select_fused`` and the in-place scatter of exited rows.
+"""Exit selection: ``tide::exit_select_fused`` (every layer input after a checkpoint)::
 
-* select (frozen strategy, every layer input after a checkpoint)::
+    out[m] = frozen[m] (cast to h's dtype)  if exited[m]  else  h[m]
 
-      out[m] = frozen[m] (cast to h's dtype)  if exited[m]  else  h[m]
-
-  the reference is :func:`.ops.exit_select_reference`. Each row reads only the tensor
-  it takes (masked loads), so the kernel moves ``M * H`` elements in and out, not
-  ``2 M H`` in.
-
-* scatter (the frozen-state update done in place, e.g. by a runner)::
-
-      frozen[m] = h[m]  for every m with mask[m]         (:func:`exit_scatter_reference`)
-
-  rows without ``mask`` are not touched; their programs return at once.
-
-Grid: ``(rows, cdiv(H, BLOCK_H))``; any ``H``.
+The reference is :func:`.ops.exit_select_reference`. Each row reads only the tensor it
+takes (masked loads), so the kernel moves ``M * H`` elements in and out, not ``2 M H``
+in. Grid: ``(rows, cdiv(H, BLOCK_H))``; any ``H``.
 """
 
 from __future__ import annotations
@@ -31,8 +21,7 @@ try:
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
-__all__ = ["exit_select_fused", "exit_select_triton", "exit_select_reference",
-           "exit_scatter_triton", "exit_scatter_reference"]
+__all__ = ["exit_select_fused", "exit_select_triton", "exit_select_reference"]
 
 _BLOCK_H = 1024
 
@@ -51,16 +40,6 @@ if HAS_TRITON:
         fv = tl.load(frozen_ptr + row * stride_f + cols, mask=ok & ex, other=0.0)
         hv = tl.load(h_ptr + row * stride_h + cols, mask=ok & (ex == 0), other=0.0)
         tl.store(out_ptr + row * stride_o + cols, tl.where(ex, fv.to(hv.dtype), hv), mask=ok)
-
-    @triton.jit
-    def _exit_scatter_kernel(mask_ptr, h_ptr, frozen_ptr, H, stride_h, stride_f,
-                             BLOCK_H: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        if tl.load(mask_ptr + row) != 0:
-            cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-            ok = cols < H
-            hv = tl.load(h_ptr + row * stride_h + cols, mask=ok)
-            tl.store(frozen_ptr + row * stride_f + cols, hv, mask=ok)
 
 
 def _rows(t: torch.Tensor, H: int) -> torch.Tensor:
@@ -90,32 +69,6 @@ def exit_select_triton(exited: torch.Tensor, frozen: torch.Tensor,
     if h.numel() == 0:
         return exit_select_reference(exited, frozen, h)
     return _launch_select(_exit_select_kernel, exited, frozen, h)
-
-
-def exit_scatter_reference(frozen: torch.Tensor, h: torch.Tensor,
-                           mask: torch.Tensor) -> torch.Tensor:
-    """``frozen[mask] = h[mask]`` in place (cast to frozen's dtype); returns ``frozen``."""
-    frozen[mask] = h[mask].to(frozen.dtype)
-    return frozen
-
-
-def exit_scatter_triton(frozen: torch.Tensor, h: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor:
-    """In-place scatter of the masked rows of ``h`` into ``frozen`` (a kernel launch).
-
-    ``frozen`` must have a unit last stride and rows reachable by one row stride (any
-    contiguous ``[..., H]`` tensor). Returns ``frozen``.
-    """
-    H = h.shape[-1]
-    if h.numel() == 0:
-        return frozen
-    f2 = frozen.view(-1, H)  # a view: the writes must land in frozen
-    h2 = _rows(h, H)
-    m = mask.reshape(-1).contiguous()
-    block = _block(H)
-    _exit_scatter_kernel[(h2.shape[0], triton.cdiv(H, block))](
-        m, h2, f2, H, h2.stride(0), f2.stride(0), BLOCK_H=block, num_warps=4)
-    return frozen
 
 
 def _exit_select_body(exited: torch.Tensor, frozen: torch.Tensor,
