@@ -748,3 +748,53 @@ def test_graph_for_other_routers_is_the_mismatch_error(arch) -> None:
     wide.model_info["hidden_size"] = 64
     with pytest.raises(TIDEError, match="hidden_size: routers 64, model 32"):
         check_graph_for_routers(gm, wide)
+
+
+# ----------------------------------------------------------------------------- API entry points
+GENERATE_CASES = [
+    (dict(input_ids=torch.zeros(0, 3, dtype=torch.long)), "is empty"),
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "is empty"),
+    (dict(input_ids=torch.ones(1, 3)), "integer token ids"),
+    (dict(input_ids=torch.ones(3, dtype=torch.long)), "2-D"),
+    (dict(attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]])), "right padding"),
+    (dict(do_sample=True, temperature=float("nan")), "temperature"),
+    (dict(do_sample=True, top_p=1.5), "top_p"),
+    (dict(do_sample=True, top_k=-3), "top_k"),
+]
+
+
+@pytest.mark.parametrize("bad, match", GENERATE_CASES)
+def test_generate_entry_points_check_their_arguments(bad, match) -> None:
+    """``TIDEModel.generate`` and ``reference.generate`` refuse bad arguments before any
+    work (no compilation, no forward)."""
+    import tide_compile
+    from tide_compile import reference
+
+    model = make_model("llama", 4)
+    routers = RouterSet.forced(model, exit_at=1, config=TIDEConfig(checkpoint_interval=2))
+    args = dict(input_ids=torch.ones(2, 3, dtype=torch.long), attention_mask=None, do_sample=False)
+    args.update(bad)
+    fast = tide_compile.optimize(model, routers, inductor=False)
+    ids = args.pop("input_ids")
+    with pytest.raises(TIDEError, match=match):
+        fast.generate(ids, max_new_tokens=2, **args)
+    with pytest.raises(TIDEError, match=match):
+        reference.generate(model, routers, ids, 2, **args)
+
+
+def test_torch_compile_with_another_models_routers(tmp_path) -> None:
+    """Routers for another model through ``torch.compile(..., options={"routers": path})``:
+    the mismatch error of ``optimize``, not a graph break hint."""
+    import tide_compile
+
+    model = make_model("llama", 4)
+    path = tmp_path / "six.tide"
+    RouterSet.forced(make_model("llama", 6), exit_at=1, config=TIDEConfig(checkpoint_interval=2)).save(path)
+    with pytest.raises(TIDEError, match=r"made for another model \(num_layers: routers 6, model 4\)"):
+        tide_compile.optimize(model, str(path))
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="tide", options={"routers": str(path), "inductor": False})
+    with pytest.raises(Exception, match=r"made for another model \(num_layers: routers 6, model 4\)") as err:
+        compiled(input_ids=torch.tensor([[1, 2, 3]]))
+    assert "fullgraph" not in str(err.value)
+    torch._dynamo.reset()

@@ -39,6 +39,7 @@ from .runtime.compact import CompactRunner
 from .runtime.cudagraphs import GraphedSkipRunner
 from .runtime.runner import Compiler, FrozenRunner, RunnerArtifacts, SkipRunner
 from .stats import ExitStats
+from .validation import check_graph_for_routers
 
 __all__ = ["tide_backend", "attach", "detach", "parse_options", "OPTION_KEYS",
            "COMPILE_COUNTS", "graph_facts"]
@@ -57,6 +58,7 @@ def tide_backend(gm: fx.GraphModule, example_inputs: Sequence[Any],
     it sets the Inductor mode unless ``options["mode"]`` does.
     """
     opts = _options_for(parse_options(options), example_inputs, mode)
+    check_graph_for_routers(gm, opts.routers)  # another model's routers: the optimize() error
     stats = opts.stats if opts.stats is not None else ExitStats(num_layers=opts.routers.num_layers)
     ctx, work = _context(gm, example_inputs, opts)
     facts = graph_facts(gm, example_inputs, ctx)

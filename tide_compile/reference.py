@@ -46,6 +46,7 @@ from .config import TIDEConfig
 from .model_probe import ModelProbe, probe
 from .routers import RouterSet
 from .stats import ExitStats
+from .validation import check_generate_args
 
 __all__ = ["forward", "generate", "ForwardOutput", "GenerateOutput", "ExitState", "KV_MODES", "check_kv"]
 
@@ -320,6 +321,8 @@ def generate(
         kv: ``"propagate"`` or ``"deferred"`` (module docstring). With ``"deferred"``
             every prompt token's K/V is exact too; its last position may exit.
     """
+    check_generate_args(model, input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
+                        temperature=temperature, top_k=top_k, top_p=top_p)
     from transformers import DynamicCache, StaticCache
 
     if max_new_tokens < 0:

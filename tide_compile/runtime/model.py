@@ -30,6 +30,7 @@ from ..options import TideOptions, parse_options
 from ..reference import eos_and_pad, position_ids_from_mask, sample_next
 from ..routers import RouterSet
 from ..stats import ExitStats
+from ..validation import check_generate_args
 
 __all__ = ["optimize", "TIDEModel", "cache_bucket", "batch_bucket", "MIN_CACHE_BUCKET"]
 
@@ -140,6 +141,8 @@ class TIDEModel(nn.Module):
         given, else prompt + ``max_new_tokens`` rounded up to a power of two of at least
         :data:`MIN_CACHE_BUCKET`; the batch rounded up to a power of two.
         """
+        check_generate_args(self.model, input_ids, max_new_tokens, attention_mask=attention_mask, do_sample=do_sample,
+                            temperature=temperature, top_k=top_k, top_p=top_p)
         if unsupported:
             raise TypeError(
                 f"TIDEModel.generate does not support {sorted(unsupported)}; supported: "
