@@ -1,0 +1,122 @@
+"""Traffic: many prompt lengths, new-token counts and batch sizes in one process.
+
+Every token exits after layer 1 of 4 (forced routers). For every call: the tokens equal
+the reference's, the decode steps ran 2 layers per token (the skip strategy; the prompt
+step runs all 4), and the compiles stay within the documented bound. Inductor is off
+(FX graphs compile in about a second; the shape logic is the same).
+"""
+
+import itertools
+
+import pytest
+import torch
+from transformers import StaticCache
+
+import tide_compile
+from tide_compile import ExitStats, RouterSet
+from tide_compile import backend as B
+from tide_compile import reference as R
+from tide_compile.reference import position_ids_from_mask
+from tide_compile.runtime.model import MIN_CACHE_BUCKET
+from tide_testing import CFG, model_for
+
+PROMPTS = (2, 3, 5, 8, 13, 21)
+NEW_TOKENS = (2, 5)
+BATCHES = (1, 2, 3)
+LAYERS = 4
+EXIT_DEPTH = 2  # forced exit after layer 1
+
+
+def requests():
+    """Every (prompt, new, batch), with left-padded ids: row i has i padding tokens."""
+    g = torch.Generator().manual_seed(0)
+    for prompt, new, batch in itertools.product(PROMPTS, NEW_TOKENS, BATCHES):
+        ids = torch.randint(3, 97, (batch, prompt), generator=g)
+        mask = torch.ones_like(ids)
+        for row in range(batch):
+            mask[row, :min(row, prompt - 1)] = 0
+        yield prompt, new, ids, mask
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = model_for("llama", LAYERS)
+    return model, RouterSet.forced(model, exit_at=1, config=CFG)
+
+
+@pytest.mark.parametrize("dynamic", [None, False])
+def test_generate_keeps_skipping_for_every_shape(setup, dynamic):
+    """optimize(...).generate: two graphs per bucket (batch 1, 2 -> 2, 3 -> 4; cache 256),
+    decode steps skip at every shape, tokens and exits equal to the reference."""
+    model, routers = setup
+    torch._dynamo.reset()
+    compiles = sum(B.COMPILE_COUNTS.values())
+    fast = tide_compile.optimize(model, routers, inductor=False, dynamic=dynamic)
+    stats = fast.tide_stats
+    for prompt, new, ids, mask in requests():
+        before = ExitStats(LAYERS)
+        before.merge(stats)
+        steps_before = dict(stats.steps_by_strategy)
+        got = fast.generate(ids, max_new_tokens=new, attention_mask=mask, pad_token_id=0)
+        ref = R.generate(model, routers, ids, new, attention_mask=mask, pad_token_id=0,
+                         cache="static")
+        where = f"prompt {prompt}, new {new}, batch {ids.shape[0]}"
+        assert torch.equal(got, ref.sequences), where
+        tokens = stats.total_tokens - before.total_tokens
+        assert tokens == ref.stats.total_tokens, where
+        assert {c: n - before.exits_per_layer.get(c, 0) for c, n in stats.exits_per_layer.items()
+                if n != before.exits_per_layer.get(c, 0)} == ref.stats.exits_per_layer, where
+        prompt_tokens = int(mask.sum())
+        executed = stats.layers_executed - before.layers_executed
+        assert executed == LAYERS * prompt_tokens + EXIT_DEPTH * (tokens - prompt_tokens), where
+        assert executed < LAYERS * tokens, where  # fewer layers than the model has
+        steps = {k: v - steps_before.get(k, 0) for k, v in stats.steps_by_strategy.items()}
+        decode_steps = got.shape[1] - prompt - 1
+        assert steps.get("skip", 0) == decode_steps and steps.get("frozen", 0) == 1, where
+    assert set(fast.cache_memory()) == {(1, MIN_CACHE_BUCKET, "cpu"), (2, MIN_CACHE_BUCKET, "cpu"),
+                                        (4, MIN_CACHE_BUCKET, "cpu")}
+    # The documented bound: two graphs per bucket (prompt step, one-token step).
+    assert sum(B.COMPILE_COUNTS.values()) - compiles <= 2 * len(fast.cache_memory())
+    assert "Steps by strategy: frozen 36, skip" in stats.summary()
+
+
+def test_user_loop_with_attached_routers_keeps_skipping(setup):
+    """torch.compile(model, backend="tide") with attached routers, driven by the user's
+    own loop (a new StaticCache per request, the mask growing every step): Dynamo's
+    automatic dynamic shapes make the sizes symbolic after the first changes, and the
+    one-token steps keep the skip strategy through all of them."""
+    model, routers = setup
+    torch._dynamo.reset()
+    stats = ExitStats(LAYERS)
+    compiles = sum(B.COMPILE_COUNTS.values())
+    tide_compile.attach(model, routers, inductor=False, stats=stats)
+    try:
+        fn = torch.compile(model, backend="tide", fullgraph=True)
+        for prompt, new, ids, mask in requests():
+            batch = ids.shape[0]
+            before_tokens, before_layers = stats.total_tokens, stats.layers_executed
+            cache = StaticCache(config=model.config, max_cache_len=prompt + new)
+            positions = position_ids_from_mask(mask)
+            step, seq = ids, ids
+            with torch.no_grad():
+                for _ in range(new):
+                    out = fn(input_ids=step, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
+                    step = out.logits[:, -1:].argmax(-1)
+                    seq = torch.cat([seq, step], 1)
+                    mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], 1)
+                    positions = positions[:, -1:] + 1
+            ref = R.generate(model, routers, ids, new, attention_mask=mask[:, :prompt],
+                             eos_token_id=-1, cache="static")
+            where = f"prompt {prompt}, new {new}, batch {batch}"
+            assert torch.equal(seq, ref.sequences), where
+            # Every position of every step counts here (padding included).
+            tokens = stats.total_tokens - before_tokens
+            assert tokens == batch * (prompt + new - 1), where
+            executed = stats.layers_executed - before_layers
+            assert executed == LAYERS * batch * prompt + EXIT_DEPTH * batch * (new - 1), where
+    finally:
+        tide_compile.detach(model)
+    # The documented bound for a loop without buckets: Dynamo's automatic dynamic shapes
+    # (a graph recompiles once per size that first changes, then holds it symbolic).
+    assert sum(B.COMPILE_COUNTS.values()) - compiles <= 8
