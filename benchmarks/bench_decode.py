@@ -1,6 +1,6 @@
 """Batch-1 decode on a Llama-3.1-8B-shaped model (bf16, random weights), side by side.
 
-Rows, all in one process on one GPU, same prompt, same StaticCache size:
+Fixed-shape rows, all in one process on one GPU, same prompt, same StaticCache size:
 
 * ``hf_eager``: ``model.generate`` (greedy), per new token.
 * ``inductor``: ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)``
@@ -10,12 +10,25 @@ Rows, all in one process on one GPU, same prompt, same StaticCache size:
 * ``tide_exit@d``: tide with ``RouterSet.forced`` exiting every token after ``d`` layers.
 
 The tide rows and the Inductor row use the same decode loop; prefill runs eagerly on the
-StaticCache for all of them (not timed). For each exit depth the weight-bytes bound is
-full-model bytes / (bytes of executed layers + K/V projection bytes of skipped layers +
-final norm and lm_head): the speedup no implementation of that exit could beat when
-decode is memory-bound.
+StaticCache for all of them (not timed). Every tide row is measured against Inductor in
+interleaved pairs, in one process: Inductor, tide, then tide, Inductor, and so on
+(``--pairs``, at least 6, after one warm-up loop each), each measurement the median step
+time of one decode loop; the row reports the median ratio tide / Inductor and its range
+(single runs moved by up to 10% on the lent H200; paired ones by about 1%). For each exit
+depth the weight-bytes bound is full-model bytes / (bytes of executed layers + K/V
+projection bytes of skipped layers + final norm and lm_head): the speedup no
+implementation of that exit could beat when decode is memory-bound.
 
-Usage: python benchmarks/bench_decode.py [--tiny] [--steps 64] [--out results.json]
+``--traffic``: mixed traffic instead: ``--requests`` (64) requests one after another at
+batch 1, prompt lengths and new-token counts drawn from ``--prompt-range`` (16..1024) and
+``--new-range`` (16..256) with a fixed seed; rows Inductor (its own bucketed decode loop,
+as ``generate`` buckets), tide never-exit and tide forced exit after ``--exit-depth`` (16)
+layers, both through ``optimize(...).generate``. Each row runs the traffic twice in one
+loop: the first pass compiles (every bucket and length it meets), the second is timed.
+Reported: tokens/s of the second pass and the compile time (first pass minus second).
+
+Usage: python benchmarks/bench_decode.py [--tiny] [--steps 64] [--pairs 6] [--out results.json]
+       python benchmarks/bench_decode.py --traffic [--tiny] [--out traffic.json]
 """
 
 from __future__ import annotations
@@ -76,16 +89,13 @@ def bound_speedup(b: dict[str, int], depth: int) -> float:
 
 
 @torch.no_grad()
-def decode_loop(fn, model, prompt, steps: int, cache_len: int, device: str,
-                mark_step: bool, keep: dict | None = None) -> list[float]:
-    """Eager prefill on a fresh StaticCache, then `steps` compiled decode steps.
-    Returns per-step wall times (ms), each step synchronized by the argmax read-back
-    being fed to the next step (as in generate). ``keep["cache"]`` receives the cache."""
-    from transformers import StaticCache
-
-    cache = StaticCache(config=model.config, max_cache_len=cache_len)
-    if keep is not None:
-        keep["cache"] = cache
+def decode_loop(fn, model, prompt, steps: int, cache, device: str,
+                mark_step: bool) -> list[float]:
+    """Eager prefill on ``cache`` (reset first: the same tensors every loop, so nothing
+    recompiles), then `steps` compiled decode steps. Returns per-step wall times (ms),
+    each step synchronized by the argmax read-back being fed to the next step (as in
+    generate)."""
+    cache.reset()
     out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
     pos = torch.full((1, 1), prompt.shape[1], device=device, dtype=torch.long)
@@ -102,6 +112,32 @@ def decode_loop(fn, model, prompt, steps: int, cache_len: int, device: str,
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def new_cache(model, cache_len: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=cache_len)
+
+
+def interleaved_pairs(base, tide, pairs: int, skip: int) -> dict:
+    """``pairs`` A/B pairs of decode loops, ``base`` (Inductor) and ``tide`` alternating
+    which goes first (Inductor, tide, tide, Inductor, ...): per pair the median step time
+    of each and their ratio. ``base`` / ``tide``: callables running one decode loop and
+    returning its step times."""
+    base_ms, tide_ms, ratios = [], [], []
+    for i in range(pairs):
+        order = (base, tide) if i % 2 == 0 else (tide, base)
+        measured = {id(f): summarize(f(), skip) for f in order}
+        b, t = measured[id(base)], measured[id(tide)]
+        base_ms.append(b)
+        tide_ms.append(t)
+        ratios.append(t / b)
+    return {"ms_per_token": statistics.median(tide_ms),
+            "inductor_ms_median": round(statistics.median(base_ms), 4),
+            "ratio_median": round(statistics.median(ratios), 4),
+            "ratio_range": [round(min(ratios), 4), round(max(ratios), 4)],
+            "pairs": pairs}
 
 
 @torch.no_grad()
@@ -170,6 +206,8 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="small model (CPU smoke test)")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=6,
+                    help="interleaved Inductor/tide pairs per tide row (at least 6 for a figure)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--interval", type=int, default=8, help="checkpoint_interval")
     ap.add_argument("--kernels", choices=("inductor", "triton"), default="inductor",
@@ -194,7 +232,19 @@ def main() -> None:
                     help="after each tide row, time every captured CUDA graph alone (GPU only)")
     ap.add_argument("--time-budget", type=float, default=480.0,
                     help="stop starting new rows after this many seconds")
+    ap.add_argument("--no-inductor", action="store_true",
+                    help="compile without Inductor (baseline: Dynamo's eager backend; tide: "
+                         "FX graphs): a quick CPU smoke run of the loops, not a measurement")
+    ap.add_argument("--traffic", action="store_true", help="mixed traffic (module docstring)")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-range", default="16,1024")
+    ap.add_argument("--new-range", default="16,256")
+    ap.add_argument("--exit-depth", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.traffic:
+        traffic(args)
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     start = time.time()
@@ -208,7 +258,7 @@ def main() -> None:
     rows: list[dict] = []
     env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda"
            else "cpu", "dtype": str(dtype), "prompt": args.prompt, "steps": args.steps,
-           "checkpoints": checkpoints}
+           "checkpoints": checkpoints, "pairs": args.pairs, "inductor": not args.no_inductor}
     try:
         import transformers
         env["transformers"] = transformers.__version__
@@ -233,20 +283,23 @@ def main() -> None:
     if "eager" in wanted:
         row("hf_eager_generate", hf_eager_ms(model, prompt, device))
 
-    # Inductor baseline on the same static cache (always: the other rows are relative to it).
-    # Measured first and again after the tide rows (the same compiled code has moved by
-    # ~4% between processes on the lent H200); the ratios use the faster of the two.
-    mode = "reduce-overhead" if device == "cuda" else None
+    # The Inductor baseline, compiled once and kept: every tide row is paired with it.
+    # (Dynamo keeps one cache entry per backend for model.forward; no reset between rows.)
+    torch._dynamo.reset()
+    t0 = time.time()
+    if args.no_inductor:
+        ind = torch.compile(model.forward, backend="eager", fullgraph=True)
+    else:
+        ind = torch.compile(model.forward, mode="reduce-overhead" if device == "cuda" else None,
+                            fullgraph=True)
+    ind_cache = new_cache(model, cache_len)
+    mark = device == "cuda" and not args.no_inductor
 
-    def inductor_ms() -> tuple[float, float]:
-        torch._dynamo.reset()
-        t0 = time.time()
-        ind = torch.compile(model.forward, mode=mode, fullgraph=True)
-        times = decode_loop(ind, model, prompt, args.steps, cache_len, device, device == "cuda")
-        return summarize(times, args.warmup), round(time.time() - t0, 1)
+    def run_inductor() -> list[float]:
+        return decode_loop(ind, model, prompt, args.steps, ind_cache, device, mark)
 
-    base, took = inductor_ms()
-    row("inductor", base, compile_and_first_s=took)
+    base = summarize(run_inductor(), args.warmup)
+    row("inductor", base, compile_and_first_s=round(time.time() - t0, 1))
 
     graphed: list = []
     if args.breakdown and device == "cuda":
@@ -264,37 +317,46 @@ def main() -> None:
         if time.time() - start > args.time_budget:
             print(f"# skipped {name}: time budget", flush=True)
             return
-        torch._dynamo.reset()
         routers = RouterSet.forced(model, exit_at=exit_at, config=cfg)
         stats = ExitStats(b["num_layers"])
         t0 = time.time()
         fn = torch.compile(model.forward, backend="tide", fullgraph=True,
                            options={"routers": routers, "stats": stats, "strategy": "skip",
                                     "kernels": args.kernels, "inductor_config": patches,
-                                    "stack_kv": stack_kv})
-        keep: dict = {}
+                                    "stack_kv": stack_kv, "inductor": not args.no_inductor})
+        cache = new_cache(model, cache_len)
         graphed.clear()
-        times = decode_loop(fn, model, prompt, args.steps, cache_len, device, False, keep)
-        ms = summarize(times, args.warmup)
+
+        def run_tide() -> list[float]:
+            return decode_loop(fn, model, prompt, args.steps, cache, device, False)
+
+        run_tide()  # compiles, captures
+        compiled_s = round(time.time() - t0, 1)
+        stats.reset()
+        paired = interleaved_pairs(run_inductor, run_tide, args.pairs, args.warmup)
+        ms = paired.pop("ms_per_token")
         depth = b["num_layers"] if exit_at is None else exit_at + 1
         bound = bound_speedup(b, depth)
+        speedup = 1.0 / paired["ratio_median"]
         extra = {}
         captured = [g for g in graphed if g.captured]
         if captured:
-            extra = graph_breakdown(captured[-1], keep["cache"], exit_at)
+            extra = graph_breakdown(captured[-1], cache, exit_at)
             extra["host_and_gaps_ms"] = round(ms - extra["gpu_path_ms"], 4)
         row(name, ms, depth=depth, bound_speedup=round(bound, 3),
+            speedup_vs_inductor=round(speedup, 3),
+            fraction_of_bound=round(speedup / bound, 3),
             mean_layers_executed=round(stats.mean_layers_executed, 2),
-            compile_and_first_s=round(time.time() - t0, 1), **extra)
+            compile_and_first_s=compiled_s, **paired, **extra)
         if name in args.profile.split(","):
-            profile_steps(fn, name)
+            profile_steps(fn, cache, name)
 
-    def profile_steps(fn, name, steps=8):
+    def profile_steps(fn, cache, name, steps=8):
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=acts) as prof:
-            decode_loop(fn, model, prompt, steps, cache_len, device, False)
+            decode_loop(fn, model, prompt, steps, cache, device, False)
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         averages = prof.key_averages()
         print(f"# profile of {name}: {steps} decode steps (+ an eager prefill)", flush=True)
@@ -315,23 +377,129 @@ def main() -> None:
                 raise SystemExit(f"--depths: {d} is not a checkpoint depth ({[c + 1 for c in checkpoints]})")
             tide_row(f"tide_exit@{d}", d - 1)
 
-    end, _ = inductor_ms()
-    row("inductor_again", end)
-    base = min(base, end)
     env["inductor_ms_used"] = round(base, 3)
-    for r in rows:
-        if "bound_speedup" in r:
-            speedup = base / r["ms_per_token"]
-            r["speedup_vs_inductor"] = round(speedup, 3)
-            r["fraction_of_bound"] = round(speedup / r["bound_speedup"], 3)
-    print(f"\nratios against the faster Inductor measurement: {base:.3f} ms")
-    print("\n| row | ms/token | x Inductor | bound | of bound | layers run |")
+    print("\nratios: median of interleaved pairs (range in brackets)")
+    print("\n| row | ms/token | x Inductor (pairs) | bound | of bound | layers run |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['ms_per_token']:.3f} | "
-              f"{r.get('speedup_vs_inductor', base / r['ms_per_token']):.2f} | "
+        x = r.get("speedup_vs_inductor", base / r["ms_per_token"])
+        spread = ""
+        if "ratio_range" in r:
+            lo, hi = r["ratio_range"]
+            spread = f" [{1 / hi:.3f}-{1 / lo:.3f}]"
+        print(f"| {r['name']} | {r['ms_per_token']:.3f} | {x:.3f}{spread} | "
               f"{r.get('bound_speedup', '')} | {r.get('fraction_of_bound', '')} | "
               f"{r.get('mean_layers_executed', '')} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "bytes": b, "rows": rows}, f, indent=1)
+
+
+# ---------------------------------------------------------------------- traffic
+def traffic_requests(args, vocab: int, device: str) -> list[tuple[torch.Tensor, int]]:
+    """``--requests`` (prompt ids, new tokens), lengths uniform in the ranges, fixed seed."""
+    lo_p, hi_p = map(int, args.prompt_range.split(","))
+    lo_n, hi_n = map(int, args.new_range.split(","))
+    g = torch.Generator().manual_seed(args.seed)
+    out = []
+    for _ in range(args.requests):
+        p = int(torch.randint(lo_p, hi_p + 1, (1,), generator=g))
+        n = int(torch.randint(lo_n, hi_n + 1, (1,), generator=g))
+        out.append((torch.randint(0, vocab, (1, p), generator=g).to(device), n))
+    return out
+
+
+class BucketedLoop:
+    """The Inductor baseline's generate: greedy, batch 1, one StaticCache per cache bucket
+    (as ``TIDEModel.generate``), the prompt step with its length marked dynamic, then
+    one-token steps; the same compiled ``model.forward`` for both."""
+
+    def __init__(self, model, fn, device: str, mark_step: bool) -> None:
+        self.model, self.fn, self.device, self.mark_step = model, fn, device, mark_step
+        self.caches: dict[int, object] = {}
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, new: int) -> int:
+        from tide_compile.runtime.model import cache_bucket
+
+        length = cache_bucket(ids.shape[1] + new)
+        cache = self.caches.get(length)
+        if cache is None:
+            cache = self.caches[length] = new_cache(self.model, length)
+            self.model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
+        cache.reset()
+        step = ids.clone()
+        positions = torch.arange(ids.shape[1], device=self.device)[None]
+        torch._dynamo.mark_dynamic(step, 1)
+        torch._dynamo.mark_dynamic(positions, 1)
+        for _ in range(new):
+            if self.mark_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self.fn(input_ids=step, position_ids=positions, past_key_values=cache,
+                             use_cache=True).logits
+            step = logits[:, -1:].argmax(-1).clone()
+            positions = positions[:, -1:] + 1
+        return new
+
+
+def traffic(args) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = build_model(args.tiny, device, dtype)
+    b = weight_bytes(model)
+    cfg = TIDEConfig(checkpoint_interval=args.interval)
+    if args.exit_depth - 1 not in cfg.checkpoint_layers(b["num_layers"]):
+        raise SystemExit(f"--exit-depth {args.exit_depth} is not a checkpoint depth of "
+                         f"--interval {args.interval}")
+    requests = traffic_requests(args, model.config.vocab_size, device)
+    inductor = not args.no_inductor
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda"
+           else "cpu", "dtype": str(dtype), "requests": args.requests,
+           "prompt_range": args.prompt_range, "new_range": args.new_range, "seed": args.seed,
+           "tokens": sum(n for _, n in requests), "inductor": inductor,
+           "exit_depth": args.exit_depth, "interval": args.interval}
+    print(json.dumps(env), flush=True)
+    rows = []
+
+    def run_row(name: str, generate) -> None:
+        passes = []
+        for _ in range(2):  # compile pass, timed pass
+            sync(device)
+            t0 = time.perf_counter()
+            tokens = sum(generate(ids, n) for ids, n in requests)
+            sync(device)
+            passes.append(time.perf_counter() - t0)
+        r = {"name": name, "tokens_per_s": round(tokens / passes[1], 1),
+             "ms_per_token": round(1e3 * passes[1] / tokens, 4),
+             "timed_s": round(passes[1], 2), "compile_s": round(passes[0] - passes[1], 1)}
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    torch._dynamo.reset()
+    if inductor:
+        ind = torch.compile(model.forward, mode="reduce-overhead" if device == "cuda" else None,
+                            fullgraph=True, dynamic=False)
+    else:
+        ind = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
+    loop = BucketedLoop(model, ind, device, mark_step=device == "cuda" and inductor)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        run_row("inductor", loop.generate)
+    for name, exit_at in (("tide_never_exit", None), (f"tide_exit@{args.exit_depth}",
+                                                      args.exit_depth - 1)):
+        torch._dynamo.reset()
+        routers = RouterSet.forced(model, exit_at=exit_at, config=cfg)
+        fast = tide_compile.optimize(model, routers, inductor=inductor)
+        run_row(name, lambda ids, n: fast.generate(ids, max_new_tokens=n, eos_token_id=-1)
+                .shape[1] - ids.shape[1])
+        rows[-1]["mean_layers_executed"] = round(fast.tide_stats.mean_layers_executed, 2)
+        rows[-1]["steps_by_strategy"] = fast.tide_stats.steps_by_strategy
+    base = rows[0]["tokens_per_s"]
+    print("\n| row | tokens/s | x Inductor | compile s | layers run/token |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        r["speedup_vs_inductor"] = round(r["tokens_per_s"] / base, 3)
+        print(f"| {r['name']} | {r['tokens_per_s']} | {r['speedup_vs_inductor']:.3f} | "
+              f"{r['compile_s']} | {r.get('mean_layers_executed', '')} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"env": env, "bytes": b, "rows": rows}, f, indent=1)

@@ -120,3 +120,37 @@ def test_user_loop_with_attached_routers_keeps_skipping(setup):
     # The documented bound for a loop without buckets: Dynamo's automatic dynamic shapes
     # (a graph recompiles once per size that first changes, then holds it symbolic).
     assert sum(B.COMPILE_COUNTS.values()) - compiles <= 8
+
+
+def test_bench_decode_smoke(tmp_path, monkeypatch):
+    """benchmarks/bench_decode.py runs on CPU in its tiny modes: interleaved Inductor/tide
+    pairs, and mixed traffic (FX graphs: a smoke run of the loops, not a measurement)."""
+    import importlib.util
+    import json
+    import os
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "bench_decode", os.path.join(root, "benchmarks", "bench_decode.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    common = ["bench_decode.py", "--tiny", "--no-inductor", "--interval", "2"]
+    pairs, traffic = tmp_path / "pairs.json", tmp_path / "traffic.json"
+    monkeypatch.setattr(sys, "argv", common + [
+        "--steps", "4", "--warmup", "1", "--prompt", "8", "--pairs", "2",
+        "--rows", "inductor,exits", "--depths", "4", "--out", str(pairs)])
+    bench.main()
+    monkeypatch.setattr(sys, "argv", common + [
+        "--traffic", "--exit-depth", "4", "--requests", "3", "--prompt-range", "4,20",
+        "--new-range", "3,6", "--out", str(traffic)])
+    bench.main()
+    (paired,) = [r for r in json.loads(pairs.read_text())["rows"] if r["name"] == "tide_exit@4"]
+    assert paired["pairs"] == 2 and paired["mean_layers_executed"] == 4.0
+    lo, hi = paired["ratio_range"]
+    assert lo <= paired["ratio_median"] <= hi
+    rows = {r["name"]: r for r in json.loads(traffic.read_text())["rows"]}
+    assert set(rows) == {"inductor", "tide_never_exit", "tide_exit@4"}
+    assert all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["tide_exit@4"]["steps_by_strategy"]["skip"] > 0
+    assert rows["tide_never_exit"]["mean_layers_executed"] == 8.0
