@@ -154,3 +154,37 @@ def test_bench_decode_smoke(tmp_path, monkeypatch):
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["tide_exit@4"]["steps_by_strategy"]["skip"] > 0
     assert rows["tide_never_exit"]["mean_layers_executed"] == 8.0
+
+
+def test_finished_and_padding_rows_mirror_a_live_row(setup):
+    """A row that stops at EOS, and the row that fills batch 3 up to its bucket of 4,
+    compute exactly what a live row computes from then on (their cache rows end equal to
+    it), so they never keep a step from skipping; the output equals the reference's."""
+    model, routers = setup
+    torch._dynamo.reset()
+    for seed in range(20):  # a case where row 1 stops early and rows 0 and 2 never do
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, 97, (3, 6), generator=g)
+        mask = torch.ones_like(ids)
+        mask[2, :2] = 0
+        free = R.generate(model, routers, ids, 6, attention_mask=mask, eos_token_id=-1,
+                          pad_token_id=0, cache="static")
+        new = free.sequences[:, 6:].tolist()
+        eos = new[1][1]  # row 1 stops at its second new token
+        if eos not in new[0] + new[2] + new[1][:1]:
+            break
+    else:
+        pytest.fail("no seed gives a row that stops alone")
+    fast = tide_compile.optimize(model, routers, inductor=False)
+    got = fast.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=eos,
+                        pad_token_id=0)
+    ref = R.generate(model, routers, ids, 6, attention_mask=mask, eos_token_id=eos,
+                     pad_token_id=0, cache="static")
+    assert torch.equal(got, ref.sequences)
+    assert fast.tide_stats.exits_per_layer == ref.stats.exits_per_layer
+    assert fast.tide_stats.steps_by_strategy == {"frozen": 1, "skip": 5}
+    (bucket,) = fast._buckets.values()
+    for layer in bucket.cache.layers:  # rows 1 and 3 mirror row 0, the first live row
+        for t in (layer.keys, layer.values):
+            assert torch.equal(t[1], t[0]) and torch.equal(t[3], t[0])
+            assert not torch.equal(t[2], t[0])
