@@ -126,6 +126,24 @@ class LazyGraph:
         return self.fn(*args)
 
 
+def static_fakes(example_inputs: Sequence[Any], tensors: Sequence[Any]) -> list[Any]:
+    """Fake copies, with static sizes, of ``tensors`` (the router weights and other inputs
+    Dynamo has no source for), in the fake mode of Dynamo's ``example_inputs``.
+
+    A graph compiled inside Dynamo's tracing context shares its shape environment: given
+    the real tensors, Inductor fakeifies them with symbolic sizes that no Dynamo source
+    names, and building the guards then fails ("sources must not be empty for symbol",
+    "__meta_utils_unknown_tensor", seen on CUDA).
+    """
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(list(example_inputs))
+    if mode is None:
+        return list(tensors)
+    return [mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t
+            for t in tensors]
+
+
 def _contiguous_fake(ev: torch.Tensor) -> torch.Tensor:
     mode = getattr(ev, "fake_mode", None)
     if mode is None:
@@ -185,7 +203,8 @@ class FrozenRunner:
         self.num_layers = art.stats.num_layers
         self.stats = art.stats
         self.extra = list(art.extra_inputs)
-        self.fn = (art.whole_compiler(art.whole, list(art.example_inputs) + self.extra)
+        self.fn = (art.whole_compiler(art.whole, list(art.example_inputs)
+                                      + static_fakes(art.example_inputs, self.extra))
                    if art.symbolic else LazyGraph(art.whole, art.whole_compiler, "frozen"))
 
     def __call__(self, *args: Any) -> Any:
