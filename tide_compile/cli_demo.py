@@ -35,14 +35,17 @@ _DATA = _PACKAGE.parent / "data"
 #: Where a source checkout keeps the plays the demo model never saw in training.
 _HELDOUT_PLAYS = _DATA / "shakespeare" / "heldout"
 #: How each named model's shipped routers were calibrated (README, "Calibration").
-#: SmolLM2: checkpoints every 2 layers, identity heads, exit_threshold = threshold_for(0.99)
-#: (a real model: the bar is held-out agreement 99%), on Python source and plays
-#: (``calibration_texts("smollm2")``).
+#: SmolLM2: checkpoints every 2 layers, identity heads, 1000 samples of 128 tokens of
+#: Python source and plays (``calibration_texts("smollm2")``), exit_threshold =
+#: threshold_for(0.98) = 0.999 (0.99 has too few exiting held-out tokens behind it). The
+#: shipped file was calibrated on the H200 (41.9 s; benchmarks/gpu_smollm2.sh), with
+#: target 0.99 in that run and the threshold then set to threshold_for(0.98) from the
+#: file's own quality table, as this recipe now does in one step.
 CALIBRATION_RECIPES: dict[str, dict[str, Any]] = {
     "demo": dict(checkpoint_interval=2, samples=400, max_length=128, max_tokens=60_000,
                  target=0.95, seed=0),
     "smollm2": dict(checkpoint_interval=2, samples=1000, max_length=128, max_tokens=100_000,
-                    target=0.99, seed=0),
+                    target=0.98, seed=0),
 }
 
 
