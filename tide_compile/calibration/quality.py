@@ -272,7 +272,7 @@ class QualityReport:
             n_exit = row_exits(r)
             count = "-" if n_exit is None else f"{n_exit}{'*' if n_exit < MIN_EXITS else ' '}"
             lines.append(
-                f"{r['threshold']:>9.2f}  {_fmt(r['agreement']):>9}  {count:>8}  {_fmt(r['token_agreement']):>9}  "
+                f"{r['threshold']:>9g}  {_fmt(r['agreement']):>9}  {count:>8}  {_fmt(r['token_agreement']):>9}  "
                 f"{_fmt(r['exit_rate']):>9}  {_fmt(r['mean_depth'], pct=False):>10}  {exits}"
             )
         agreement = cal.get("exit_agreement")
@@ -298,7 +298,7 @@ class QualityReport:
                     n_exit = round((r["exit_rate"] or 0.0) * r.get("tokens", 0))
                     cell = f"{_fmt(r['precision'])}/{_fmt(r['exit_rate'])}/{_fmt(r['recall'])} ({n_exit})"
                 cells.append(f"{cell:>28}")
-            lines.append(f"{t:>9.2f}  " + "  ".join(cells))
+            lines.append(f"{t:>9g}  " + "  ".join(cells))
         return "\n".join(lines)
 
     def __str__(self) -> str:
