@@ -247,7 +247,7 @@ def test_quality_table_shapes_and_report(tok, lines):
     # report() shows how many exiting tokens back each first-exit row.
     row_09 = next(row for row in first if row["threshold"] == 0.9)
     n = quality.row_exits(row_09)
-    line = next(ln for ln in text.splitlines() if ln.strip().startswith("0.90 "))
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("0.9 "))
     assert f" {n}{'*' if n < quality.MIN_EXITS else ' '} " in line + " "
     json.dumps(r.quality_table)
     with pytest.raises(ValueError, match="target_agreement"):
