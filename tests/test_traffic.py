@@ -75,6 +75,8 @@ def test_generate_keeps_skipping_for_every_shape(setup, dynamic):
         assert steps.get("skip", 0) == decode_steps and steps.get("frozen", 0) == 1, where
     assert set(fast.cache_memory()) == {(1, MIN_CACHE_BUCKET, "cpu"), (2, MIN_CACHE_BUCKET, "cpu"),
                                         (4, MIN_CACHE_BUCKET, "cpu")}
+    # Every bucket's one-token steps came to call the runner without Dynamo.
+    assert all(b.direct is not None for b in fast._buckets.values())
     # The documented bound: two graphs per bucket (prompt step, one-token step).
     assert sum(B.COMPILE_COUNTS.values()) - compiles <= 2 * len(fast.cache_memory())
     assert "Steps by strategy: frozen 36, skip" in stats.summary()

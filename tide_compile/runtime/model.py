@@ -15,6 +15,12 @@ reuses it) and the one-token step (static sizes: the skip strategy, captured int
 graphs on CUDA). Rows added to fill the batch bucket, and rows that have finished (EOS),
 mirror a live row (its tokens, mask, positions and cache), so they exit when it exits and
 never keep a step from skipping; their outputs are dropped and not counted.
+
+Host time: a bucket's one-token steps read their inputs from buffers the bucket owns
+(token ids, positions, the mask), written in place, so Dynamo hands the compiled runner
+the same arguments every step. Once two steps through Dynamo have shown that, later
+steps call the runner directly with those arguments (as gpt-fast and vLLM run their
+decode loops): no guard evaluation and no input gathering per step.
 """
 
 from __future__ import annotations
@@ -53,10 +59,61 @@ def batch_bucket(rows: int) -> int:
 
 @dataclass
 class _Bucket:
-    """One cache shape: its ``StaticCache`` and which of its two graphs have run."""
+    """One cache shape: its ``StaticCache``, the one-token step's input buffers (written in
+    place: the compiled step sees the same tensors every call), which of its two graphs
+    have run, and, once known, the runner to call directly for one-token steps."""
 
     cache: Any
+    mask: torch.Tensor
+    ids: torch.Tensor
+    positions: torch.Tensor
     compiled: set[str] = field(default_factory=set)
+    direct: "_DirectStep | None" = None
+    seen_args: tuple | None = None
+
+
+class _RecordingBackend:
+    """The ``tide`` backend for one TIDEModel: compiles as ``backend="tide"`` does and
+    wraps each graph's runner in a :class:`_Recorded`, which remembers its last call."""
+
+    def __init__(self, options: TideOptions) -> None:
+        self.options = options
+        self.last: _Recorded | None = None
+
+    def __call__(self, gm: Any, example_inputs: Any) -> "_Recorded":
+        from torch._dynamo import lookup_backend  # the registered backend: no upward import
+
+        return _Recorded(lookup_backend("tide")(gm, example_inputs, options=self.options), self)
+
+
+class _Recorded:
+    """A compiled runner and the arguments and outputs of its last call."""
+
+    def __init__(self, runner: Any, owner: _RecordingBackend) -> None:
+        self.runner = runner
+        self.owner = owner
+        self.args: tuple = ()
+        self.outs: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        self.owner.last = self
+        self.args = args
+        self.outs = self.runner(*args)
+        return self.outs
+
+
+@dataclass
+class _DirectStep:
+    """A one-token step called without Dynamo: ``runner(*args)``, logits at ``index`` of
+    its outputs (None: the only output)."""
+
+    runner: Any
+    args: tuple
+    index: int | None
+
+    def __call__(self) -> torch.Tensor:
+        outs = self.runner(*self.args)
+        return outs if self.index is None else outs[self.index]
 
 
 class TIDEModel(nn.Module):
@@ -87,9 +144,10 @@ class TIDEModel(nn.Module):
         self.options = options
         self.tide_stats = ExitStats(num_layers=routers.num_layers)
         self._buckets: dict[tuple[int, int, torch.device], _Bucket] = {}
+        self._backend = _RecordingBackend(options)
         # dynamic=False unless asked: each bucket's graphs keep static sizes (the prompt
         # step's length is marked dynamic by generate itself).
-        self.compiled_forward = torch.compile(model.forward, backend="tide", options=self.options,
+        self.compiled_forward = torch.compile(model.forward, backend=self._backend,
                                               fullgraph=fullgraph,
                                               dynamic=False if dynamic is None else dynamic)
 
@@ -163,13 +221,13 @@ class TIDEModel(nn.Module):
                              f"max_new_tokens {max_new_tokens}")
         rows = batch_bucket(batch)
         bucket = self._bucket(rows, cache_len, device)
-        past = bucket.cache
+        past, mask = bucket.cache, bucket.mask
         past.reset()
         # Rows past the batch mirror row 0; finished rows later mirror a live row.
         source = list(range(batch)) + [0] * (rows - batch)
         index = torch.tensor(source, device=device)
         # The mask spans the whole cache: one shape for every step of the bucket.
-        mask = attention_mask.new_zeros(rows, cache_len)
+        mask.zero_()
         mask[:, :prompt_len] = attention_mask[index]
         positions = position_ids_from_mask(attention_mask)[index]
         step_ids = input_ids[index]
@@ -177,19 +235,20 @@ class TIDEModel(nn.Module):
             # One prompt graph per bucket for every prompt length.
             torch._dynamo.mark_dynamic(step_ids, 1)
             torch._dynamo.mark_dynamic(positions, 1)
+        else:  # a one-token prompt is a one-token step
+            bucket.ids.copy_(step_ids)
+            bucket.positions.copy_(positions)
+            step_ids, positions = bucket.ids, bucket.positions
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         live = [True] * batch
         sequences = input_ids
         written = prompt_len
         for _ in range(max_new_tokens):
-            kind = "prompt" if written == prompt_len and prompt_len >= 2 else "step"
-            with self._may_compile(bucket, kind):
-                out = self.compiled_forward(input_ids=step_ids, attention_mask=mask,
-                                            position_ids=positions, past_key_values=past,
-                                            use_cache=True)
-            self._count(batch, step_ids.shape[1], mask, unfinished, written)
-            next_ids = sample_next(out.logits[:, -1, :], do_sample=do_sample,
+            seq = step_ids.shape[1]
+            logits = self._step(bucket, step_ids, positions, seq > 1)
+            self._count(batch, seq, mask, unfinished, written)
+            next_ids = sample_next(logits[:, -1, :], do_sample=do_sample,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator)
             own = next_ids[:batch]
@@ -199,7 +258,11 @@ class TIDEModel(nn.Module):
                 unfinished = unfinished & ~torch.isin(own, eos_t)
             mask[:, written] = 1
             written += 1
-            positions = positions[:, -1:] + 1
+            if seq > 1:
+                bucket.positions.copy_(positions[:, -1:] + 1)
+                positions = bucket.positions
+            else:
+                positions.add_(1)
             if batch == 1:
                 if not bool(unfinished.any()):
                     break
@@ -213,16 +276,43 @@ class TIDEModel(nn.Module):
                     live = now
                     src = now.index(True)
                     dead = [i for i in range(rows) if i >= batch or not live[i]]
-                    _mirror_rows(past, mask, positions, dead, src)
+                    _mirror_rows(past, mask, bucket.positions, dead, src)
                     source = [src if i in dead else i for i in range(rows)]
                     index = torch.tensor(source, device=device)
-            # A fresh tensor (CUDA-graph outputs are overwritten by the next replay), in
-            # which mirroring rows take their source row's token.
-            step_ids = next_ids[index][:, None]
+            # Mirroring rows take their source row's token.
+            step_ids = bucket.ids
+            step_ids.copy_(next_ids[index][:, None])
         return sequences
 
+    def _step(self, bucket: _Bucket, ids: torch.Tensor, positions: torch.Tensor,
+              prompt: bool) -> torch.Tensor:
+        """One step's logits: directly through the bucket's runner once that is known
+        safe (module docstring), else through Dynamo."""
+        if not prompt and bucket.direct is not None:
+            return bucket.direct()
+        with self._may_compile(bucket, "prompt" if prompt else "step"):
+            out = self.compiled_forward(input_ids=ids, attention_mask=bucket.mask,
+                                        position_ids=positions, past_key_values=bucket.cache,
+                                        use_cache=True)
+        recorded = self._backend.last
+        if not prompt and recorded is not None:
+            # Direct calls once two Dynamo calls handed the runner the same arguments,
+            # and its output is the logits tensor itself.
+            args = recorded.args
+            same = bucket.seen_args is not None and len(args) == len(bucket.seen_args) and all(
+                a is b or (not isinstance(a, torch.Tensor) and a == b)
+                for a, b in zip(args, bucket.seen_args))
+            bucket.seen_args = args
+            outs = recorded.outs
+            index = (None if outs is out.logits else next(
+                (i for i, o in enumerate(outs) if o is out.logits), -1)
+                if isinstance(outs, (tuple, list)) else -1)
+            if same and index != -1:
+                bucket.direct = _DirectStep(recorded.runner, args, index)
+        return out.logits
+
     def _bucket(self, rows: int, cache_len: int, device: torch.device) -> _Bucket:
-        """The bucket's cache, made at its first use."""
+        """The bucket's cache and input buffers, made at its first use."""
         from transformers import StaticCache
 
         key = (rows, cache_len, device)
@@ -233,7 +323,10 @@ class TIDEModel(nn.Module):
             # prompt step they would be graph outputs, which compaction cannot gather.
             self.model(input_ids=torch.zeros(rows, 1, dtype=torch.long, device=device),
                        past_key_values=cache, use_cache=True)
-            bucket = self._buckets[key] = _Bucket(cache)
+            bucket = self._buckets[key] = _Bucket(
+                cache, mask=torch.zeros(rows, cache_len, dtype=torch.long, device=device),
+                ids=torch.zeros(rows, 1, dtype=torch.long, device=device),
+                positions=torch.zeros(rows, 1, dtype=torch.long, device=device))
         return bucket
 
     def _may_compile(self, bucket: _Bucket, kind: str) -> contextlib.AbstractContextManager:
