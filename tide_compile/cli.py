@@ -197,7 +197,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     line = f"wrote {args.out} (checkpoints {routers.checkpoint_layers})"
     if args.threshold_target is not None:
         if routers.config.exit_threshold < 1.0:
-            line += (f"; exit_threshold {routers.config.exit_threshold:.2f} for held-out agreement "
+            line += (f"; exit_threshold {routers.config.exit_threshold:g} for held-out agreement "
                      f">= {args.threshold_target}")
         else:
             line += (f"; exit_threshold 1.00 (no token exits): the held-out evidence does not "

@@ -181,7 +181,7 @@ def _describe_routers(routers: Any, source: str) -> str:
     if cal.get("kind") == "calibrated":
         line += f"; calibrated on {cal.get('samples')} samples, {cal.get('source')}"
         if cal.get("target_agreement") is not None:
-            line += f"; saved exit_threshold {routers.config.exit_threshold:.2f} = held-out agreement >= {cal['target_agreement']}"
+            line += f"; saved exit_threshold {routers.config.exit_threshold:g} = held-out agreement >= {cal['target_agreement']}"
     return line + ")"
 
 
@@ -251,7 +251,7 @@ def _demo(args: argparse.Namespace) -> int:
     # compilation to eager.
     torch._dynamo.reset()
     fast = optimize(model, routers, exit_threshold=threshold, inductor=args.inductor)
-    print(f'compiling with backend="tide" (exit_threshold {threshold:.2f}, strategy auto: a prompt '
+    print(f'compiling with backend="tide" (exit_threshold {threshold:g}, strategy auto: a prompt '
           f"of 2048+ tokens compacts, a shorter one runs frozen, decode steps skip; Inductor "
           f"{'on' if args.inductor else 'off'}) ...", flush=True)
     tide_rate, compile_s, out = time_tide_generate(fast, ids, n, repeats=args.repeats)
@@ -278,7 +278,7 @@ def _demo(args: argparse.Namespace) -> int:
     lines = [("plain model.generate (eager)", plain_rate)]
     if never_rate is not None:
         lines.append(("tide, threshold 1.00 (never exits)", never_rate))
-    lines.append((f"tide, threshold {threshold:.2f} (Inductor {'on' if args.inductor else 'off'})", tide_rate))
+    lines.append((f"tide, threshold {threshold:g} (Inductor {'on' if args.inductor else 'off'})", tide_rate))
     width = max(len(name) for name, _ in lines)
     for name, rate in lines:
         print(f"  {name:<{width}}  {rate:8.1f} tokens/s")
@@ -429,6 +429,6 @@ def _generate(args: argparse.Namespace) -> int:
     print()
     print(fast.tide_stats.summary())
     print(f"{new} new tokens in {elapsed:.1f} s, compilation included (exit_threshold "
-          f"{threshold:.2f}, Inductor {'on' if inductor else 'off'}, {device}; steady-state "
+          f"{threshold:g}, Inductor {'on' if inductor else 'off'}, {device}; steady-state "
           "tokens/s: `tide-compile tune` or `tide-compile demo`)")
     return 0
