@@ -56,3 +56,19 @@ def test_summary_format():
         "Mean depth: 5.50 / 8 layers",
         "Layers executed per token: 5.50 / 8",
     ]
+
+
+def test_steps_by_strategy_are_counted_merged_and_summarized():
+    s = ExitStats(num_layers=4)
+    s.record(torch.tensor([1, 1]), layers_executed=4, strategy="skip")
+    s.record_uniform(1, 2, 4, strategy="skip")
+    s.record(torch.tensor([-1, 2, 3]), layers_executed=12, strategy="frozen")
+    s.record(torch.tensor([0]))  # no strategy: not a step of any
+    assert s.steps_by_strategy == {"skip": 2, "frozen": 1} and s.last_strategy is None
+    other = ExitStats(num_layers=4)
+    other.record(torch.tensor([2]), layers_executed=3, strategy="compact")
+    s.merge(other)
+    assert s.steps_by_strategy == {"skip": 2, "frozen": 1, "compact": 1}
+    assert s.summary().splitlines()[-1] == "Steps by strategy: compact 1, frozen 1, skip 2"
+    s.reset()
+    assert s.steps_by_strategy == {} and "Steps by strategy" not in s.summary()
