@@ -126,6 +126,38 @@ def test_optimize_generate_cuda_matches_reference():
     assert torch.equal(got, ref.sequences)
 
 
+def test_generate_traffic_on_cuda():
+    """optimize(...).generate with the CUDA defaults (Inductor, CUDA graphs, hand kernels,
+    stacked KV-fill) over prompt lengths, new-token counts and batch sizes (left padded):
+    tokens equal the reference, every decode step skips (forced exit after 2 of 6 layers),
+    at most two graphs per bucket. The prompt step is marked dynamic: the shape the
+    ConstraintViolationError of issue 16 came from."""
+    from tide_compile import backend as B
+
+    torch._dynamo.reset()
+    model = make_model("llama", num_layers=6).cuda()
+    routers = RouterSet.forced(model, exit_at=1, config=CFG)
+    fast = tide_compile.optimize(model, routers)
+    compiles = sum(B.COMPILE_COUNTS.values())
+    g = torch.Generator().manual_seed(0)
+    for prompt in (3, 6, 11):
+        for new in (3, 6):
+            for batch in (1, 3):
+                ids = torch.randint(3, 97, (batch, prompt), generator=g).cuda()
+                mask = torch.ones_like(ids)
+                mask[-1, :1] = 0
+                steps = dict(fast.tide_stats.steps_by_strategy)
+                got = fast.generate(ids, max_new_tokens=new, attention_mask=mask,
+                                    pad_token_id=0, eos_token_id=-1)
+                ref = R.generate(model, routers, ids, new, attention_mask=mask, pad_token_id=0,
+                                 eos_token_id=-1, cache="static")
+                assert torch.equal(got, ref.sequences), (prompt, new, batch)
+                skipped = fast.tide_stats.steps_by_strategy.get("skip", 0) - steps.get("skip", 0)
+                assert skipped == new - 1
+    assert sum(B.COMPILE_COUNTS.values()) - compiles <= 2 * len(fast.cache_memory())
+    assert all(b.direct is not None for b in fast._buckets.values())
+
+
 def test_runner_is_graphed_on_cuda(monkeypatch):
     torch._dynamo.reset()
     model = make_model("llama", num_layers=4).cuda()
