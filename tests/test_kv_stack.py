@@ -44,7 +44,9 @@ def test_stacked_kv_fill_equals_reference(monkeypatch, arch, strategy, batch, pr
     assert stats.layers_executed == sum(
         skip_layers_executed(e, 4) if e.shape[1] == 1 or strategy == "skip" else e.numel() * 4
         for e in steps)
-    assert stacked and max(stacked) > 0
+    assert stacked
+    if arch != "gpt2":  # GPT-2's Conv1D projections are addmm, which the pass leaves
+        assert max(stacked) > 0
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
