@@ -374,7 +374,8 @@ def main() -> None:
         depths = [int(d) for d in args.depths.split(",") if d] or [c + 1 for c in checkpoints]
         for d in depths:
             if d - 1 not in checkpoints:
-                raise SystemExit(f"--depths: {d} is not a checkpoint depth ({[c + 1 for c in checkpoints]})")
+                raise SystemExit(f"--depths: {d} is not a checkpoint depth "
+                                 f"({[c + 1 for c in checkpoints]})")
             tide_row(f"tide_exit@{d}", d - 1)
 
     env["inductor_ms_used"] = round(base, 3)

@@ -143,7 +143,8 @@ def graph_facts(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: PassCont
     step_length = None
     if ctx.layer_info is not None and ctx.checkpoint_layers:
         ev = example_value(ctx.layer_info.state_after(ctx.checkpoint_layers[0]))
-        if isinstance(ev, torch.Tensor) and ev.dim() >= 2 and not isinstance(ev.shape[-2], torch.SymInt):
+        if (isinstance(ev, torch.Tensor) and ev.dim() >= 2
+                and not isinstance(ev.shape[-2], torch.SymInt)):
             step_length = int(ev.shape[-2])
     return GraphFacts(
         step_length=step_length,

@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from ..routers import RouterSet
     from . import PassContext
 
-__all__ = ["run", "insert_exits", "init_exit_state", "final_select", "EXIT_LAYER_OUTPUT", "STATE_NAMES",
-           "EXTRA_INPUTS"]
+__all__ = ["run", "insert_exits", "init_exit_state", "final_select", "EXIT_LAYER_OUTPUT",
+           "STATE_NAMES", "EXTRA_INPUTS"]
 
 #: ``gm.meta`` key holding how many outputs the graph had before this pass.
 EXIT_LAYER_OUTPUT = "tide_user_outputs"

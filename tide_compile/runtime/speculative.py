@@ -264,10 +264,10 @@ class SpeculativeModel(nn.Module):
         opts = parse_options({**options, "routers": routers})
         checkpoints = opts.checkpoints
         if not checkpoints:
+            min_layers = opts.min_layers or routers.config.min_layers
             raise ValueError(
-                f"no checkpoint at or after min_layers={opts.min_layers or routers.config.min_layers}: "
-                "drafts would be full-depth and speculative mode could not be faster; lower "
-                "min_layers"
+                f"no checkpoint at or after min_layers={min_layers}: drafts would be "
+                "full-depth and speculative mode could not be faster; lower min_layers"
             )
         # The cap: a draft step never computes past the first checkpoint deeper than
         # max_draft_depth. A token still there exits by force (and ends the draft): the
