@@ -498,21 +498,24 @@ def evaluate_router_set(model: Any, p: Any, routers: Any, name: str, domains: li
         }
     entry["timing"]["heads_s"] = round(time.perf_counter() - t0, 1)
 
-    thresholds: list[tuple[float | None, float, bool]] = []
+    thresholds: list[tuple[float | None, float, str | None]] = []
     for target in args.targets:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t = float(routers.threshold_for(target))
-        thresholds.append((target, t, any("no calibrated threshold" in str(w.message) for w in caught)))
+        # threshold_for returns 1.0 (never exit), with a warning saying why, when no
+        # calibrated threshold supports the target.
+        why = "; ".join(str(w.message) for w in caught) or "threshold_for returned 1.0"
+        thresholds.append((target, t, why if t >= 1.0 else None))
     for t in args.extra_thresholds:
-        thresholds.append((None, float(t), False))
+        thresholds.append((None, float(t), None))
 
     t_tf = t_gen = 0.0
     done: dict[float, dict[str, Any]] = {}  # threshold -> its domain rows (targets may share one)
     for target, t, unreachable in thresholds:
         pred = predicted_row(routers, t)
-        trow: dict[str, Any] = {"target": target, "threshold": t, "target_unreachable": unreachable,
-                                "predicted": pred, "domains": {}}
+        trow: dict[str, Any] = {"target": target, "threshold": t, "target_unreachable": unreachable is not None,
+                                "unreachable_why": unreachable, "predicted": pred, "domains": {}}
         if t in done:  # same routers and threshold: the same runs; only the target's verdict differs
             for dname, drow in done[t].items():
                 trow["domains"][dname] = {kv: {**row, **judge(row, pred, target)} for kv, row in drow.items()}
@@ -627,7 +630,7 @@ def markdown(result: dict[str, Any]) -> str:
                     gtxt = "-" if g is None else f"{_pct(g['identical_share'], 0)} / {g['mean_identical_prefix']:.1f}"
                     tgt = "-" if tr["target"] is None else f"{tr['target']:.2f}"
                     lines.append(
-                        f"| {rs['name']} | {tgt}{' (none reaches)' if tr['target_unreachable'] else ''} | "
+                        f"| {rs['name']} | {tgt}{' (none qualifies: t = 1)' if tr['target_unreachable'] else ''} | "
                         f"{tr['threshold']:.3f} | {kv} | {_pct(r['exit_rate'])} | {r['mean_depth']:.2f} ({oracle}) | "
                         f"{r['layers_executed']:.2f} | {_pct(r['predicted_agreement_all'])} / {_pct(r['agreement_all'])} | "
                         f"{_yn(r['within_1pt'])} | {_pct(r['agreement_exiting'])} | {_yn(r.get('exiting_meets_target'))} | "
