@@ -493,7 +493,8 @@ def evaluate_router_set(model: Any, p: Any, routers: Any, name: str, domains: li
             scores[dom.name][c] = s
         heads = {c: dom.heads[(kind, c)][0] for c in routers.checkpoint_layers}
         entry["ceilings"][dom.name] = {
-            "head_agreement": {str(c): _r(float((t == dom.plain_top1).double().mean()), 4) for c, t in heads.items()},
+            "head_agreement": {str(c): _r(float((t == dom.plain_top1).double().mean()), 4)
+                               for c, t in heads.items()},
             "oracle_mean_depth": oracle_depth(dom, heads, L),
         }
     entry["timing"]["heads_s"] = round(time.perf_counter() - t0, 1)
@@ -568,7 +569,8 @@ def evaluate_router_set(model: Any, p: Any, routers: Any, name: str, domains: li
             trow["domains"][dom.name] = drow
             log(f"{name} t={t:.3f} ({'target ' + str(target) if target is not None else 'raw'}) {dom.name}: "
                 + "; ".join(f"{kv} exit {drow[kv]['exit_rate']:.3f} agree {drow[kv]['agreement_all']:.4f} "
-                            f"(pred {pred['token_agreement'] if pred else None}) ppl {100 * drow[kv]['ppl_change']:+.1f}%"
+                            f"(pred {pred['token_agreement'] if pred else None}) "
+                            f"ppl {100 * drow[kv]['ppl_change']:+.1f}%"
                             for kv in KV_MODES))
         done[t] = trow["domains"]
         entry["thresholds"].append(trow)
@@ -627,13 +629,16 @@ def markdown(result: dict[str, Any]) -> str:
                 for kv in KV_MODES:
                     r = d[kv]
                     g = r.get("greedy")
-                    gtxt = "-" if g is None else f"{_pct(g['identical_share'], 0)} / {g['mean_identical_prefix']:.1f}"
+                    gtxt = ("-" if g is None
+                            else f"{_pct(g['identical_share'], 0)} / {g['mean_identical_prefix']:.1f}")
+                    flag = " (none qualifies: t = 1)" if tr["target_unreachable"] else ""
                     tgt = "-" if tr["target"] is None else f"{tr['target']:.2f}"
                     lines.append(
-                        f"| {rs['name']} | {tgt}{' (none qualifies: t = 1)' if tr['target_unreachable'] else ''} | "
-                        f"{tr['threshold']:.3f} | {kv} | {_pct(r['exit_rate'])} | {r['mean_depth']:.2f} ({oracle}) | "
-                        f"{r['layers_executed']:.2f} | {_pct(r['predicted_agreement_all'])} / {_pct(r['agreement_all'])} | "
-                        f"{_yn(r['within_1pt'])} | {_pct(r['agreement_exiting'])} | {_yn(r.get('exiting_meets_target'))} | "
+                        f"| {rs['name']} | {tgt}{flag} | {tr['threshold']:.3f} | {kv} | {_pct(r['exit_rate'])} | "
+                        f"{r['mean_depth']:.2f} ({oracle}) | {r['layers_executed']:.2f} | "
+                        f"{_pct(r['predicted_agreement_all'])} / {_pct(r['agreement_all'])} | "
+                        f"{_yn(r['within_1pt'])} | {_pct(r['agreement_exiting'])} | "
+                        f"{_yn(r.get('exiting_meets_target'))} | "
                         f"{100 * r['ppl_change']:+.1f}% | {gtxt} |")
         lines.append("")
     lines += ["## Ceilings: top-1 agreement of each exit head alone, and the oracle mean depth", ""]
@@ -709,7 +714,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         for rs in result["router_sets"]:
             if rs["exit_strategy"] != "identity":
                 ha = rs["ceilings"].get(dname, {}).get("head_agreement", {})
-                ax.plot([int(l) + 1 for l in ha], list(ha.values()), marker="o", label=f"{rs['name']} projection heads")
+                ax.plot([int(l) + 1 for l in ha], list(ha.values()), marker="o",
+                        label=f"{rs['name']} projection heads")
         ax.set_xlabel("depth (layers run)")
         ax.set_ylabel("exit head top-1 agreement with the full model")
         ax.set_title(f"ceilings, held-out {dname}")
@@ -735,7 +741,8 @@ def summary_table(result: dict[str, Any]) -> str:
                     continue
                 pr, de = d["propagate"], d["deferred"]
                 gp, gd = pr.get("greedy"), de.get("greedy")
-                g = "-" if not (gp and gd) else f"{_pct(gp['identical_share'], 0)} / {_pct(gd['identical_share'], 0)}"
+                g = ("-" if not (gp and gd)
+                     else f"{_pct(gp['identical_share'], 0)} / {_pct(gd['identical_share'], 0)}")
                 tgt = "-" if tr["target"] is None else f"{tr['target']:.2f}"
                 lines.append(
                     f"| {dname} | {rs['name']} | {tgt} | {tr['threshold']:.3f} | {_pct(de['exit_rate'])} | "

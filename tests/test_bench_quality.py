@@ -32,7 +32,7 @@ print("DATASETS_IMPORTED=" + json.dumps("datasets" in sys.modules))
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_quality")
-    argv = ["--tiny", "--strategies", "identity", "--no-progress", "--threads", "2", "--out", str(out)]
+    argv = ["--tiny", "--no-progress", "--threads", "2", "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-c", _RUN, str(SCRIPT), *argv], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
@@ -51,6 +51,7 @@ def test_outputs_and_no_datasets(tiny_run):
     assert result["complete"] is True
     assert (out / "bench_quality.md").read_text().startswith("# bench_quality")
     assert (out / "routers" / "identity_k4.tide").is_file()
+    assert (out / "routers" / "projection_k4.tide").is_file()
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -73,9 +74,18 @@ def test_structure_and_ranges(tiny_run):
         assert [int(k) for k in heads] == list(range(L - 1))
         assert all(_rate(v) for v in heads.values())
         assert 1.0 <= dom["identity_oracle_mean_depth"] <= L
-    [rs] = result["router_sets"]
-    assert rs["name"] == "identity_k4" and rs["checkpoints"] == [3]
-    assert {tr["threshold"] for tr in rs["thresholds"]} >= {0.5, 1.0}
+    assert [rs["name"] for rs in result["router_sets"]] == ["identity_k4", "projection_k4"]
+    for rs in result["router_sets"]:
+        assert rs["checkpoints"] == [3]
+        assert {tr["threshold"] for tr in rs["thresholds"]} >= {0.5, 1.0}
+        for dname, ceiling in rs["ceilings"].items():
+            assert list(ceiling["head_agreement"]) == ["3"] and _rate(ceiling["head_agreement"]["3"])
+            if rs["exit_strategy"] == "identity":  # the same head as the every-layer ceiling
+                assert ceiling["head_agreement"]["3"] == result["domains"][dname]["identity_head_agreement"]["3"]
+        _check_rows(rs, L, meta)
+
+
+def _check_rows(rs, L, meta):
     for tr in rs["thresholds"]:
         for dname, d in tr["domains"].items():
             assert 1.0 <= rs["ceilings"][dname]["oracle_mean_depth"] <= L
@@ -105,8 +115,7 @@ def test_structure_and_ranges(tiny_run):
 
 def test_never_exit_equals_plain(tiny_run):
     _, result, _ = tiny_run
-    [rs] = result["router_sets"]
-    rows = [tr for tr in rs["thresholds"] if tr["threshold"] == 1.0]
+    rows = [tr for rs in result["router_sets"] for tr in rs["thresholds"] if tr["threshold"] == 1.0]
     assert rows
     for tr in rows:
         assert tr["predicted"]["token_agreement"] == 1.0
@@ -119,3 +128,15 @@ def test_never_exit_equals_plain(tiny_run):
                 assert row["within_1pt"] is True
                 assert row["greedy"]["identical_share"] == 1.0
                 assert row["greedy"]["mean_identical_prefix"] == result["meta"]["new_tokens"]
+
+
+def test_exits_happen_and_heldout_is_not_calibration(tiny_run):
+    _, result, _ = tiny_run
+    # Threshold 0.5 on routers trained with class-balanced labels: some tokens exit, so the
+    # exit paths (and the deferred cross-check) are exercised, not only never-exit.
+    assert any(tr["domains"][d][kv]["exit_rate"] > 0
+               for rs in result["router_sets"] for tr in rs["thresholds"] if tr["threshold"] == 0.5
+               for d in tr["domains"] for kv in ("propagate", "deferred"))
+    cal = {p.name for k in ("code/calibration", "shakespeare/train") for p in (REPO / "data" / k).glob("*.txt")}
+    for dom in result["domains"].values():
+        assert dom["files"] and not set(dom["files"]) & cal
