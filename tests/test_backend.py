@@ -295,6 +295,30 @@ def test_inductor_dynamic_cache_equals_reference():
         ids = ref.logits[:, -1:].argmax(-1)
 
 
+@pytest.mark.slow
+def test_inductor_symbolic_one_token_steps_skip():
+    """Under Inductor, a DynamicCache's decode steps recompile with symbolic sizes after
+    the first; strategy auto keeps them on the skip strategy (each piece compiled once
+    from the symbolic fakes): equal to the reference, one layer per decode token."""
+    model = model_for("llama", num_layers=3)
+    cfg = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
+    routers = RouterSet.forced(model, exit_at=0, config=cfg)
+    torch._dynamo.reset()
+    stats = ExitStats(3)
+    fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                       options={"routers": routers, "stats": stats})
+    c1, c2 = new_cache(model, "dynamic"), new_cache(model, "dynamic")
+    ids = torch.tensor([[3, 4, 5]])
+    for step in range(5):
+        out = fn(input_ids=ids, past_key_values=c1, use_cache=True)
+        ref = R.forward(model, routers, ids, cfg, past_key_values=c2)
+        torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+        if step:
+            assert stats.last_layers_executed == 1 and stats.last_strategy == "skip"
+        ids = ref.logits[:, -1:].argmax(-1)
+    assert B.COMPILE_COUNTS["skip"] >= 2  # the static first step and the symbolic ones
+
+
 @settings(max_examples=6)
 @given(min_layers=st.integers(1, 4), seed=st.integers(0, 1000), strategy=st.sampled_from(["frozen", "skip"]))
 def test_min_layers_option_equals_reference(min_layers, seed, strategy):
