@@ -181,6 +181,33 @@ def test_bench_without_cuda(tmp_path, capsys, monkeypatch) -> None:
     assert not (tmp_path / "b").exists()
 
 
+def test_bench_quality_takes_the_model_and_runs_without_cuda(tmp_path, capsys, monkeypatch) -> None:
+    """`bench --only quality --model M` needs no GPU and hands M to bench_quality.py, whose
+    own table (written into its output folder) is the one shown; the script is faked."""
+    import subprocess
+
+    from tide_compile import cli_bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        folder = Path(cmd[cmd.index("--out") + 1])
+        folder.mkdir(parents=True)
+        (folder / "bench_quality.json").write_text("{}")
+        (folder / "bench_quality.md").write_text("| domain | routers |\n|---|---|\n")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(cli_bench.subprocess, "run", fake_run)
+    rc, out, err = run(["bench", "--only", "quality", "--model", "demo", "--out", str(tmp_path / "b")],
+                       capsys)
+    assert rc == 0, err
+    assert len(seen) == 1 and seen[0][1].endswith("bench_quality.py")
+    assert seen[0][seen[0].index("--model") + 1] == "demo"
+    assert "| domain | routers |" in out and "| domain | routers |" in (tmp_path / "b" / "summary.md").read_text()
+
+
 def test_bench_missing_scripts(tmp_path, capsys) -> None:
     rc, _, err = run(["bench", "--benchmarks", str(tmp_path), "--tiny"], capsys)
     assert rc == 1 and "source checkout" in err

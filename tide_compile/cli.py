@@ -433,15 +433,19 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="run the GPU benchmarks of a source checkout (benchmarks/), write their tables",
-        description="Run benchmarks/bench_decode.py, bench_calibration.py and bench_compact.py "
-                    "(each in its own process) and write their JSON results, logs and markdown tables into "
-                    "--out. They need a CUDA GPU; --tiny runs their tiny CPU smoke modes.",
+        description="Run benchmarks/bench_decode.py, bench_calibration.py, bench_compact.py "
+                    "and bench_quality.py (each in its own process) and write their JSON results, "
+                    "logs and markdown tables into --out. The speed benchmarks need a CUDA GPU; "
+                    "the quality one (--model) runs anywhere; --tiny runs their tiny CPU smoke modes.",
     )
     p.add_argument("--out", default="bench_results", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--tiny", "--allow-cpu", dest="tiny", action="store_true",
                    help="tiny smoke modes (any device; checks that the scripts run, measures nothing useful)")
-    p.add_argument("--only", nargs="+", choices=("decode", "calibration", "compact"), default=None,
-                   help="run only these benchmarks")
+    p.add_argument("--only", nargs="+", choices=("decode", "calibration", "compact", "quality"),
+                   default=None, help="run only these benchmarks")
+    p.add_argument("--model", choices=("smollm2", "demo"), default="smollm2",
+                   help="the real-weights model of the quality benchmark (default: %(default)s; "
+                        "the speed benchmarks use the Llama-3.1-8B shape with random weights)")
     p.add_argument("--benchmarks", default=None, metavar="DIR",
                    help="the benchmarks/ folder (default: the one beside the package, in a source checkout)")
     p.add_argument("--timeout", type=_positive_int, default=1800, help="seconds per script (default: %(default)s)")

@@ -4,12 +4,15 @@ The scripts live in ``benchmarks/`` next to the package (a source checkout; they
 part of the installed package): ``bench_decode.py`` (batch-1 decode on the
 Llama-3.1-8B shape: plain HF generate, Inductor, tide never-exit and forced exits) and
 ``bench_calibration.py`` (calibration throughput) and ``bench_compact.py`` (prefill
-compaction and decode with a fraction of tokens exiting). Each runs in its own process (a fresh
-Dynamo and CUDA state, as ``benchmarks/gpu_session.sh`` runs them); their JSON results,
-logs and markdown tables go to ``--out``.
+compaction and decode with a fraction of tokens exiting), and ``bench_quality.py``
+(early-exit quality on real weights: ``--model smollm2`` or ``demo``, held-out code and
+prose, under both K/V semantics). Each runs in its own process (a fresh Dynamo and CUDA
+state, as ``benchmarks/gpu_session.sh`` runs them); their JSON results, logs and markdown
+tables go to ``--out``.
 
-They need a CUDA GPU. ``--tiny`` runs their tiny smoke modes instead (small random
-models, any device, CPU included): it checks that they run, it measures nothing useful.
+The speed benchmarks need a CUDA GPU; the quality benchmark runs anywhere (slowly on a
+CPU). ``--tiny`` runs their tiny smoke modes instead (small models, any device, CPU
+included): it checks that they run, it measures nothing useful.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BENCHMARKS", "TINY_ARGS", "find_benchmarks", "run_bench", "decode_markdown",
+__all__ = ["BENCHMARKS", "GPU_ONLY", "TINY_ARGS", "find_benchmarks", "run_bench", "decode_markdown",
            "calibration_markdown", "compact_markdown"]
 
 #: name -> (script, argument that names its JSON output)
@@ -31,13 +34,19 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "decode": ("bench_decode.py", "--out"),
     "calibration": ("bench_calibration.py", "--json"),
     "compact": ("bench_compact.py", "--out"),
+    "quality": ("bench_quality.py", "--out"),
 }
+#: Benchmarks whose ``--out`` is a folder (they write ``bench_<name>.json`` and ``.md`` there).
+_OUT_DIRS = {"quality"}
+#: Benchmarks that need a CUDA GPU (outside ``--tiny``).
+GPU_ONLY = ("decode", "calibration", "compact")
 #: Arguments of the tiny smoke modes. bench_decode's default ``--interval 8`` leaves the
 #: tiny 8-layer model no checkpoint, and its default 48 steps after a 128-token prompt
 #: take minutes on a 2-core CPU.
 TINY_ARGS: dict[str, list[str]] = {
     "decode": ["--tiny", "--interval", "4", "--steps", "8", "--warmup", "2", "--prompt", "16"],
     "calibration": ["--tiny"],
+    "quality": ["--tiny"],
     "compact": ["--tiny", "--lengths", "64", "--fractions", "0.7", "--batches", "1",
                 "--decode-fractions", "0.9", "--decode-steps", "6", "--iters", "2"],
 }
@@ -118,19 +127,19 @@ def run_bench(args: argparse.Namespace) -> int:
     import torch
 
     bench_dir = find_benchmarks(args.benchmarks)
-    if not torch.cuda.is_available() and not args.tiny:
+    names = args.only or list(BENCHMARKS)
+    if not torch.cuda.is_available() and not args.tiny and any(n in GPU_ONLY for n in names):
         print(
             "tide-compile bench: error: no CUDA GPU here (torch.cuda.is_available() is False). "
             "The benchmarks measure decode on a Llama-3.1-8B-shaped model in bf16 and need a "
             "GPU; recorded results are in benchmarks/RESULTS.md. Pass --tiny (or --allow-cpu) "
             "to run their tiny CPU smoke modes, which check that they run and measure nothing "
-            "useful.",
+            "useful; `--only quality` runs the quality benchmark on the CPU.",
             file=sys.stderr,
         )
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = args.only or list(BENCHMARKS)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     status = 0
     summary = [f"# tide-compile bench ({'tiny smoke modes' if args.tiny else 'GPU'})", ""]
@@ -138,9 +147,15 @@ def run_bench(args: argparse.Namespace) -> int:
         script, out_flag = BENCHMARKS[name]
         json_path = out / f"bench_{name}.json"
         log_path = out / f"bench_{name}.log"
-        cmd = [sys.executable, str(bench_dir / script), out_flag, str(json_path)]
+        target = json_path
+        if name in _OUT_DIRS:
+            target = out / name
+            json_path = target / f"bench_{name}.json"
+        cmd = [sys.executable, str(bench_dir / script), out_flag, str(target)]
         if args.tiny:
             cmd += TINY_ARGS[name]
+        elif name == "quality":
+            cmd += ["--model", args.model]
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         t0 = time.perf_counter()
         with log_path.open("w", encoding="utf-8") as log:
@@ -156,8 +171,12 @@ def run_bench(args: argparse.Namespace) -> int:
             print("\n".join(tail), file=sys.stderr)
             status = 1
             continue
-        table = _MARKDOWN[name](json.loads(json_path.read_text(encoding="utf-8")))
-        (out / f"bench_{name}.md").write_text(table + "\n", encoding="utf-8")
+        if name in _OUT_DIRS:  # the script writes its own table
+            table = (json_path.parent / f"bench_{name}.md").read_text(encoding="utf-8").strip()
+        else:
+            table = _MARKDOWN[name](json.loads(json_path.read_text(encoding="utf-8")))
+        if name not in _OUT_DIRS:
+            (out / f"bench_{name}.md").write_text(table + "\n", encoding="utf-8")
         summary += [f"## {name}", "", f"`{' '.join(cmd)}` ({took:.0f} s)", "", table, ""]
         print(table)
         print(f"({took:.0f} s; wrote {json_path}, {out / f'bench_{name}.md'}, {log_path})", flush=True)
