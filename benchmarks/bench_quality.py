@@ -123,37 +123,21 @@ def _strs(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- text
-def _chunks(text: str, chars: int) -> list[str]:
-    """``text`` cut between lines into pieces of about ``chars`` characters."""
-    out: list[str] = []
-    group: list[str] = []
-    size = 0
-    for line in text.split("\n"):
-        group.append(line)
-        size += len(line) + 1
-        if size >= chars:
-            piece = "\n".join(group).strip("\n")
-            if piece.strip():
-                out.append(piece)
-            group, size = [], 0
-    piece = "\n".join(group).strip("\n")
-    if piece.strip():
-        out.append(piece)
-    return out
-
-
 def calibration_rows(seed: int, chunk_chars: int = 2000) -> tuple[list[str], dict[str, Any]]:
     """Calibration text as a list of strings (no ``datasets``): each domain's files cut
     into ~``chunk_chars`` pieces, shuffled (seeded) within the domain, then interleaved
     code, prose, code, ... ``calibrate`` packs rows in order and keeps the first
-    ``4 * samples`` candidates, so without interleaving a small run would see one domain."""
+    ``4 * samples`` candidates, so without interleaving a small run would see one domain.
+    (For SmolLM2 the same rows as ``tide_compile.cli_demo.calibration_texts``.)"""
+    from tide_compile.cli_demo import text_chunks
+
     per_domain: list[list[str]] = []
     info: dict[str, Any] = {}
     for name, folder in CALIBRATION.items():
         files = sorted(folder.glob("*.txt"))
         if not files:
             raise FileNotFoundError(f"no calibration text in {folder} (a source checkout's data/)")
-        chunks = [c for f in files for c in _chunks(f.read_text(encoding="utf-8"), chunk_chars)]
+        chunks = [c for f in files for c in text_chunks(f.read_text(encoding="utf-8"), chunk_chars)]
         random.Random(seed).shuffle(chunks)
         per_domain.append(chunks)
         info[name] = {"folder": str(folder.relative_to(REPO)), "files": len(files), "chunks": len(chunks),

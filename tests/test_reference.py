@@ -5,10 +5,11 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from transformers import DynamicCache, StaticCache
 
-from tide_compile import RouterSet, TIDEConfig, TokenRouter
+from tide_compile import RouterSet, TIDEConfig
 from tide_compile import reference as R
 from tide_compile.model_probe import probe
 from tiny_models import ARCHS, make_model
+from tide_testing import random_routers
 
 CFG = TIDEConfig(checkpoint_interval=1, router_bottleneck_dim=8)
 SETTINGS = settings(max_examples=12, deadline=None,
@@ -21,20 +22,6 @@ def model_for(arch, num_layers=4):
     if key not in _MODELS:
         _MODELS[key] = make_model(arch, num_layers=num_layers, seed=len(_MODELS))
     return _MODELS[key]
-
-
-def random_routers(model, seed, scale=4.0, config=CFG):
-    """Routers with realistic, unsaturated scores so thresholds split tokens."""
-    g = torch.Generator().manual_seed(seed)
-    info = RouterSet.describe(model)
-    routers = {}
-    for c in config.checkpoint_layers(info["num_layers"]):
-        r = TokenRouter(info["hidden_size"], config.router_bottleneck_dim)
-        with torch.no_grad():
-            for prm in r.parameters():
-                prm.copy_(torch.randn(prm.shape, generator=g) * scale / prm.shape[-1] ** 0.5)
-        routers[c] = r
-    return RouterSet(routers, model_info=info, config=config)
 
 
 # ----------------------------------------------------------------- never exit

@@ -12,8 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from transformers import StaticCache
 
-from tide_compile import ExitStats, RouterSet, TIDEConfig, TokenRouter, calibrate, demo
+from tide_compile import ExitStats, RouterSet, TIDEConfig, calibrate, demo
 from tide_compile import reference as R
+import tide_testing
 
 #: Checkpoints after layers 9 and 19 of 30: three segments keep each compile short.
 CFG = TIDEConfig(checkpoint_interval=10, router_bottleneck_dim=16)
@@ -27,18 +28,8 @@ def smollm2():
     return demo.load("smollm2")
 
 
-def random_routers(model, seed: int, scale: float = 4.0) -> RouterSet:
-    """Routers with spread-out scores, so that thresholds split the tokens."""
-    g = torch.Generator().manual_seed(seed)
-    info = RouterSet.describe(model)
-    routers = {}
-    for c in CFG.checkpoint_layers(info["num_layers"]):
-        r = TokenRouter(info["hidden_size"], CFG.router_bottleneck_dim)
-        with torch.no_grad():
-            for prm in r.parameters():
-                prm.copy_(torch.randn(prm.shape, generator=g) * scale / prm.shape[-1] ** 0.5)
-        routers[c] = r
-    return RouterSet(routers, model_info=info, config=CFG)
+def random_routers(model, seed: int) -> RouterSet:
+    return tide_testing.random_routers(model, seed, config=CFG)
 
 
 def compiled(model, routers, **options):
