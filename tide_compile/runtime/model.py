@@ -144,12 +144,16 @@ class TIDEModel(nn.Module):
         self.options = options
         self.tide_stats = ExitStats(num_layers=routers.num_layers)
         self._buckets: dict[tuple[int, int, torch.device], _Bucket] = {}
-        self._backend = _RecordingBackend(options)
-        # dynamic=False unless asked: each bucket's graphs keep static sizes (the prompt
-        # step's length is marked dynamic by generate itself).
-        self.compiled_forward = torch.compile(model.forward, backend=self._backend,
-                                              fullgraph=fullgraph,
-                                              dynamic=False if dynamic is None else dynamic)
+        #: direct calls: torch.compile's shape handling as asked (None: automatic dynamic)
+        self.compiled_forward = torch.compile(model.forward, backend="tide", options=options,
+                                              fullgraph=fullgraph, dynamic=dynamic)
+        # generate: static sizes per bucket unless dynamic=True (the prompt step's length
+        # is marked dynamic by generate itself); its own backend object, so its graphs
+        # are not shared with direct calls.
+        self._generate_backend = _RecordingBackend(options)
+        self._generate_forward = torch.compile(model.forward, backend=self._generate_backend,
+                                               fullgraph=fullgraph,
+                                               dynamic=False if dynamic is None else dynamic)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         before = self._raw_stats.total_tokens
@@ -291,10 +295,10 @@ class TIDEModel(nn.Module):
         if not prompt and bucket.direct is not None:
             return bucket.direct()
         with self._may_compile(bucket, "prompt" if prompt else "step"):
-            out = self.compiled_forward(input_ids=ids, attention_mask=bucket.mask,
-                                        position_ids=positions, past_key_values=bucket.cache,
-                                        use_cache=True)
-        recorded = self._backend.last
+            out = self._generate_forward(input_ids=ids, attention_mask=bucket.mask,
+                                         position_ids=positions, past_key_values=bucket.cache,
+                                         use_cache=True)
+        recorded = self._generate_backend.last
         if not prompt and recorded is not None:
             # Direct calls once two Dynamo calls handed the runner the same arguments,
             # and its output is the logits tensor itself.
@@ -384,8 +388,9 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
     Args:
         model: an HF causal LM (eval mode).
         routers: a RouterSet or a router file path (checked against the model).
-        fullgraph, dynamic: passed to ``torch.compile`` (``dynamic=None``: static sizes
-            per bucket, see :class:`TIDEModel`).
+        fullgraph, dynamic: passed to ``torch.compile`` for direct calls (``fast(...)``);
+            ``generate`` compiles static sizes per bucket unless ``dynamic=True`` (see
+            :class:`TIDEModel`).
         mode: the decoding mode: ``"exit"`` (a :class:`TIDEModel`: tokens exit early,
             outputs approximate) or ``"speculative"`` (a
             :class:`~.speculative.SpeculativeModel`: early-exit drafts verified at full
