@@ -2,10 +2,10 @@
 
 A KV-fill graph (:mod:`.kv_fill`) computes, for each skipped layer, its input norm of the
 same frozen state and then its K and V projections: two small matmuls per layer (at
-decode, matrix-vector products of a few MB each, seen on the H200 as ~48 split-K GEMV
-kernels per step when 24 layers are skipped; benchmarks/RESULTS.md). This pass replaces every
-group of projections of the same shape by one ``bmm`` over weights stacked once, at
-compile time, into a ``[G, in, out]`` buffer of the graph module.
+decode, matrix-vector products of a few MB each: two GEMV kernels per skipped layer; the
+measurements are in benchmarks/RESULTS.md). This pass replaces every group of
+projections of the same shape by one ``bmm`` over weights stacked once, at compile time,
+into a ``[G, in, out]`` buffer of the graph module.
 
 Matches: ``linear(x, W[, b])`` nodes whose weight (and bias) are placeholders fed with
 real tensors, grouped by weight shape, dtype, bias presence and input shape; a group
