@@ -721,6 +721,19 @@ def test_min_layers_and_backend_options(router_file) -> None:
         check_backend_options(["routers"])
 
 
+def test_backend_options_are_checked_on_every_route(router_file) -> None:
+    """parse_options, where optimize, attach and torch.compile's options all go, raises the
+    project's error for a truthy non-bool inductor and for min_layers past the model."""
+    from tide_compile.options import parse_options
+
+    path, routers = router_file
+    with pytest.raises(TIDEError, match=r"options\['inductor'\] must be True or False"):
+        parse_options({"routers": routers, "inductor": "no"})
+    with pytest.raises(TIDEError, match="min_layers=99"):
+        parse_options({"routers": str(path), "min_layers": 99})
+    assert parse_options({"routers": str(path), "inductor": False}).inductor is False
+
+
 def _dynamo_graph(model) -> "torch.fx.GraphModule":
     graphs = []
 

@@ -131,7 +131,9 @@ def parse_options(options: Mapping[str, Any] | TideOptions | None) -> TideOption
     """
     if isinstance(options, TideOptions):
         return options
-    options = dict(options or {})
+    from .validation import check_backend_options
+
+    options = check_backend_options(options)  # TIDEError: inductor not a bool, min_layers past the model
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
         raise ValueError(
@@ -157,8 +159,6 @@ def parse_options(options: Mapping[str, Any] | TideOptions | None) -> TideOption
     for key in ("stack_kv", "cuda_graphs"):
         if options.get(key) is not None and not isinstance(options[key], bool):
             raise TypeError(f"options[{key!r}] must be True, False or None, got {options[key]!r}")
-    if not isinstance(options.get("inductor", True), bool):
-        raise TypeError(f"options['inductor'] must be True or False, got {options['inductor']!r}")
     if not isinstance(options.get("inductor_config", {}), Mapping):
         raise TypeError("options['inductor_config'] must be a dict of Inductor config patches")
     if options.get("mode") is not None and not isinstance(options["mode"], str):
