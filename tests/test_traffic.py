@@ -188,5 +188,8 @@ def test_finished_and_padding_rows_mirror_a_live_row(setup):
     (bucket,) = fast._buckets.values()
     for layer in bucket.cache.layers:  # rows 1 and 3 mirror row 0, the first live row
         for t in (layer.keys, layer.values):
-            assert torch.equal(t[1], t[0]) and torch.equal(t[3], t[0])
-            assert not torch.equal(t[2], t[0])
+            # Same inputs, same batch; a CPU matmul may still round one row's product
+            # differently in the last bit (seen: 1.5e-8 to 4.5e-8 on row 3).
+            torch.testing.assert_close(t[1], t[0], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(t[3], t[0], rtol=1e-6, atol=1e-6)
+            assert not torch.allclose(t[2], t[0], atol=1e-3)
