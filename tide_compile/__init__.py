@@ -1,7 +1,8 @@
 """tide-compile: token-level early exit for HuggingFace causal LMs.
 
 Public API: :func:`calibrate`, :class:`TIDEConfig`, :class:`TokenRouter`,
-:class:`RouterSet`, :class:`ExitStats`, :func:`optimize`, :func:`attach`. Everything else is importable from its module but not exported.
+:class:`RouterSet`, :class:`ExitStats`, :func:`optimize`, :func:`attach`, :class:`TIDEError`
+(the error bad input raises, a ``ValueError``). Everything else is importable from its module but not exported.
 """
 
 from .calibration import calibrate
@@ -10,6 +11,7 @@ from .routers import ExitProjection, RouterSet, TokenRouter
 from .stats import ExitStats
 from .backend import attach, detach  # registers the "tide" torch.compile backend
 from .runtime.model import TIDEModel, optimize
+from .validation import TIDEError
 
 __version__ = "0.3.0.dev0"
 
@@ -24,5 +26,6 @@ __all__ = [
     "RouterSet",
     "ExitStats",
     "TIDEModel",
+    "TIDEError",
     "__version__",
 ]
