@@ -98,5 +98,5 @@ def test_options_resolve_threshold_and_checkpoints_once():
         opts(min_layers=9)
     with pytest.raises(TypeError, match="stats"):
         opts(stats=3)
-    with pytest.raises(TypeError, match="inductor"):
+    with pytest.raises(ValueError, match="inductor"):  # TIDEError: a truthy string is not True
         opts(inductor="no")
