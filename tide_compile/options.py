@@ -13,7 +13,6 @@ This module sits below the backend and the runtime: both import it, it imports n
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -139,9 +138,7 @@ def parse_options(options: Mapping[str, Any] | TideOptions | None) -> TideOption
         raise ValueError(
             f"unknown tide backend option(s) {unknown}; known options: {list(OPTION_KEYS)}"
         )
-    routers = options.get("routers")
-    if isinstance(routers, (str, os.PathLike)):
-        options["routers"] = routers = RouterSet.load(routers)
+    routers = options.get("routers")  # a router file path is loaded by check_backend_options
     if routers is not None and not isinstance(routers, RouterSet):
         raise TypeError(f"options['routers'] must be a RouterSet or a router file path, got "
                         f"{type(routers).__name__}")

@@ -327,6 +327,7 @@ def generate(
 
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_kv(kv)
     p = probe(model)
     routers.check_model(p)
     batch, prompt_len = input_ids.shape
@@ -348,7 +349,7 @@ def generate(
     for _ in range(max_new_tokens):
         out = forward(model, routers, step_ids, config, past_key_values=past,
                       attention_mask=attention_mask, position_ids=positions,
-                      exit_threshold=exit_threshold, kv=check_kv(kv), _probe=p)
+                      exit_threshold=exit_threshold, kv=kv, _probe=p)
         stats.merge(_live_rows(out, step_ids, unfinished, attention_mask, p.num_layers))
         past = out.past_key_values
         next_ids = sample_next(out.logits[:, -1, :], do_sample=do_sample, temperature=temperature,
