@@ -64,7 +64,6 @@ import datetime
 import json
 import math
 import platform
-import random
 import shlex
 import sys
 import time
@@ -124,33 +123,23 @@ def _strs(text: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- text
 def calibration_rows(seed: int, chunk_chars: int = 2000) -> tuple[list[str], dict[str, Any]]:
-    """Calibration text as a list of strings (no ``datasets``): each domain's files cut
-    into ~``chunk_chars`` pieces, shuffled (seeded) within the domain, then interleaved
-    code, prose, code, ... ``calibrate`` packs rows in order and keeps the first
-    ``4 * samples`` candidates, so without interleaving a small run would see one domain.
-    (For SmolLM2 the same rows as ``tide_compile.cli_demo.calibration_texts``.)"""
-    from tide_compile.cli_demo import text_chunks
+    """Calibration text as a list of strings (no ``datasets``):
+    ``tide_compile.cli_demo.calibration_texts("smollm2")`` (each domain's files cut into
+    ~``chunk_chars`` pieces, shuffled (seeded) within the domain, then interleaved code,
+    prose, code, ...: ``calibrate`` packs rows in order and keeps the first ``4 * samples``
+    candidates, so without interleaving a small run would see one domain), and what each
+    domain contributed."""
+    from tide_compile.cli_demo import calibration_texts, text_chunks
 
-    per_domain: list[list[str]] = []
     info: dict[str, Any] = {}
     for name, folder in CALIBRATION.items():
         files = sorted(folder.glob("*.txt"))
         if not files:
             raise FileNotFoundError(f"no calibration text in {folder} (a source checkout's data/)")
         chunks = [c for f in files for c in text_chunks(f.read_text(encoding="utf-8"), chunk_chars)]
-        random.Random(seed).shuffle(chunks)
-        per_domain.append(chunks)
         info[name] = {"folder": str(folder.relative_to(REPO)), "files": len(files), "chunks": len(chunks),
                       "chars": sum(len(c) for c in chunks)}
-    rows = [c for group in _interleave(per_domain) for c in group]
-    return rows, info
-
-
-def _interleave(lists: list[list[str]]) -> list[list[str]]:
-    out = []
-    for i in range(max(len(x) for x in lists)):
-        out.append([x[i] for x in lists if i < len(x)])
-    return out
+    return calibration_texts("smollm2", seed=seed, chunk_chars=chunk_chars), info
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
