@@ -7,6 +7,7 @@ from transformers import DynamicCache, StaticCache
 
 from tide_compile import RouterSet, TIDEConfig
 from tide_compile import reference as R
+from tide_compile import sampling
 from tide_compile.model_probe import probe
 from tiny_models import ARCHS, make_model
 from tide_testing import random_routers
@@ -201,10 +202,10 @@ def test_sampling_is_seeded_and_respects_top_k():
     assert torch.equal(a.sequences, b.sequences)
     logits = torch.randn(4, 50)
     for _ in range(20):
-        tok = R.sample_next(logits, do_sample=True, top_k=3)
+        tok = sampling.sample_next(logits, do_sample=True, top_k=3)
         top3 = logits.topk(3).indices
         assert all(t in row for t, row in zip(tok.tolist(), top3.tolist()))
-        tok = R.sample_next(logits, do_sample=True, top_p=1e-6)
+        tok = sampling.sample_next(logits, do_sample=True, top_p=1e-6)
         assert torch.equal(tok, logits.argmax(-1))
 
 

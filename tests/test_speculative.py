@@ -18,8 +18,10 @@ from transformers import StaticCache
 import tide_compile
 from tide_compile import RouterSet, TIDEConfig
 from tide_compile import reference as R
+from tide_compile import sampling
 from tide_compile.runtime.speculative import (SpeculativeModel, SpeculativeStats,
-                                              processed_probs, speculative_accept)
+                                              speculative_accept)
+from tide_compile.sampling import processed_probs
 from tide_testing import random_routers
 from tiny_models import make_model
 
@@ -171,8 +173,8 @@ def test_processed_probs_is_sample_next():
     for kw in [{}, {"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.8},
                {"temperature": 1.3, "top_k": 9, "top_p": 0.9}]:
         for seed in range(5):
-            tok = R.sample_next(logits, do_sample=True,
-                                generator=torch.Generator().manual_seed(seed), **kw)
+            tok = sampling.sample_next(logits, do_sample=True,
+                                       generator=torch.Generator().manual_seed(seed), **kw)
             probs = processed_probs(logits, **kw)
             ours = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed))
             assert torch.equal(tok, ours.squeeze(-1)), kw

@@ -16,8 +16,8 @@ import tide_compile
 from tide_compile import ExitStats, RouterSet
 from tide_compile import backend as B
 from tide_compile import reference as R
-from tide_compile.reference import position_ids_from_mask
 from tide_compile.runtime.model import MIN_CACHE_BUCKET
+from tide_compile.sampling import position_ids_from_mask
 from tide_testing import CFG, model_for
 
 PROMPTS = (2, 3, 5, 8, 13, 21)

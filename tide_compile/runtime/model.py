@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ..options import TideOptions, parse_options
-from ..reference import eos_and_pad, position_ids_from_mask, sample_next
 from ..routers import RouterSet
+from ..sampling import eos_and_pad, position_ids_from_mask, sample_next
 from ..stats import ExitStats
 from ..validation import check_generate_args
 

@@ -18,9 +18,9 @@ verifier's next token. Sampling: the speculative-sampling rule (Leviathan et al.
 Chen et al. 2023): accept draft ``x`` with probability ``min(1, p(x)/q(x))``; at the first
 rejection sample from ``norm(max(0, p - q))``; if all are accepted, sample the next token
 from ``p``. Temperature, top-k and top-p are applied to ``p`` and ``q`` alike
-(:func:`processed_probs`, the processing of :func:`..reference.sample_next`). The output
-is the plain model's: token-identical under greedy decoding (up to floating-point
-ties), distributed as plain sampling under sampling.
+(:func:`..sampling.processed_probs`, the processing of :func:`..sampling.sample_next`).
+The output is the plain model's: token-identical under greedy decoding (up to
+floating-point ties), distributed as plain sampling under sampling.
 
 Cache rollback. A transformers 5.x ``StaticLayer`` writes K/V at the index held in its
 ``cumulative_length`` tensor and bumps it in place inside the graph; the attention mask's
@@ -44,14 +44,13 @@ import torch
 from torch import nn
 
 from ..options import parse_options
-from ..reference import eos_and_pad, processed_probs
 from ..routers import RouterSet
+from ..sampling import eos_and_pad, processed_probs
 from ..stats import ExitStats
 
 __all__ = [
     "SpeculativeModel",
     "SpeculativeStats",
-    "processed_probs",
     "speculative_accept",
     "set_cache_length",
 ]
