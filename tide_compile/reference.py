@@ -44,6 +44,7 @@ from torch import nn
 
 from .config import TIDEConfig
 from .model_probe import ModelProbe, probe
+from .options import resolve_exits
 from .routers import RouterSet
 from .sampling import eos_and_pad, position_ids_from_mask, sample_next
 from .stats import ExitStats
@@ -106,20 +107,6 @@ def _layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _resolve(routers: RouterSet, config: TIDEConfig | None, exit_threshold: float | None
-             ) -> tuple[float, list[int]]:
-    config = config or routers.config
-    threshold = config.exit_threshold if exit_threshold is None else exit_threshold
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"exit_threshold must be in [0, 1], got {threshold!r}")
-    if config.min_layers > routers.num_layers:
-        raise ValueError(
-            f"min_layers={config.min_layers} is beyond the model's {routers.num_layers} layers"
-        )
-    layers = [c for c in routers.checkpoint_layers if c + 1 >= config.min_layers]
-    return float(threshold), layers
-
-
 @torch.no_grad()
 def forward(
     model: nn.Module,
@@ -154,7 +141,10 @@ def forward(
     check_kv(kv)
     p = _probe or probe(model)
     routers.check_model(p)
-    threshold, active = _resolve(routers, config, exit_threshold)
+    config = config or routers.config
+    if exit_threshold is not None:  # TIDEConfig checks the range (a ValueError)
+        config = config.replace(exit_threshold=float(exit_threshold))
+    threshold, active = resolve_exits(routers, config.exit_threshold, config.min_layers)
     batch, seq = input_ids.shape
     if attention_mask is not None:
         valid = attention_mask[:, -seq:].bool()
