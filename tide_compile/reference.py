@@ -3,7 +3,7 @@
 This is the oracle every compiled path is tested against, and the plainest statement of
 what an exit means. It is not the fast path: it runs every layer for every token.
 
-Semantics (DESIGN.md, "The one semantics"):
+Semantics (the one every compiled path is held to):
 
 * A token exits at the first checkpoint ``c`` (in ``routers.checkpoint_layers``, at or
   after ``min_layers``) where its router score is strictly greater than
