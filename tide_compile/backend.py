@@ -29,10 +29,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .options import OPTION_KEYS, TideOptions, parse_options
+from .options import DEFERRED_DECODE, OPTION_KEYS, TideOptions, parse_options
 from .passes import ANALYSIS, PIPELINES, PassContext, PassError, run_passes
 from .passes._fx import example_value, mutated_placeholders
-from .passes.insert import EXIT_LAYER_OUTPUT, EXTRA_INPUTS, STATE_NAMES
+from .passes.insert import (EXIT_LAYER_OUTPUT, EXTRA_INPUTS, LIVE_INPUT, ROUTER_BIASES,
+                            STATE_NAMES)
 from .plan import GraphFacts, Plan, plan
 from .routers import RouterSet
 from .runtime.compact import CompactRunner
@@ -129,6 +130,8 @@ def _for_plan(ctx: PassContext, p: Plan) -> PassContext:
     """``ctx`` with the plan's settings for the passes."""
     ctx.kernels = p.kernels
     ctx.stack_kv = p.stack_kv
+    ctx.kv = p.kv
+    ctx.live_input = p.strategy == "deferred"
     return ctx
 
 
@@ -151,6 +154,7 @@ def graph_facts(gm: fx.GraphModule, example_inputs: Sequence[Any], ctx: PassCont
         symbolic=symbolic,
         writes_cache_in_place=bool(mutated_placeholders(gm)),
         on_cuda=any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs),
+        deferred_decode=DEFERRED_DECODE.get(),
     )
 
 
@@ -180,6 +184,9 @@ def _artifacts(p: Plan, ctx: PassContext, work: fx.GraphModule, opts: TideOption
         compact=ctx.compact,
         compaction_threshold=opts.compaction,
         compact_min_length=p.compact_min_length,
+        live=work.meta.get(LIVE_INPUT),
+        router_biases=dict(work.meta.get(ROUTER_BIASES, {})),
+        threshold=opts.threshold if opts.threshold is not None else 0.5,
     )
 
 
@@ -189,7 +196,8 @@ def _runner(p: Plan, art: RunnerArtifacts):
         return CompactRunner(art)
     if p.strategy == "frozen" and not p.cuda_graphs:
         return FrozenRunner(art)
-    # skip, or a frozen one-token step captured as one CUDA graph (a split without cuts)
+    # skip, deferred (skip without KV-fill), or a frozen one-token step captured as one
+    # CUDA graph (a split without cuts)
     runner = SkipRunner(art)
     if p.symbolic:
         runner.for_symbolic_sizes()

@@ -13,6 +13,7 @@ This module sits below the backend and the runtime: both import it, it imports n
 from __future__ import annotations
 
 import dataclasses
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -21,15 +22,28 @@ from .routers import RouterSet
 from .stats import ExitStats
 
 __all__ = ["TideOptions", "parse_options", "resolve_exits", "OPTION_KEYS", "STRATEGIES",
-           "KERNELS"]
+           "KERNELS", "KV_MODES", "DEFAULT_MAX_PENDING", "DEFERRED_DECODE"]
 
 Strategy = Literal["auto", "frozen", "skip", "compact"]
 Kernels = Literal["auto", "inductor", "triton"]
+KV = Literal["propagate", "deferred"]
 
 #: Values of the option ``strategy``.
 STRATEGIES = ("auto", "frozen", "skip", "compact")
 #: Values of the option ``kernels``.
 KERNELS = ("auto", "inductor", "triton")
+#: Values of the option ``kv``: the K/V of an exited token at the layers it skipped.
+KV_MODES = ("propagate", "deferred")
+#: Default of ``max_pending``. A deferred decode step is ``max_pending + 1`` tokens wide
+#: (docs/deferred.md): on a GPU a batch-1 step that wide reads the same weights as a
+#: one-token step, and 7 pending tokens hold runs of exits up to 7 long (at an exit rate of
+#: 0.5 a run that long has probability 1/128).
+DEFAULT_MAX_PENDING = 7
+
+#: True while ``TIDEModel.generate`` runs a deferred decode step through Dynamo: a graph
+#: compiled then runs the ``deferred`` strategy, whose pending tokens the decode loop
+#: feeds back. Any other graph under ``kv="deferred"`` runs every layer (exact K/V).
+DEFERRED_DECODE: ContextVar[bool] = ContextVar("tide_deferred_decode", default=False)
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,16 @@ class TideOptions:
             batched matmul (:mod:`.passes.kv_stack`; a copy of those weights, taken at
             compile time). None: on for static one-token skip steps of a CUDA model
             compiled with Inductor, off otherwise.
+        kv: the K/V an exited token leaves at the layers it skipped, which later tokens
+            attend to. ``"propagate"`` (default): each skipped layer's K/V path applied to
+            the frozen state (a KV-fill; cheap, approximate). ``"deferred"``: exact; the
+            skipped layers run later, batched with the next step that runs them. Only
+            :meth:`TIDEModel.generate <tide_compile.runtime.model.TIDEModel.generate>`
+            defers (its decode loop feeds pending tokens back); every other graph runs
+            every layer for every token and exits change only the exited tokens' logits
+            (docs/deferred.md).
+        max_pending: ``kv="deferred"``: tokens per row that may wait for their skipped
+            layers; a deferred decode step is ``max_pending + 1`` tokens wide.
 
     Attributes (resolved from the routers; None while ``routers`` is None):
         threshold: the exit threshold in force.
@@ -84,6 +108,8 @@ class TideOptions:
     cuda_graphs: bool | None = None
     kernels: Kernels = "auto"
     stack_kv: bool | None = None
+    kv: KV = "propagate"
+    max_pending: int = DEFAULT_MAX_PENDING
     # resolved
     threshold: float | None = field(default=None, init=False)
     checkpoints: tuple[int, ...] | None = field(default=None, init=False)
@@ -156,6 +182,11 @@ def parse_options(options: Mapping[str, Any] | TideOptions | None) -> TideOption
     for key in ("stack_kv", "cuda_graphs"):
         if options.get(key) is not None and not isinstance(options[key], bool):
             raise TypeError(f"options[{key!r}] must be True, False or None, got {options[key]!r}")
+    if options.get("kv", "propagate") not in KV_MODES:
+        raise ValueError(f"kv must be one of {KV_MODES}, got {options['kv']!r}")
+    pending = options.get("max_pending", DEFAULT_MAX_PENDING)
+    if isinstance(pending, bool) or not isinstance(pending, int) or not 1 <= pending <= 64:
+        raise ValueError(f"max_pending must be an int in [1, 64] (tokens per row), got {pending!r}")
     if not isinstance(options.get("inductor_config", {}), Mapping):
         raise TypeError("options['inductor_config'] must be a dict of Inductor config patches")
     if options.get("mode") is not None and not isinstance(options["mode"], str):

@@ -24,6 +24,14 @@ DynamicCache prefill)
 no checkpoint at or after             ``plain``: the model as it is
 ``min_layers``
 ====================================  ==========================================
+
+With ``kv="deferred"`` the table is different: the deferred decode step of
+``TIDEModel.generate`` (``max_pending + 1`` tokens wide, static sizes) runs ``deferred``
+(the skip strategy without KV-fill: a step stops when every row's current token has
+exited, and the tokens it leaves pending run their skipped layers in a later step);
+every other graph runs ``frozen`` with exact K/V (every layer for every token; nothing
+frozen, the exits pick the exited tokens' logits). A one-token step outside ``generate``
+warns once that it saves nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from .options import TideOptions
 
 __all__ = ["GraphFacts", "Plan", "plan"]
 
-PlannedStrategy = Literal["plain", "frozen", "skip", "compact"]
+PlannedStrategy = Literal["plain", "frozen", "skip", "compact", "deferred"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,8 @@ class GraphFacts:
         on_cuda: the graph's tensors are on a CUDA device.
         compact_error: why the compact passes refused this graph (set when planning
             again after they did).
+        deferred_decode: the graph is ``TIDEModel.generate``'s deferred decode step
+            (:data:`.options.DEFERRED_DECODE` was set while Dynamo traced it).
     """
 
     step_length: int | None
@@ -59,6 +69,7 @@ class GraphFacts:
     writes_cache_in_place: bool
     on_cuda: bool
     compact_error: str | None = None
+    deferred_decode: bool = False
 
     def without_compaction(self, reason: str) -> "GraphFacts":
         """These facts, with the compact passes' refusal."""
@@ -70,9 +81,11 @@ class Plan:
     """How one graph runs.
 
     Attributes:
-        strategy: ``"plain"`` (no exits possible), ``"frozen"``, ``"skip"`` or ``"compact"``
+        strategy: ``"plain"`` (no exits possible), ``"frozen"``, ``"skip"``, ``"compact"``
             (a dynamic-length graph; its runner runs a step of fewer than
-            ``compact_min_length`` positions frozen).
+            ``compact_min_length`` positions frozen) or ``"deferred"``.
+        kv: the K/V semantics the passes build (``options.kv``): ``"deferred"`` inserts
+            no frozen-state selection (every layer sees each token's own state).
         kernels: the route / exit-select ops: ``"inductor"`` or ``"triton"``.
         cuda_graphs: capture the pieces into CUDA graphs (static sizes only).
         stack_kv: stack the KV-fill graphs' K/V projections (:mod:`.passes.kv_stack`).
@@ -84,6 +97,7 @@ class Plan:
     """
 
     strategy: PlannedStrategy
+    kv: Literal["propagate", "deferred"] = "propagate"
     kernels: Literal["inductor", "triton"] = "inductor"
     cuda_graphs: bool = False
     stack_kv: bool = False
@@ -102,7 +116,8 @@ class Plan:
 def plan(facts: GraphFacts, options: TideOptions) -> Plan:
     """The strategy and its settings for a graph with ``facts``; see the module table.
 
-    Raises ``ValueError`` when ``options.cuda_graphs`` is True for a graph not on CUDA.
+    Raises ``ValueError`` when ``options.cuda_graphs`` is True for a graph not on CUDA,
+    and for a deferred decode step with symbolic sizes.
     """
     if options.checkpoints is None:
         raise ValueError("plan() needs options resolved with routers (parse_options)")
@@ -110,6 +125,8 @@ def plan(facts: GraphFacts, options: TideOptions) -> Plan:
         return Plan("plain", symbolic=facts.symbolic)
     if options.cuda_graphs and not facts.on_cuda:
         raise ValueError("options['cuda_graphs']=True needs the model on a CUDA device")
+    if options.kv == "deferred":
+        return _plan_deferred(facts, options)
     one_token = facts.step_length == 1
     dynamic_length = facts.step_length is None
     compactable = dynamic_length and facts.writes_cache_in_place and facts.compact_error is None
@@ -157,6 +174,30 @@ def plan(facts: GraphFacts, options: TideOptions) -> Plan:
         symbolic=facts.symbolic,
         warning=warning,
     )
+
+
+def _plan_deferred(facts: GraphFacts, options: TideOptions) -> Plan:
+    """``kv="deferred"``: the decode loop's step skips; every other graph runs every layer."""
+    kernels = "inductor" if options.kernels == "auto" else options.kernels
+    if facts.deferred_decode:
+        if facts.symbolic:
+            raise ValueError("a deferred decode step needs static sizes: generate with "
+                             "dynamic=None or False under kv='deferred'")
+        if not facts.writes_cache_in_place:
+            raise ValueError("a deferred decode step needs a StaticCache (it rewrites the "
+                             "pending tokens' K/V in place)")
+        graphs_wanted = (options.inductor and facts.on_cuda if options.cuda_graphs is None
+                         else options.cuda_graphs)
+        if options.kernels == "auto" and options.inductor and facts.on_cuda:
+            kernels = "triton"
+        return Plan("deferred", kv="deferred", kernels=kernels, cuda_graphs=bool(graphs_wanted))
+    warning = None
+    if facts.step_length == 1:
+        warning = ("tide: kv='deferred' skips layers only in TIDEModel.generate (its decode "
+                   "loop feeds the pending tokens back); this one-token step runs every "
+                   "layer, with exact K/V")
+    return Plan("frozen", kv="deferred", kernels=kernels, symbolic=facts.symbolic,
+                warning=warning)
 
 
 def _why_not_compactable(facts: GraphFacts) -> str:

@@ -29,6 +29,11 @@ class ExitStats:
             ``"compact"``); steps recorded without a strategy are not in it.
         last_exit_layers / last_layers_executed / last_strategy: of the latest
             :meth:`record` call.
+        regret_checked: exited tokens whose full-depth top-1 was computed afterwards
+            (``kv="deferred"``: the deep step that runs a pending token's skipped layers
+            yields its full-depth logits at no extra cost).
+        regret_rate: of those, the fraction whose exit top-1 differed (exit regret);
+            None before any was checked.
     """
 
     #: pending device tensors are counted once this many have accumulated
@@ -47,6 +52,8 @@ class ExitStats:
         self.last_exit_layers: torch.Tensor | None = None
         self.last_layers_executed = 0
         self.last_strategy: str | None = None
+        self.regret_checked = 0
+        self._regrets: int | torch.Tensor = 0
 
     @property
     def exits_per_layer(self) -> dict[int, int]:
@@ -119,6 +126,28 @@ class ExitStats:
         self.last_exit_layers = torch.full((tokens,), exit_layer, dtype=torch.int64)
         self.last_layers_executed = int(layers_executed)
 
+    def record_regret(self, regrets: torch.Tensor | int, checked: int) -> None:
+        """Add ``checked`` exited tokens whose full-depth top-1 is now known, ``regrets``
+        of them different from their exit top-1 (a device tensor is added on the
+        device: no host read until :attr:`regrets` is)."""
+        self.regret_checked += int(checked)
+        if isinstance(regrets, torch.Tensor):
+            regrets = regrets.detach().to(torch.int64)
+            self._regrets = regrets + self._regrets if isinstance(self._regrets, torch.Tensor) \
+                else regrets + int(self._regrets)
+        else:
+            self._regrets = self._regrets + int(regrets)
+
+    @property
+    def regrets(self) -> int:
+        """Checked exited tokens whose exit top-1 differed from the full model's."""
+        return int(self._regrets)
+
+    @property
+    def regret_rate(self) -> float | None:
+        """``regrets / regret_checked``; None before any exited token was checked."""
+        return self.regrets / self.regret_checked if self.regret_checked else None
+
     def merge(self, other: "ExitStats") -> None:
         """Add ``other``'s counts to these."""
         if other.num_layers != self.num_layers:
@@ -131,6 +160,8 @@ class ExitStats:
             self.steps_by_strategy[strategy] = self.steps_by_strategy.get(strategy, 0) + steps
         for layer, count in other.exits_per_layer.items():
             self._exits[layer] = self._exits.get(layer, 0) + count
+        if other.regret_checked:
+            self.record_regret(other.regrets, other.regret_checked)
 
     def reset(self) -> None:
         self.last_exit_layers = None
@@ -141,6 +172,8 @@ class ExitStats:
         self._exits = {}
         self._pending = []
         self.layers_executed = 0
+        self.regret_checked = 0
+        self._regrets = 0
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ExitStats):
@@ -198,6 +231,10 @@ class ExitStats:
         lines.append(
             f"Layers executed per token: {self.mean_layers_executed:.2f} / {self.num_layers}"
         )
+        if self.regret_checked:
+            lines.append(f"Exit regret: {self.regrets} of {self.regret_checked} checked exits "
+                         f"({100.0 * (self.regret_rate or 0.0):.1f}%) differ from the full "
+                         "model's top-1")
         if self.steps_by_strategy:
             lines.append("Steps by strategy: " + ", ".join(
                 f"{name} {steps}" for name, steps in sorted(self.steps_by_strategy.items())))

@@ -23,6 +23,9 @@ The pipelines, as data (reading them tells you the backend):
     ``head`` (the read-out ``h -> logits``).
   - ``compact``: as ``skip`` with one more cut before the head (``segment_before_head``)
     and ``compact`` (the later segments' variants for a subset of the tokens).
+  - ``deferred``: ``insert`` (no frozen-state selection; the ``tide_live`` input),
+    ``segment``, ``head``: the skip strategy with no KV-fill (the decode loop runs the
+    skipped layers of pending tokens in a later step).
 """
 
 from __future__ import annotations
@@ -75,6 +78,9 @@ class PassContext:
             empty: inferred from the graph.
         routers / threshold / kernels: what ``insert`` puts into the graph.
         stack_kv: whether ``kv_stack`` stacks the KV-fill graphs' projections.
+        kv: ``"propagate"`` or ``"deferred"`` (``insert`` freezes exited tokens' states
+            only under ``"propagate"``).
+        live_input: ``insert`` adds the ``tide_live`` input (the deferred decode step).
         input_values: placeholder name -> the real tensor Dynamo feeds it (parameters,
             buffers), for ``kv_stack``.
         layer_info: result of ``layers`` on the graph.
@@ -91,6 +97,8 @@ class PassContext:
     threshold: float = 0.5
     kernels: str = "inductor"
     stack_kv: bool = False
+    kv: str = "propagate"
+    live_input: bool = False
     input_values: dict[str, torch.Tensor] = field(default_factory=dict)
     layer_info: LayerInfo | None = None
     original: fx.GraphModule | None = None
@@ -165,4 +173,5 @@ PIPELINES: dict[str, tuple[Pass, ...]] = {
     "frozen_graphed": (INSERT, SEGMENT_WHOLE),
     "skip": (ORIGINAL, INSERT, SEGMENT, KV_FILL, KV_STACK, HEAD),
     "compact": (ORIGINAL, INSERT, SEGMENT_BEFORE_HEAD, COMPACT, KV_FILL, KV_STACK, HEAD),
+    "deferred": (ORIGINAL, INSERT, SEGMENT, HEAD),
 }

@@ -24,6 +24,16 @@ Router weights become extra graph inputs (placeholders ``tide_router_<c>_*`` and
 tensors in order, and whoever calls the graph appends them to the arguments). Inputs,
 not ``get_attr`` constants: AOT/Inductor accept only Dynamo's own parameters as those.
 
+With ``freeze=False`` (``kv="deferred"``) no ``exit_select`` is inserted: every layer
+reads each token's own state, so every K/V is the full model's and exits only pick the
+exited tokens' read-out. With ``live=True`` (the deferred decode step) one more input,
+``tide_live`` (bool, one per token), starts the exit state: a token that is not live
+starts as exited with exit layer -1, so it never exits, never keeps the step from
+stopping, and reads out at full depth (``gm.meta[LIVE_INPUT]`` holds the tensor, which
+the decode loop rewrites in place). Router weights are then copies
+(``gm.meta[ROUTER_BIASES]``: checkpoint -> its output bias, which
+:meth:`~..runtime.runner.SkipRunner.set_threshold` shifts in place).
+
 Refuses: routers whose checkpoint layers are not layers of the graph.
 """
 
@@ -45,7 +55,7 @@ if TYPE_CHECKING:
     from . import PassContext
 
 __all__ = ["run", "insert_exits", "init_exit_state", "final_select", "EXIT_LAYER_OUTPUT",
-           "STATE_NAMES", "EXTRA_INPUTS"]
+           "STATE_NAMES", "EXTRA_INPUTS", "LIVE_INPUT", "ROUTER_BIASES"]
 
 #: ``gm.meta`` key holding how many outputs the graph had before this pass.
 EXIT_LAYER_OUTPUT = "tide_user_outputs"
@@ -53,13 +63,21 @@ EXIT_LAYER_OUTPUT = "tide_user_outputs"
 EXTRA_INPUTS = "tide_extra_inputs"
 #: ``gm.meta`` key: checkpoint -> names of the ``(exited, frozen, exit_layer)`` nodes after it.
 STATE_NAMES = "tide_state_names"
+#: ``gm.meta`` key: the ``tide_live`` input's tensor (``live=True``).
+LIVE_INPUT = "tide_live_input"
+#: ``gm.meta`` key: checkpoint -> the router's output bias tensor fed to the graph.
+ROUTER_BIASES = "tide_router_biases"
 
 
-def init_exit_state(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All-false exit state shaped like ``h`` without its last dim."""
+def init_exit_state(h: torch.Tensor, live: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The exit state before the first checkpoint, shaped like ``h`` without its last dim:
+    nothing exited, or, with ``live``, every token that is not live (exit layer -1)."""
     lead = h.shape[:-1]
+    exited = (torch.zeros(lead, dtype=torch.bool, device=h.device) if live is None
+              else ~live.reshape(lead))
     return (
-        torch.zeros(lead, dtype=torch.bool, device=h.device),
+        exited,
         torch.zeros_like(h),
         torch.full(lead, -1, dtype=torch.int64, device=h.device),
     )
@@ -110,7 +128,8 @@ def run(gm: fx.GraphModule, ctx: "PassContext") -> fx.GraphModule:
     if ctx.routers is None:
         raise PassError("insert needs routers (ctx.routers is None)")
     return insert_exits(gm, ctx.need("layer_info", "layers"), ctx.routers, ctx.checkpoint_layers,
-                        ctx.threshold, kernels=ctx.kernels)
+                        ctx.threshold, kernels=ctx.kernels, freeze=ctx.kv != "deferred",
+                        live=ctx.live_input)
 
 
 def insert_exits(
@@ -120,11 +139,14 @@ def insert_exits(
     checkpoints: Sequence[int],
     threshold: float,
     kernels: str = "inductor",
+    freeze: bool = True,
+    live: bool = False,
 ) -> fx.GraphModule:
     """Insert the exit state, routes, selections and the exit-layer output (in place).
 
     ``kernels="triton"`` emits the hand-kernel ops ``tide::route_fused`` /
     ``tide::exit_select_fused`` instead of the composites Inductor fuses itself.
+    ``freeze`` / ``live``: the module docstring.
     """
     graph = gm.graph
     checkpoints = sorted(checkpoints)
@@ -169,14 +191,27 @@ def insert_exits(
         r = routers.router(c)
         anchor = h_c
         if state is None:
+            init_args: tuple = (h_c,)
+            if live:
+                ev = example_value(h_c)
+                if not isinstance(ev, torch.Tensor) or any(
+                        isinstance(s, torch.SymInt) for s in ev.shape):
+                    raise PassError("the live input needs static sizes")
+                live_value = torch.ones(tuple(ev.shape[:-1]), dtype=torch.bool, device=ev.device)
+                init_args = (h_c, tag(_input(gm, "tide_live", live_value), c))
+                gm.meta[LIVE_INPUT] = live_value
             with graph.inserting_after(anchor):
-                init = tag(graph.call_function(init_exit_state, (h_c,)), c)
+                init = tag(graph.call_function(init_exit_state, init_args), c)
             state, anchor = unpack(init, c)
         weights = []
         for suffix, tensor in (("w1", r.down.weight), ("b1", r.down.bias),
                                ("w2", r.up.weight), ("b2", r.up.bias)):
-            node = _input(gm, f"tide_router_{c}_{suffix}",
-                          (tensor.to(device) if device is not None else tensor).detach())
+            value = (tensor.to(device) if device is not None else tensor).detach()
+            if live:  # the runner's own copy: set_threshold shifts the bias in place
+                value = value.clone()
+                if suffix == "b2":
+                    gm.meta.setdefault(ROUTER_BIASES, {})[c] = value
+            node = _input(gm, f"tide_router_{c}_{suffix}", value)
             tag(node, c)
             weights.append(node)
         with graph.inserting_after(anchor):
@@ -190,7 +225,7 @@ def insert_exits(
     gm.meta[STATE_NAMES] = {c: tuple(n.name for n in st) for c, st in state_by_layer.items()}
 
     # Every layer after the first checkpoint reads its input through exit_select.
-    for l in range(checkpoints[0] + 1, info.num_layers):
+    for l in range(checkpoints[0] + 1, info.num_layers if freeze else 0):
         c = max(k for k in checkpoints if k < l)
         exited, frozen, _ = state_by_layer[c]
         h_in = info.layer_inputs[l]

@@ -42,6 +42,7 @@ import torch
 import torch.fx as fx
 
 from ._fx import PassError, example_value, extract, mutated_args, storage_key
+from .insert import STATE_NAMES
 from .layers import META_KEY, LayerInfo, rank
 
 if TYPE_CHECKING:
@@ -204,6 +205,14 @@ def split(gm: fx.GraphModule, info: LayerInfo, checkpoint_layers: Sequence[int],
                 f"segment {k}: the layer tags and the cut disagree"
             )
         needed_later[k].add(h)
+    # The exit state after each checkpoint (the insert pass's): the runner reads it there,
+    # even where no later node does (kv="deferred" selects no frozen states).
+    by_name = {n.name: n for n in seg_of}
+    for c, names in gm.meta.get(STATE_NAMES, {}).items():
+        for name in names:
+            node = by_name.get(name)
+            if node is not None:
+                needed_later[seg_of[node]].add(node)
 
     _check_crossing_aliases(seg_of, needed_later, nseg)
 

@@ -48,6 +48,26 @@ class GraphedSkipRunner:
         self.stats = runner.stats
         self._reset()
 
+    # ------------------------------------------------------------------ deferred steps
+    @property
+    def live(self) -> torch.Tensor | None:
+        return self.runner.live
+
+    @property
+    def force_deep(self) -> bool:
+        return self.runner.force_deep
+
+    @force_deep.setter
+    def force_deep(self, value: bool) -> None:
+        self.runner.force_deep = value
+
+    @property
+    def reached_end(self) -> bool:
+        return self.runner.reached_end
+
+    def set_threshold(self, threshold: float) -> None:
+        self.runner.set_threshold(threshold)
+
     # ------------------------------------------------------------------ state
     def _reset(self) -> None:
         self.calls = 0
@@ -113,10 +133,11 @@ class GraphedSkipRunner:
             local = dict(env)
             frozen, exit_layer = env[frozen_name], env[exit_layer_name]
             local["h_frozen"] = frozen
-            kv = r.kv_meta[c]
             outs: dict[int, Any] = {}
-            outs.update(zip(kv.output_positions,
-                            r.kv_fills[c](*[local[n] for n in kv.input_names])))
+            if c in r.kv_meta:  # propagate; a deferred step has no KV-fill
+                kv = r.kv_meta[c]
+                outs.update(zip(kv.output_positions,
+                                r.kv_fills[c](*[local[n] for n in kv.input_names])))
             local["h"] = final_select(exit_layer, frozen, frozen, r.projections)
             outs.update(zip(r.head_meta.output_positions,
                             r.head(*[local[n] for n in r.head_meta.input_names])))
@@ -174,8 +195,8 @@ class GraphedSkipRunner:
         env = self.env
         for k, g in enumerate(self.graphs):
             g.replay()
-            if k == len(r.cuts):
-                break
+            if k == len(r.cuts) or r.force_deep:
+                continue
             torch.cuda.current_stream().synchronize()  # the one host sync per checkpoint
             if bool(self.host_flags[k]):
                 c = r.cuts[k]
@@ -184,7 +205,11 @@ class GraphedSkipRunner:
                 outs = exit_outputs(r.split.output_layout, exit_layer, self.exit_env[c], env)
                 result, exit_layer = strip_exit_layer(outs, r.user_outputs)
                 ntok = exit_layer.numel()
-                self.stats.record_uniform(c, ntok, (c + 1) * ntok, strategy=self.strategy)
+                if ntok == 1:
+                    self.stats.record_uniform(c, 1, c + 1, strategy=self.strategy)
+                else:  # rows may have exited at earlier checkpoints (counted later, no sync)
+                    self.stats.record(exit_layer, layers_executed=(c + 1) * ntok,
+                                      strategy=self.strategy)
                 r.last_segments_run = k + 1
                 return _clone(result, self.input_ptrs)
         r.last_segments_run = len(self.graphs)

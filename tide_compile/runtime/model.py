@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..options import TideOptions, parse_options
+from ..options import DEFERRED_DECODE, TideOptions, parse_options
 from ..routers import RouterSet
 from ..sampling import eos_and_pad, position_ids_from_mask, sample_next
 from ..stats import ExitStats
@@ -70,20 +70,29 @@ class _Bucket:
     compiled: set[str] = field(default_factory=set)
     direct: "_DirectStep | None" = None
     seen_args: tuple | None = None
+    #: kv="deferred": the decode step's runner (its live input and force_deep flag)
+    runner: Any = None
 
 
 class _RecordingBackend:
     """The ``tide`` backend for one TIDEModel: compiles as ``backend="tide"`` does and
     wraps each graph's runner in a :class:`_Recorded`, which remembers its last call."""
 
-    def __init__(self, options: TideOptions) -> None:
+    def __init__(self, options: TideOptions, deferred_decode: bool = False) -> None:
         self.options = options
+        #: compile for the deferred decode loop (:data:`~..options.DEFERRED_DECODE`)
+        self.deferred_decode = deferred_decode
         self.last: _Recorded | None = None
 
     def __call__(self, gm: Any, example_inputs: Any) -> "_Recorded":
         from torch._dynamo import lookup_backend  # the registered backend: no upward import
 
-        return _Recorded(lookup_backend("tide")(gm, example_inputs, options=self.options), self)
+        token = DEFERRED_DECODE.set(self.deferred_decode)
+        try:
+            runner = lookup_backend("tide")(gm, example_inputs, options=self.options)
+        finally:
+            DEFERRED_DECODE.reset(token)
+        return _Recorded(runner, self)
 
 
 class _Recorded:
@@ -129,12 +138,23 @@ class TIDEModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, options: TideOptions, *, fullgraph: bool = True,
-                 dynamic: bool | None = None) -> None:
+                 dynamic: bool | None = None, target_agreement: float | None = None) -> None:
         super().__init__()
         routers = options.routers
         if routers is None:
             raise TypeError("TIDEModel needs options with routers (tide_compile.optimize)")
         routers.check_model(model)
+        if options.kv == "deferred" and dynamic:
+            raise ValueError("kv='deferred' compiles its decode step with static sizes; drop "
+                             "dynamic=True")
+        if target_agreement is not None and options.kv != "deferred":
+            raise ValueError("target_agreement needs kv='deferred' (exit regret is measured "
+                             "by the deep steps that run pending tokens' layers)")
+        from .deferred import RegretController
+
+        #: kv="deferred" with target_agreement: raises the threshold on measured regret
+        self.controller = (RegretController(target_agreement) if target_agreement is not None
+                           else None)
         self.model = model
         self.routers = routers
         if options.stats is None:
@@ -154,6 +174,12 @@ class TIDEModel(nn.Module):
         self._generate_forward = torch.compile(model.forward, backend=self._generate_backend,
                                                fullgraph=fullgraph,
                                                dynamic=False if dynamic is None else dynamic)
+        # kv="deferred": the decode steps compile apart from the prompt step (another
+        # backend object: Dynamo keeps each backend's graphs apart), static sizes.
+        self._deferred_backend = _RecordingBackend(options, deferred_decode=True)
+        self._deferred_forward = (torch.compile(model.forward, backend=self._deferred_backend,
+                                                fullgraph=fullgraph, dynamic=False)
+                                  if options.kv == "deferred" else None)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         before = self._raw_stats.total_tokens
@@ -218,6 +244,13 @@ class TIDEModel(nn.Module):
         device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.options.kv == "deferred":
+            from .deferred import generate_deferred
+
+            return generate_deferred(
+                self, input_ids, max_new_tokens, attention_mask, eos, pad_token_id,
+                dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                     generator=generator), max_cache_len, self.controller)
         needed = prompt_len + max_new_tokens
         cache_len = cache_bucket(needed) if max_cache_len is None else max_cache_len
         if cache_len < needed:
@@ -294,11 +327,12 @@ class TIDEModel(nn.Module):
         safe (module docstring), else through Dynamo."""
         if not prompt and bucket.direct is not None:
             return bucket.direct()
+        deferred = not prompt and self._deferred_forward is not None
+        forward = self._deferred_forward if deferred else self._generate_forward
         with self._may_compile(bucket, "prompt" if prompt else "step"):
-            out = self._generate_forward(input_ids=ids, attention_mask=bucket.mask,
-                                         position_ids=positions, past_key_values=bucket.cache,
-                                         use_cache=True)
-        recorded = self._generate_backend.last
+            out = forward(input_ids=ids, attention_mask=bucket.mask, position_ids=positions,
+                          past_key_values=bucket.cache, use_cache=True)
+        recorded = (self._deferred_backend if deferred else self._generate_backend).last
         if not prompt and recorded is not None:
             # Direct calls once two Dynamo calls handed the runner the same arguments,
             # and its output is the logits tensor itself.
@@ -323,14 +357,15 @@ class TIDEModel(nn.Module):
         bucket = self._buckets.get(key)
         if bucket is None:
             cache = StaticCache(config=self.model.config, max_cache_len=cache_len)
+            width = self.options.max_pending + 1 if self.options.kv == "deferred" else 1
             # Create the cache tensors now (one eager token): created inside a compiled
             # prompt step they would be graph outputs, which compaction cannot gather.
             self.model(input_ids=torch.zeros(rows, 1, dtype=torch.long, device=device),
                        past_key_values=cache, use_cache=True)
             bucket = self._buckets[key] = _Bucket(
                 cache, mask=torch.zeros(rows, cache_len, dtype=torch.long, device=device),
-                ids=torch.zeros(rows, 1, dtype=torch.long, device=device),
-                positions=torch.zeros(rows, 1, dtype=torch.long, device=device))
+                ids=torch.zeros(rows, width, dtype=torch.long, device=device),
+                positions=torch.zeros(rows, width, dtype=torch.long, device=device))
         return bucket
 
     def _may_compile(self, bucket: _Bucket, kind: str) -> contextlib.AbstractContextManager:
@@ -382,7 +417,8 @@ def _cache_bytes(cache: Any) -> int:
 
 
 def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = True,
-             dynamic: bool | None = None, mode: str = "exit", **options: Any) -> Any:
+             dynamic: bool | None = None, mode: str = "exit",
+             target_agreement: float | None = None, **options: Any) -> Any:
     """Compile ``model`` with early exit.
 
     Args:
@@ -399,7 +435,11 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
         **options: the ``tide`` backend options (``exit_threshold``, ``min_layers``,
             ``strategy``, ``compaction_threshold``, ``compact_min_length``, ``stack_kv``,
             ``inductor``, ``inductor_config``, ``cuda_graphs``, ``kernels``), with the
-            Inductor mode as ``inductor_mode``.
+            Inductor mode as ``inductor_mode``, and ``kv`` / ``max_pending``: the K/V
+            semantics (``kv="deferred"``: exact, docs/deferred.md).
+        target_agreement: ``kv="deferred"`` only: turn on the
+            :class:`~.deferred.RegretController`, which raises the exit threshold while
+            the measured exit regret exceeds ``1 - target_agreement`` (off by default).
     """
     if mode not in ("exit", "speculative"):
         raise ValueError(f"mode must be 'exit' or 'speculative' (the decoding mode), got "
@@ -413,6 +453,8 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
     if mode == "speculative":
         from .speculative import SpeculativeModel
 
+        if target_agreement is not None:
+            raise ValueError("target_agreement is a kv='deferred' option of mode='exit'")
         if dynamic:
             raise ValueError("mode='speculative' compiles static shapes; drop dynamic=True")
         return SpeculativeModel(model, routers, fullgraph=fullgraph, **options)
@@ -422,4 +464,4 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
     if isinstance(routers, RouterSet):
         options["stats"] = ExitStats(num_layers=routers.num_layers)
     return TIDEModel(model, parse_options({**options, "routers": routers}),
-                     fullgraph=fullgraph, dynamic=dynamic)
+                     fullgraph=fullgraph, dynamic=dynamic, target_agreement=target_agreement)

@@ -9,6 +9,10 @@
   skipped layers' K/V from the frozen states and the head reads the logits out.
   Otherwise the next segment runs, with exited rows frozen as in the frozen strategy.
   (:mod:`.compact` adds compaction, :mod:`.cudagraphs` CUDA-graph capture.)
+  Under ``kv="deferred"`` (the ``deferred`` strategy) the same runner runs the decode
+  loop's wide step: there is no KV-fill (the skipped layers of the step's tokens run in
+  a later step, which the loop drives with :attr:`SkipRunner.live` and
+  :attr:`SkipRunner.force_deep`), and nothing is frozen.
 
 Every runner is built from one :class:`RunnerArtifacts` (what the backend's passes made),
 counts :class:`~..stats.ExitStats` from what actually ran, with the strategy of the step,
@@ -65,6 +69,10 @@ class RunnerArtifacts:
         compact: the compacted segments (compact strategy).
         compaction_threshold: compact when fewer than this fraction of positions continue.
         compact_min_length: steps of fewer positions run ``whole`` (0: never).
+        live: the deferred decode step's ``tide_live`` input (None: not a deferred step).
+        router_biases: checkpoint -> the router output bias the graph reads (the
+            deferred step's own copies, shifted by ``set_threshold``).
+        threshold: the exit threshold compiled into the graph.
     """
 
     stats: ExitStats
@@ -84,6 +92,9 @@ class RunnerArtifacts:
     compact: "CompactPlan | None" = None
     compaction_threshold: float = 0.5
     compact_min_length: int = 0
+    live: torch.Tensor | None = None
+    router_biases: dict[int, torch.Tensor] = field(default_factory=dict)
+    threshold: float = 0.5
 
 
 class LazyGraph:
@@ -142,6 +153,12 @@ def static_fakes(example_inputs: Sequence[Any], tensors: Sequence[Any]) -> list[
         return list(tensors)
     return [mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t
             for t in tensors]
+
+
+def _logit(p: float) -> float:
+    import math
+
+    return math.log(p) - math.log1p(-p)
 
 
 def _contiguous_fake(ev: torch.Tensor) -> torch.Tensor:
@@ -219,6 +236,11 @@ class SkipRunner:
 
     With no checkpoint cut (``split`` of one segment) it runs the whole inserted graph as
     one piece: the frozen strategy in the form :mod:`.cudagraphs` captures.
+
+    A deferred step (``live`` set, no KV-fill graphs) stops when every live token has
+    exited and reads the exit head; the caller sets :attr:`live` (which tokens may exit)
+    and :attr:`force_deep` (run every segment whatever the flags say) before a call, and
+    reads :attr:`reached_end` after it.
     """
 
     def __init__(self, art: RunnerArtifacts) -> None:
@@ -241,13 +263,46 @@ class SkipRunner:
         self.num_layers = art.stats.num_layers
         #: segments run per call, for tests and benchmarks: index of the last one run.
         self.last_segments_run = 0
+        #: deferred steps: the ``tide_live`` input (written in place by the decode loop)
+        self.live = art.live
+        #: deferred steps: run every segment, whatever the exit flags say (a full buffer)
+        self.force_deep = False
+        self.router_biases = dict(art.router_biases)
+        self._biases0 = {c: b.clone() for c, b in self.router_biases.items()}
+        self.compiled_threshold = float(art.threshold)
+        self.threshold = float(art.threshold)
         if self.cuts and self.head is None:
             raise ValueError("the skip runner needs the head graph to exit at a checkpoint")
+        if self.cuts and not self.kv_fills and self.live is None:
+            raise ValueError("the skip runner needs KV-fill graphs (propagate) or the live "
+                             "input (a deferred step)")
 
     @property
     def strategy(self) -> str:
-        """``"skip"``, or ``"frozen"`` for a runner without cuts (one piece)."""
-        return "skip" if self.cuts else "frozen"
+        """``"skip"``, ``"deferred"``, or ``"frozen"`` for a runner without cuts (one piece)."""
+        if not self.cuts:
+            return "frozen"
+        return "deferred" if self.live is not None else "skip"
+
+    @property
+    def reached_end(self) -> bool:
+        """The last call ran every segment (no exit stopped it)."""
+        return self.last_segments_run == len(self.segments)
+
+    def set_threshold(self, threshold: float) -> None:
+        """Exit at ``threshold`` from the next call on, without compiling again: the
+        routers' output biases the graph reads are shifted in place by
+        ``logit(compiled) - logit(threshold)`` (``score > compiled`` after the shift is
+        ``score > threshold`` before it). Deferred steps only (their biases are copies)."""
+        if not self.router_biases:
+            raise ValueError("set_threshold needs a deferred decode step's runner")
+        if not 0.0 < self.compiled_threshold < 1.0 or not 0.0 < threshold < 1.0:
+            raise ValueError(f"set_threshold shifts thresholds inside (0, 1); compiled at "
+                             f"{self.compiled_threshold}, asked {threshold}")
+        shift = _logit(self.compiled_threshold) - _logit(threshold)
+        for c, b in self.router_biases.items():
+            b.copy_(self._biases0[c] + shift)
+        self.threshold = float(threshold)
 
     def pieces(self) -> list[LazyGraph]:
         """Every lazily compiled piece."""
@@ -269,7 +324,7 @@ class SkipRunner:
                 break
             c = self.cuts[k]
             exited_name, frozen_name, exit_layer_name = self.state_names[c]
-            if bool(env[exited_name].all()):  # the one host sync per checkpoint
+            if not self.force_deep and bool(env[exited_name].all()):  # one host sync
                 self.last_segments_run = k + 1
                 return self._exit_all(env, c, frozen_name, exit_layer_name)
         self.last_segments_run = len(segs)
@@ -287,10 +342,11 @@ class SkipRunner:
         frozen = env[frozen_name]
         exit_layer = env[exit_layer_name]
         override: dict[int, Any] = {}
-        kv = self.kv_meta[c]
-        env["h_frozen"] = frozen
-        kv_outs = self.kv_fills[c](*[env[n] for n in kv.input_names])
-        override.update(zip(kv.output_positions, kv_outs))
+        if c in self.kv_meta:  # propagate: the skipped layers' K/V from the frozen state
+            kv = self.kv_meta[c]
+            env["h_frozen"] = frozen
+            kv_outs = self.kv_fills[c](*[env[n] for n in kv.input_names])
+            override.update(zip(kv.output_positions, kv_outs))
         env["h"] = final_select(exit_layer, frozen, frozen, self.projections)
         head_outs = self.head(*[env[n] for n in self.head_meta.input_names])
         override.update(zip(self.head_meta.output_positions, head_outs))
