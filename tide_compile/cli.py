@@ -29,9 +29,10 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["main", "build_parser", "describe_error"]
+__all__ = ["main", "build_parser", "describe_error", "DTYPES"]
 
-_DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
+#: ``--dtype`` values -> the torch dtype name (None: as saved); cli_demo reads it too.
+DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
            "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
 
 
@@ -91,7 +92,7 @@ def load_model(path: str, device: str | None, dtype: str) -> tuple[object, objec
     check_model_arg(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else "auto"
+    torch_dtype = getattr(torch, DTYPES[dtype]) if DTYPES[dtype] else "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
@@ -140,7 +141,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="what counts as done (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto",
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                    help="model dtype (default: as saved)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw the quality table (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no report")
@@ -300,7 +301,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=_probability, default=None,
                    help="exit_threshold (default: the routers' saved one)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="model dtype (default: as saved)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="model dtype (default: as saved)")
     p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
                    help="compile tide's graphs with Inductor (default: on for CUDA, off on CPU)")
     p.add_argument("--strategy", choices=("auto", "frozen", "skip", "compact"), default="auto",
@@ -362,7 +363,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
                    help="Inductor for the speed runs (default: on for CUDA, off on CPU)")
     p.add_argument("--no-plot", action="store_true", help="no PNG (no matplotlib needed)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available; demo: cpu)")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default="auto", help="model dtype (default: as saved)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="model dtype (default: as saved)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_run_tune)

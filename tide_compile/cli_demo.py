@@ -306,9 +306,9 @@ def load_any(model: str, device: str | None, dtype: str) -> tuple[Any, Any]:
     from . import demo
 
     if model in demo.MODELS:
-        from .cli import _DTYPES
+        from .cli import DTYPES
 
-        name = _DTYPES[dtype] or "float32"
+        name = DTYPES[dtype] or "float32"
         if device is None:
             device = "cuda" if model != "demo" and torch.cuda.is_available() else "cpu"
         return demo.load(model, dtype=getattr(torch, name), device=device)

@@ -25,7 +25,8 @@ from .config import TIDEConfig
 from .model_probe import ModelProbe, probe
 from .validation import TIDEError, routers_mismatch
 
-__all__ = ["TokenRouter", "ExitProjection", "RouterSet", "FORMAT_VERSION", "RouterFileError"]
+__all__ = ["TokenRouter", "ExitProjection", "RouterSet", "FORMAT_VERSION", "RouterFileError",
+           "FORCE_LOGIT"]
 
 #: Version of the router file layout; bumped on any incompatible change.
 FORMAT_VERSION = 1
@@ -48,8 +49,8 @@ _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "
 class RouterFileError(TIDEError):
     """A router file that cannot be used: damaged, not a router file, or inconsistent."""
 
-# Forced routers push the logit this far: sigmoid gives exactly 0.0 or 1.0 in every dtype.
-_FORCE_LOGIT = 1.0e4
+#: Forced routers push the logit this far: sigmoid gives exactly 0.0 or 1.0 in every dtype.
+FORCE_LOGIT = 1.0e4
 
 
 class TokenRouter(nn.Module):
@@ -240,7 +241,7 @@ class RouterSet(nn.Module):
             with torch.no_grad():
                 for param in r.parameters():
                     param.zero_()
-                r.up.bias.fill_(_FORCE_LOGIT if c == exit_at else -_FORCE_LOGIT)
+                r.up.bias.fill_(FORCE_LOGIT if c == exit_at else -FORCE_LOGIT)
             routers[c] = r
         device = next(model.parameters()).device
         return cls(

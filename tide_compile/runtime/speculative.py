@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..options import parse_options
-from ..routers import RouterSet
+from ..routers import FORCE_LOGIT, RouterSet
 from ..sampling import eos_and_pad, processed_probs
 from ..stats import ExitStats
 
@@ -118,10 +118,6 @@ def set_cache_length(cache: Any, length: int) -> None:
             counter.fill_(length)
 
 
-#: A router logit whose sigmoid is exactly 1.0 in float32: a score above any threshold < 1.
-_EXIT_LOGIT = 100.0
-
-
 def _forced_at(routers: RouterSet, layer: int) -> RouterSet:
     """A copy of ``routers`` whose router at ``layer`` scores exactly 1 (every token exits)."""
     forced = copy.deepcopy(routers)
@@ -129,7 +125,7 @@ def _forced_at(routers: RouterSet, layer: int) -> RouterSet:
     with torch.no_grad():
         for param in r.parameters():
             param.zero_()
-        r.up.bias.fill_(_EXIT_LOGIT)
+        r.up.bias.fill_(FORCE_LOGIT)  # score exactly 1: above any threshold < 1
     return forced
 
 
