@@ -213,6 +213,19 @@ def test_bench_missing_scripts(tmp_path, capsys) -> None:
     assert rc == 1 and "source checkout" in err
 
 
+def test_bench_tiny_decode_args_are_bench_decode_flags() -> None:
+    """The tiny decode run passes only flags bench_decode.py takes, two interleaved pairs
+    among them (the run itself compiles with Inductor: too slow for a CPU test; the
+    pairs themselves are run by test_traffic.test_bench_decode_smoke)."""
+    from tide_compile.cli_bench import TINY_ARGS
+
+    args = TINY_ARGS["decode"]
+    assert args[args.index("--pairs") + 1] == "2"
+    help_text = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_decode.py"),
+                                "--help"], capture_output=True, text=True, check=True).stdout
+    assert all(a in help_text for a in args if a.startswith("--"))
+
+
 def test_bench_tiny_calibration_runs(tmp_path, capsys) -> None:
     out_dir = tmp_path / "b"
     rc, out, err = run(["bench", "--tiny", "--only", "calibration", "--out", str(out_dir)], capsys)
