@@ -44,7 +44,7 @@ from torch import nn
 
 from .config import TIDEConfig
 from .model_probe import ModelProbe, probe
-from .options import resolve_exits
+from .options import KV_MODES, resolve_exits
 from .routers import RouterSet
 from .sampling import eos_and_pad, position_ids_from_mask, sample_next
 from .stats import ExitStats
@@ -52,12 +52,9 @@ from .validation import check_generate_args
 
 __all__ = ["forward", "generate", "ForwardOutput", "GenerateOutput", "ExitState", "KV_MODES", "check_kv"]
 
-#: The K/V semantics for skipped layers (module docstring).
-KV_MODES = ("propagate", "deferred")
-
-
 def check_kv(kv: str) -> str:
-    """``kv`` if it is one of :data:`KV_MODES`, else a ValueError naming them."""
+    """``kv`` if it is one of :data:`~.options.KV_MODES` (the K/V semantics of skipped
+    layers, module docstring), else a ValueError naming them."""
     if kv not in KV_MODES:
         raise ValueError(f"kv must be one of {KV_MODES}, got {kv!r}")
     return kv

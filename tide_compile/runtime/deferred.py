@@ -50,7 +50,7 @@ import torch
 from ..sampling import position_ids_from_mask, sample_next
 
 if TYPE_CHECKING:
-    from .model import TIDEModel, _Bucket
+    from .model import TIDEModel
 
 __all__ = ["generate_deferred", "RegretController", "set_write_counters"]
 
@@ -150,7 +150,7 @@ def generate_deferred(
 ) -> torch.Tensor:
     """``TIDEModel.generate`` under ``kv="deferred"`` (module docstring); arguments checked
     by the caller. Returns ``[batch, prompt + new]``."""
-    from .model import _mirror_rows, batch_bucket, cache_bucket
+    from .model import mirror_rows, batch_bucket, cache_bucket
 
     width = fast.options.max_pending + 1
     batch, prompt_len = input_ids.shape
@@ -204,7 +204,7 @@ def generate_deferred(
                 state["live"] = now
                 src = now.index(True)
                 dead = [i for i in range(rows) if i >= batch or not now[i]]
-                _mirror_rows(past, mask, last_position, dead, src)
+                mirror_rows(past, mask, last_position, dead, src)
                 dst = torch.tensor(dead, device=device)
                 for t in (ids, exit_top):
                     t.index_copy_(0, dst, t[src:src + 1].expand(len(dead), -1))
@@ -266,6 +266,7 @@ def generate_deferred(
             pending = m + 1
         current = emit(next_ids)
         produced += 1
+    bucket.complete = start
     return state["sequences"]
 
 

@@ -72,6 +72,9 @@ class _Bucket:
     seen_args: tuple | None = None
     #: kv="deferred": the decode step's runner (its live input and force_deep flag)
     runner: Any = None
+    #: kv="deferred": after a generate, the cache positions whose K/V are written at every
+    #: layer (the rest, at most max_pending tokens, were left pending: nothing reads them)
+    complete: int = 0
 
 
 class _RecordingBackend:
@@ -313,7 +316,7 @@ class TIDEModel(nn.Module):
                     live = now
                     src = now.index(True)
                     dead = [i for i in range(rows) if i >= batch or not live[i]]
-                    _mirror_rows(past, mask, bucket.positions, dead, src)
+                    mirror_rows(past, mask, bucket.positions, dead, src)
                     source = [src if i in dead else i for i in range(rows)]
                     index = torch.tensor(source, device=device)
             # Mirroring rows take their source row's token.
@@ -394,7 +397,7 @@ class TIDEModel(nn.Module):
                                strategy=raw.last_strategy)
 
 
-def _mirror_rows(cache: Any, mask: torch.Tensor, positions: torch.Tensor, rows: list[int],
+def mirror_rows(cache: Any, mask: torch.Tensor, positions: torch.Tensor, rows: list[int],
                  src: int) -> None:
     """Make ``rows`` copies of row ``src``: every cache tensor with a batch dimension, the
     mask and the positions, in place (compiled graphs hold their addresses)."""
