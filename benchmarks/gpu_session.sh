@@ -56,3 +56,15 @@ if has compact; then
     --time-budget ${COMPACT_BUDGET:-360} ${COMPACT_ARGS:-} >"$OUT/bench_compact.log" 2>&1
   echo "compact rc=$?"; grep -E "^\||beats|within" "$OUT/bench_compact.log"
 fi
+if has traffic; then
+  echo "== mixed traffic (bench_decode --traffic)"
+  timeout ${TRAFFIC_TIMEOUT:-560} python3 benchmarks/bench_decode.py --traffic --out "$OUT/bench_traffic.json" \
+    ${TRAFFIC_ARGS:-} >"$OUT/bench_traffic.log" 2>&1
+  echo "traffic rc=$?"; grep -E "^\||ratio|tokens" "$OUT/bench_traffic.log" | tail -12
+fi
+if has deferred && [ -f benchmarks/bench_deferred.py ]; then
+  echo "== deferred vs propagate (bench_deferred)"
+  timeout ${DEFERRED_TIMEOUT:-560} python3 benchmarks/bench_deferred.py --out "$OUT/bench_deferred.json" \
+    ${DEFERRED_ARGS:-} >"$OUT/bench_deferred.log" 2>&1
+  echo "deferred rc=$?"; tail -30 "$OUT/bench_deferred.log"
+fi

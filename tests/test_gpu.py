@@ -242,3 +242,39 @@ def test_stats_count_device_exits_later_and_from_copies():
     stats.record(buf[:2], layers_executed=12)
     assert stats.total_tokens == 6 and stats.layers_executed == 32
     assert stats.exits_per_layer == {1: 2, 3: 1, 5: 2}
+
+
+@pytest.mark.parametrize("kind", ["forced", "random"])
+def test_deferred_generate_on_cuda(kind, monkeypatch):
+    """kv="deferred" with the CUDA defaults (Inductor, CUDA graphs, hand route kernel):
+    tokens equal the deferred reference over prompt lengths and batch sizes (left padded),
+    the decode runner is the captured one, and with forced exits every step stops at the
+    checkpoint except the one in max_pending + 1 that runs the pending tokens deep."""
+    torch._dynamo.reset()
+    model = make_model("llama", num_layers=6).cuda()
+    routers = (RouterSet.forced(model, exit_at=1, config=CFG) if kind == "forced"
+               else _routers(model, 5))
+    runners = record_instances(monkeypatch, GraphedSkipRunner)
+    fast = tide_compile.optimize(model, routers, exit_threshold=0.5, kv="deferred", max_pending=3)
+    g = torch.Generator().manual_seed(0)
+    for prompt in (1, 6, 11):
+        for batch in (1, 3):
+            ids = torch.randint(3, 97, (batch, prompt), generator=g).cuda()
+            mask = torch.ones_like(ids)
+            if prompt > 1:
+                mask[-1, :1] = 0
+            before = fast.tide_stats.layers_executed
+            tokens = fast.tide_stats.total_tokens
+            got = fast.generate(ids, max_new_tokens=9, attention_mask=mask, pad_token_id=0,
+                                eos_token_id=-1)
+            ref = R.generate(model, routers, ids, 9, attention_mask=mask, pad_token_id=0,
+                             eos_token_id=-1, exit_threshold=0.5, kv="deferred")
+            assert torch.equal(got, ref.sequences), (prompt, batch)
+            if kind == "forced":
+                steps = 9 if prompt == 1 else 8
+                deep = steps // 4
+                real = int(mask.sum()) if prompt > 1 else 0
+                executed = fast.tide_stats.layers_executed - before
+                assert executed == 6 * real + batch * (2 * (steps - deep) + 6 * deep)
+                assert fast.tide_stats.total_tokens - tokens == real + batch * steps
+    assert any(r.captured and r.strategy == "deferred" for r in runners)
