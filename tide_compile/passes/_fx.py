@@ -195,10 +195,32 @@ def eliminate_dead_code(graph: fx.Graph, keep: Iterable[fx.Node] = ()) -> list[f
 
 
 def _impure(node: fx.Node) -> bool:
+    if _waits_on_functional_collective(node):
+        return False
     try:
         return node.is_impure()
     except Exception:  # noqa: BLE001 - is_impure can fail on odd targets; keep them
         return True
+
+
+def _waits_on_functional_collective(node: fx.Node) -> bool:
+    """``wait_tensor(c)`` where ``c`` is a functional collective (``_c10d_functional``,
+    e.g. a tensor-parallel layer's all-reduce) that only waits read.
+
+    torch marks ``wait_tensor`` side-effectful (a collective must not be left without
+    its wait), so DCE would keep every all-reduce of a layer whose result nothing needs
+    (a KV-fill graph would keep the skipped layers' whole attention and MLP). Dead, the
+    wait and its collective go together; every rank runs the same pass on the same
+    graph, so every rank drops the same collectives (no rank is left waiting)."""
+    if node.op != "call_function" or target_name(node) != "wait_tensor" or not node.args:
+        return False
+    c = node.args[0]
+    if not (isinstance(c, fx.Node) and c.op == "call_function"
+            and isinstance(c.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket))
+            and str(c.target).startswith("_c10d_functional.")
+            and target_name(c) != "wait_tensor"):
+        return False
+    return all(target_name(u) == "wait_tensor" for u in c.users)
 
 
 def extract(
