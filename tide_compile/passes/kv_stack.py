@@ -89,6 +89,25 @@ def _pure_ancestors(x: fx.Node, mutated: set[Any]) -> list[fx.Node] | None:
     return list(seen)
 
 
+def _weight(node: Any, value_of: Callable[[str], Any]) -> torch.Tensor | None:
+    """The real tensor a ``linear``'s weight (or bias) argument reads: a placeholder's
+    value, or a tensor-parallel parameter's local shard (``p.to_local()`` of a DTensor
+    placeholder, as transformers' TP layers call it at inference). None otherwise."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "placeholder":
+        v = value_of(node.target)
+        # A DTensor read as it is (not its shard) is left alone.
+        return v if isinstance(v, torch.Tensor) and not hasattr(v, "to_local") else None
+    if (node.op == "call_method" and node.target == "to_local" and len(node.args) == 1
+            and not node.kwargs and isinstance(node.args[0], fx.Node)
+            and node.args[0].op == "placeholder"):
+        v = value_of(node.args[0].target)
+        if hasattr(v, "to_local"):
+            return v.to_local()
+    return None
+
+
 def run(gm: fx.GraphModule, value_of: Callable[[str], Any], cache: StackCache,
         keep: set[str] = frozenset({"h_frozen"})) -> int:
     """Stack the projections of ``gm`` in place. ``value_of(name)`` gives the real tensor
@@ -103,12 +122,7 @@ def run(gm: fx.GraphModule, value_of: Callable[[str], Any], cache: StackCache,
             continue
         x, w = n.args[0], n.args[1]
         b = n.args[2] if len(n.args) > 2 else None
-        if not (isinstance(w, fx.Node) and w.op == "placeholder"):
-            continue
-        if b is not None and not (isinstance(b, fx.Node) and b.op == "placeholder"):
-            continue
-        wv = value_of(w.target)
-        bv = value_of(b.target) if b is not None else None
+        wv, bv = _weight(w, value_of), _weight(b, value_of) if b is not None else None
         if not isinstance(wv, torch.Tensor) or wv.dim() != 2 or (b is not None and bv is None):
             continue
         xv = example_value(x) if isinstance(x, fx.Node) else None
@@ -142,13 +156,13 @@ def run(gm: fx.GraphModule, value_of: Callable[[str], Any], cache: StackCache,
                 point.append(a)
             point = a
             placed.add(a)
-        wts = [value_of(n.args[1].target) for n in members]
+        wts = [_weight(n.args[1], value_of) for n in members]
         name = f"tide_kv_stack_{stacked}"
         gm.register_buffer(name + "_w", cache.get(wts, transpose=True))
         has_bias = len(members[0].args) > 2 and members[0].args[2] is not None
         if has_bias:
             gm.register_buffer(name + "_b", cache.get(
-                [value_of(n.args[2].target) for n in members], transpose=False))
+                [_weight(n.args[2], value_of) for n in members], transpose=False))
         with graph.inserting_after(point):
             w_node = graph.get_attr(name + "_w")
         with graph.inserting_after(w_node):
@@ -165,7 +179,11 @@ def run(gm: fx.GraphModule, value_of: Callable[[str], Any], cache: StackCache,
         for n, o in zip(members, outs):
             o.meta = dict(n.meta)
             n.replace_all_uses_with(o)
+            weights = [a for a in n.args[1:3] if isinstance(a, fx.Node) and a.op != "placeholder"]
             graph.erase_node(n)
+            for a in weights:  # a DTensor parameter's ``to_local()``, now unread
+                if not a.users:
+                    graph.erase_node(a)
         stacked += 1
     if stacked:
         drop_unused_placeholders(graph, keep)
