@@ -245,6 +245,8 @@ _ATTACHED: dict[int, tuple[weakref.ref, RouterSet, TideOptions]] = {}
 
 
 def _param_key(t: torch.Tensor) -> int:
+    if hasattr(t, "to_local"):  # a DTensor parameter (tensor parallel): its shard's storage
+        t = t.to_local()
     return t.untyped_storage().data_ptr()
 
 
