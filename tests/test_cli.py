@@ -105,6 +105,26 @@ def test_generate_strategy_options(tmp_path, capsys) -> None:
         run(base + ["--compaction-threshold", "2"], capsys)
 
 
+def test_generate_kv_deferred(tmp_path, capsys) -> None:
+    """--kv deferred: forced exits after layer 1 of 8; decode steps stop there until
+    --max-pending tokens wait, then one step runs every layer for them (the prompt runs
+    all 8 layers: its K/V must be exact too)."""
+    model, _ = demo.load()
+    forced = RouterSet.forced(model, exit_at=1, config=TIDEConfig(checkpoint_interval=2))
+    path = tmp_path / "forced.tide"
+    forced.save(path)
+    base = ["generate", "--model", "demo", "--routers", str(path), "--prompt",
+            "ROMEO.\nWhat light", "--max-new-tokens", "7", "--threshold", "0.5"]
+    rc, out, _ = run(base + ["--kv", "deferred", "--max-pending", "2"], capsys)
+    assert rc == 0 and "Steps by strategy: deferred 6, frozen 1" in out
+    prompt = len(demo.load()[1]("ROMEO.\nWhat light")["input_ids"])
+    # 6 decode steps: 2 stop after 2 layers, the third runs 8, twice.
+    want = (8 * prompt + 2 * 4 + 8 * 2) / (prompt + 6)
+    assert f"Layers executed per token: {want:.2f} / 8" in out
+    with pytest.raises(SystemExit):
+        run(base + ["--kv", "exact"], capsys)
+
+
 def test_generate_errors(tmp_path, capsys) -> None:
     rc, _, err = run(["generate", "--model", str(tmp_path / "nope"), "--routers", "r.tide",
                       "--prompt", "x"], capsys)

@@ -262,6 +262,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                         "matmuls are too small to split across cores)")
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="no calibration progress bar")
+    _add_kv(p)
     p.set_defaults(func=_run_demo)
 
 
@@ -269,6 +270,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .cli_demo import run_demo
 
     return run_demo(args)
+
+
+def _add_kv(p: argparse.ArgumentParser) -> None:
+    from .options import DEFAULT_MAX_PENDING, KV_MODES
+
+    p.add_argument("--kv", choices=KV_MODES, default="propagate",
+                   help="K/V of exited tokens at the layers they skip: propagate (from the "
+                        "frozen state, cheap) or deferred (exact: run later, batched; "
+                        "docs/deferred.md) (default: %(default)s)")
+    p.add_argument("--max-pending", type=_positive_int, default=DEFAULT_MAX_PENDING,
+                   help="with --kv deferred: exited tokens per row that may wait for their "
+                        "skipped layers (default: %(default)s)")
 
 
 # ---------------------------------------------------------------------------- generate
@@ -316,6 +329,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "shorter ones frozen (default: 2048, where compaction measured a win "
                         "on the H200)")
     _add_sampling(p)
+    _add_kv(p)
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=_run_generate)
 

@@ -250,17 +250,20 @@ def _demo(args: argparse.Namespace) -> int:
     # model class before, and Dynamo's per-function recompile limit would send this
     # compilation to eager.
     torch._dynamo.reset()
-    fast = optimize(model, routers, exit_threshold=threshold, inductor=args.inductor)
-    print(f'compiling with backend="tide" (exit_threshold {threshold:g}, strategy auto: a prompt '
-          f"of 2048+ tokens compacts, a shorter one runs frozen, decode steps skip; Inductor "
-          f"{'on' if args.inductor else 'off'}) ...", flush=True)
+    kv = {"kv": args.kv, "max_pending": args.max_pending}
+    fast = optimize(model, routers, exit_threshold=threshold, inductor=args.inductor, **kv)
+    how = ("a prompt of 2048+ tokens compacts, a shorter one runs frozen, decode steps skip"
+           if args.kv == "propagate" else
+           f"kv deferred: exact K/V, decode steps {args.max_pending + 1} tokens wide")
+    print(f'compiling with backend="tide" (exit_threshold {threshold:g}, strategy auto: {how}; '
+          f"Inductor {'on' if args.inductor else 'off'}) ...", flush=True)
     tide_rate, compile_s, out = time_tide_generate(fast, ids, n, repeats=args.repeats)
     print(f"compiled in {compile_s:.1f} s (two warm-up generations: prefill and decode graphs)")
     plain_rate, plain_out = time_plain_generate(model, ids, n, repeats=args.repeats)
     never_rate = None
     if args.compare_never_exit:
         torch._dynamo.reset()
-        never = optimize(model, routers, exit_threshold=1.0, inductor=args.inductor)
+        never = optimize(model, routers, exit_threshold=1.0, inductor=args.inductor, **kv)
         never_rate, _, _ = time_tide_generate(never, ids, n, repeats=args.repeats)
 
     prompt_len = ids.shape[1]
@@ -286,7 +289,9 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"Text: tide's first {same} of {n} new tokens equal the plain model's greedy tokens"
           + ("." if same == n else
              " (exits change the logits of exiting tokens and, through the K/V they propagate, "
-             "of later ones; greedy texts part at the first different token)."))
+             "of later ones; greedy texts part at the first different token)." if args.kv == "propagate"
+             else " (exits change the logits of exiting tokens; greedy texts part at the first "
+             "different token)."))
     if device == "cpu" and name == "demo":
         print("Note: with a 4M-parameter model on a CPU, per-step Python and dispatch overhead is a "
               "large part of each step, in both loops (tide's static-cache loop vs HF generate); "
@@ -402,7 +407,8 @@ def _generate(args: argparse.Namespace) -> int:
     routers = routers_for(model, args.model, args.routers)
     device = next(model.parameters()).device
     inductor = args.inductor if args.inductor is not None else device.type == "cuda"
-    options: dict[str, Any] = {"inductor": inductor, "strategy": args.strategy}
+    options: dict[str, Any] = {"inductor": inductor, "strategy": args.strategy, "kv": args.kv,
+                               "max_pending": args.max_pending}
     if args.threshold is not None:
         options["exit_threshold"] = args.threshold
     if args.compaction_threshold is not None:
