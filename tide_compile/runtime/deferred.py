@@ -173,9 +173,12 @@ def generate_deferred(
     mask.zero_()
     mask[:, :prompt_len] = attention_mask[index]
     prompt_positions = position_ids_from_mask(attention_mask)[index]
-    # Position of cache index j >= prompt_len - 1, per row: last_position + j - (prompt_len - 1).
-    last_position = prompt_positions[:, -1:].clone()
-    slots = torch.arange(width, device=device)
+    # Position of cache index j >= prompt_len - 1, per row: last_position + j - (prompt_len - 1);
+    # base[r, i] + start is slot i's position in a step that starts at cache index start.
+    base = prompt_positions[:, -1:] + (1 - prompt_len) + torch.arange(width, device=device)
+    # live[:, m] only: one row of these per step (one copy instead of a fill and a write)
+    one_hot = torch.eye(width, dtype=torch.bool, device=device)
+    greedy = not sampling.get("do_sample", False)
     ids, positions = bucket.ids, bucket.positions
     exit_top = torch.zeros(rows, width, dtype=torch.long, device=device)
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
@@ -204,7 +207,7 @@ def generate_deferred(
                 state["live"] = now
                 src = now.index(True)
                 dead = [i for i in range(rows) if i >= batch or not now[i]]
-                mirror_rows(past, mask, last_position, dead, src)
+                mirror_rows(past, mask, base, dead, src)
                 dst = torch.tensor(dead, device=device)
                 for t in (ids, exit_top):
                     t.index_copy_(0, dst, t[src:src + 1].expand(len(dead), -1))
@@ -228,13 +231,12 @@ def generate_deferred(
         m = pending
         position = start + m
         ids[:, m:] = current[:, None]
-        positions.copy_(last_position + (start - prompt_len + 1) + slots)
+        torch.add(base, start, out=positions)
         mask[:, position] = 1
         set_write_counters(counters, start)
         runner = bucket.runner
         if runner is not None:
-            runner.live.zero_()
-            runner.live[:, m] = True
+            runner.live.copy_(one_hot[m].expand_as(runner.live))
             runner.force_deep = m == width - 1
             if controller is not None and controller.threshold not in (None, runner.threshold):
                 runner.set_threshold(controller.threshold)
@@ -262,7 +264,7 @@ def generate_deferred(
                         runner.set_threshold(raised)
             start, pending = position + 1, 0
         else:
-            exit_top[:, m] = logits.argmax(-1)
+            exit_top[:, m] = next_ids if greedy else logits.argmax(-1)
             pending = m + 1
         current = emit(next_ids)
         produced += 1
@@ -279,6 +281,8 @@ def _count_step(fast: "TIDEModel", batch: int, rows: int, width: int, m: int,
     if exits is None:
         return
     depth = raw.last_layers_executed // max(1, exits.numel())
-    current = exits.reshape(rows, width)[:batch, m].to(unfinished.device)[unfinished]
+    current = exits.reshape(rows, width)[:batch, m]
+    if batch > 1:  # a batch-1 loop stops when its row finishes: no mask (no device read)
+        current = current.to(unfinished.device)[unfinished]
     fast.tide_stats.record(current, layers_executed=depth * int(current.numel()),
                            strategy=raw.last_strategy)
