@@ -12,8 +12,9 @@ each k (``--ks``, 2,4,8) one token in k goes deep:
   runner (Compact/Frozen, or a cut-less graphed one) passes through. A
   ``GraphedSkipRunner`` calls its inner ``SkipRunner`` during its warm-up calls: the
   outermost call counts once and sets the flag on the outermost object (the inner call
-  passes through). Calls are counted per runner instance and the counts are cleared
-  before every ``generate``, so decode step ``i`` of each generate (``i = 0`` makes the
+  passes through). Calls are counted over every decode-step runner together (a deferred
+  generate runs one per step width) and the count is cleared before every ``generate``,
+  so decode step ``i`` of each generate (``i = 0`` makes the
   second new token) runs with ``runner.force_deep = runner.force_deep or i % k == k - 1``
   (``or``: a deferred generate sets it itself when its pending buffer is full) and the
   flag is put back as it was after the call. A forced step runs every segment: under
@@ -136,8 +137,10 @@ class DeepEveryK:
         def __call__(runner: Any, *args: Any) -> Any:
             if bench._inside or not DeepEveryK.decode_step(runner):
                 return original(runner, *args)  # a prompt step, or a graphed runner's inner call
-            n = bench.calls.get(runner, 0)
-            bench.calls[runner] = n + 1
+            # One count over every decode runner: a deferred generate runs one per step
+            # width (1, 2, 4, .. max_pending + 1), picked by how many tokens are pending.
+            n = bench.calls.get("decode", 0)
+            bench.calls["decode"] = n + 1
             saved = runner.force_deep
             if bench.k is not None:
                 runner.force_deep = saved or n % bench.k == bench.k - 1

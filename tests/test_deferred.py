@@ -86,6 +86,9 @@ def test_forced_exits_stop_early_and_the_cache_ends_exact(batch, pending, stoppe
     mask[:] = 1
     fast = tide_compile.optimize(model, routers, inductor=False, kv="deferred",
                                  max_pending=pending)
+    fast.generate(ids, max_new_tokens=new, eos_token_id=-1, pad_token_id=0)  # compiles
+    stopped_steps.clear()  # (a width's first call is compiled, run and thrown away once)
+    fast.tide_stats.reset()
     got = fast.generate(ids, max_new_tokens=new, eos_token_id=-1, pad_token_id=0)
     ref = R.generate(model, routers, ids, new, eos_token_id=-1, pad_token_id=0, kv="deferred")
     assert torch.equal(got, ref.sequences)
@@ -163,10 +166,12 @@ def test_set_threshold_equals_compiling_at_that_threshold():
     at_high = R.generate(model, routers, ids, 12, exit_threshold=0.7, eos_token_id=-1,
                          kv="deferred")
     assert at_low.stats.exits_per_layer != at_high.stats.exits_per_layer  # the change shows
-    bucket.runner.set_threshold(0.7)
+    fast.set_threshold(0.7)
     fast.tide_stats.reset()
     assert torch.equal(fast.generate(ids, max_new_tokens=12, eos_token_id=-1), at_high.sequences)
     assert fast.tide_stats.exits_per_layer == at_high.stats.exits_per_layer
+    with pytest.raises(ValueError, match="inside"):
+        fast.set_threshold(1.0)
     with pytest.raises(ValueError, match="inside"):
         bucket.runner.set_threshold(1.0)
 
@@ -188,7 +193,9 @@ def test_regret_controller_raises_the_threshold():
     fast.generate(ids, max_new_tokens=14, eos_token_id=-1)
     (bucket,) = fast._buckets.values()
     assert fast.controller.raised, "a regret above 0.1% should raise the threshold"
-    assert bucket.runner.threshold == fast.controller.threshold > 0.5
+    assert fast.decode_threshold == fast.controller.threshold > 0.5
+    # The runners that ran after the raise exit at the raised threshold.
+    assert max(w.runner.threshold for w in bucket.widths.values()) == fast.controller.threshold
 
 
 def test_user_loop_runs_every_layer_with_exact_kv():

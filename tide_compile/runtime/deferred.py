@@ -1,10 +1,13 @@
 """The deferred decode loop: exact K/V, with the skipped layers run later, batched.
 
 ``optimize(model, routers, kv="deferred").generate(...)`` runs :func:`generate_deferred`.
-Every decode step runs one compiled graph of ``W = max_pending + 1`` token slots per row
-(the ``deferred`` strategy: the skip runner with no KV-fill) at the cache positions
-``start .. start + W - 1``, where ``start`` is the first position whose K/V is not yet
-complete at every layer:
+Every decode step runs one compiled graph (the ``deferred`` strategy: the skip runner with
+no KV-fill) over ``w`` token slots per row at the cache positions ``start .. start + w -
+1``, where ``start`` is the first position whose K/V is not yet complete at every layer,
+and ``w`` is the narrowest of the widths 1, 2, 4, .. ``max_pending + 1``
+(:func:`step_widths`) that holds the step's tokens (each width compiles on its first use;
+a width's very first call runs with every slot live and is thrown away, then the step
+runs again: it wrote only exact K/V):
 
 * slots ``0 .. m-1`` hold the *pending* tokens: they exited at a checkpoint and emitted
   their exit head's token, but their K/V at the layers after it were never written;
@@ -26,9 +29,10 @@ exit head's if it exited.
 
 Every K/V the model reads is the full model's own; only the exited tokens' own logits
 are approximate. Teacher-forced this is each token's own exit with all K/V exact
-(``reference.forward(..., kv="deferred")``). The cost: a step is ``W`` tokens wide, which
+(``reference.forward(..., kv="deferred")``). The cost: a step is ``w`` tokens wide, which
 on a GPU at batch 1 reads the same weights as one token (decode is bound by weight
-reads); on a CPU it is ``W`` times the arithmetic.
+reads); on a CPU it is ``w`` times the arithmetic. A step with nothing pending is one
+token wide.
 
 Write counters: a transformers 5.x ``StaticLayer`` writes at its ``cumulative_length``
 and advances it in place; each step sets every layer's counter to ``start`` first (the
@@ -52,7 +56,33 @@ from ..sampling import position_ids_from_mask, sample_next
 if TYPE_CHECKING:
     from .model import TIDEModel
 
-__all__ = ["generate_deferred", "RegretController", "set_write_counters"]
+__all__ = ["generate_deferred", "RegretController", "set_write_counters", "step_widths",
+           "StepWidth"]
+
+
+def step_widths(max_width: int) -> list[int]:
+    """The decode step's widths: powers of two below ``max_width``, and ``max_width``. A step
+    with ``m`` pending tokens runs the narrowest width of at least ``m + 1`` slots."""
+    widths = [1 << i for i in range(max(max_width - 1, 0).bit_length()) if 1 << i < max_width]
+    return widths + [max_width]
+
+
+@dataclass
+class StepWidth:
+    """One width of a bucket's decode step: its input buffers (written in place, so the
+    compiled step sees the same tensors every call), its runner, its direct call."""
+
+    width: int
+    ids: torch.Tensor
+    positions: torch.Tensor
+    runner: Any = None
+    direct: Any = None
+    seen_args: tuple | None = None
+
+    @property
+    def kind(self) -> str:
+        """The graph's name in the bucket's compile bookkeeping."""
+        return f"step{self.width}"
 
 
 def set_write_counters(counters: list[torch.Tensor], start: int) -> None:
@@ -227,29 +257,41 @@ def generate_deferred(
         current = input_ids[index][:, 0]
         start, produced = 0, 0
     pending = 0
+    widths = step_widths(width)
+    narrowest = {m: next(w for w in widths if w > m) for m in range(width)}
     while current is not None and produced < max_new_tokens:
         m = pending
         position = start + m
         ids[:, m:] = current[:, None]
-        torch.add(base, start, out=positions)
+        step = _width(bucket, narrowest[m], width, ids, positions)
+        if step.width != width:
+            step.ids.copy_(ids[:, :step.width])
+        torch.add(base[:, :step.width], start, out=step.positions)
         mask[:, position] = 1
         set_write_counters(counters, start)
-        runner = bucket.runner
+        runner = step.runner
+        if runner is None and m:
+            # This width's first call compiles it with every slot live (the input is made
+            # there); a pending token must not exit again, so this call is thrown away. It
+            # wrote only exact K/V (every slot's input is its real token), which the next
+            # call writes again.
+            fast._step(bucket, step.ids, step.positions, False, holder=step)
+            runner = step.runner = _deferred_runner(fast)
+            set_write_counters(counters, start)
         if runner is not None:
-            runner.live.copy_(one_hot[m].expand_as(runner.live))
+            runner.live.copy_(one_hot[m, :step.width].expand_as(runner.live))
             runner.force_deep = m == width - 1
-            if controller is not None and controller.threshold not in (None, runner.threshold):
-                runner.set_threshold(controller.threshold)
-        out = fast._step(bucket, ids, positions, False)
+            wanted = fast.decode_threshold
+            if wanted is not None and runner.threshold != wanted:
+                runner.set_threshold(wanted)
+        out = fast._step(bucket, step.ids, step.positions, False, holder=step)
         if runner is None:
-            # The first step (m == 0): every slot was live, so it stopped only if every
-            # slot exited; either way its outputs are right (no pending token yet).
-            runner = bucket.runner = fast._deferred_backend.last.runner
-            if getattr(runner, "live", None) is None:
-                raise RuntimeError("the deferred decode step did not compile to a deferred "
-                                   "runner (see tide_compile.plan.plan)")
+            # The first step of width 1 (m == 0): its one slot was live; right as it is.
+            runner = step.runner = _deferred_runner(fast)
+        if step.width == width:
+            bucket.runner = runner
         logits = out[:, m]
-        _count_step(fast, batch, rows, width, m, state["unfinished"])
+        _count_step(fast, batch, rows, step.width, m, state["unfinished"])
         next_ids = sample_next(logits, **sampling)
         if runner.reached_end:
             if m:
@@ -261,7 +303,7 @@ def generate_deferred(
                 if controller is not None:
                     raised = controller.update(regrets, checked, runner.threshold)
                     if raised is not None:
-                        runner.set_threshold(raised)
+                        fast.decode_threshold = raised
             start, pending = position + 1, 0
         else:
             exit_top[:, m] = next_ids if greedy else logits.argmax(-1)
@@ -270,6 +312,28 @@ def generate_deferred(
         produced += 1
     bucket.complete = start
     return state["sequences"]
+
+
+def _width(bucket: Any, w: int, width: int, ids: torch.Tensor,
+           positions: torch.Tensor) -> StepWidth:
+    """The bucket's decode step of width ``w``, made at its first use (the widest one reads
+    the bucket's own buffers)."""
+    step = bucket.widths.get(w)
+    if step is None:
+        if w == width:
+            step = StepWidth(w, ids, positions)
+        else:
+            step = StepWidth(w, torch.zeros_like(ids[:, :w]), torch.zeros_like(positions[:, :w]))
+        bucket.widths[w] = step
+    return step
+
+
+def _deferred_runner(fast: "TIDEModel") -> Any:
+    runner = fast._deferred_backend.last.runner
+    if getattr(runner, "live", None) is None:
+        raise RuntimeError("the deferred decode step did not compile to a deferred runner "
+                           "(see tide_compile.plan.plan)")
+    return runner
 
 
 def _count_step(fast: "TIDEModel", batch: int, rows: int, width: int, m: int,

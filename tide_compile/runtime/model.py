@@ -75,6 +75,8 @@ class _Bucket:
     #: kv="deferred": after a generate, the cache positions whose K/V are written at every
     #: layer (the rest, at most max_pending tokens, were left pending: nothing reads them)
     complete: int = 0
+    #: kv="deferred": the decode step per width (:class:`.deferred.StepWidth`)
+    widths: dict[int, Any] = field(default_factory=dict)
 
 
 class _RecordingBackend:
@@ -162,6 +164,9 @@ class TIDEModel(nn.Module):
         self.routers = routers
         if options.stats is None:
             options = options.replace(stats=ExitStats(num_layers=routers.num_layers))
+        #: kv="deferred": the decode steps' threshold when set (:meth:`set_threshold`, the
+        #: regret controller); None: the compiled one
+        self.decode_threshold: float | None = None
         #: what the runners count: every position of every step
         self._raw_stats: ExitStats = options.stats
         self.options = options
@@ -183,6 +188,9 @@ class TIDEModel(nn.Module):
         self._deferred_forward = (torch.compile(model.forward, backend=self._deferred_backend,
                                                 fullgraph=fullgraph, dynamic=False)
                                   if options.kv == "deferred" else None)
+        #: mode="lossless": the lossless decoder (set by .lossless.build_lossless), which
+        #: generate hands the decode to
+        self.lossless: Any = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         before = self._raw_stats.total_tokens
@@ -196,6 +204,19 @@ class TIDEModel(nn.Module):
     @property
     def config(self) -> Any:
         return self.model.config
+
+    def set_threshold(self, threshold: float) -> None:
+        """``kv="deferred"``: exit at ``threshold`` from the next decode step on, without
+        compiling again (each decode runner shifts its copies of the router biases,
+        :meth:`~.runner.SkipRunner.set_threshold`); strictly inside (0, 1). The prompt step
+        keeps the compiled threshold."""
+        if self.options.kv != "deferred":
+            raise ValueError("set_threshold needs kv='deferred'; compile again "
+                             "(optimize(..., exit_threshold=...)) under kv='propagate'")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"set_threshold takes a threshold strictly inside (0, 1), got "
+                             f"{threshold!r}")
+        self.decode_threshold = float(threshold)
 
     def cache_memory(self) -> dict[tuple[int, int, str], int]:
         """Bytes held by each bucket's cache: ``(rows, length, device) -> bytes``."""
@@ -247,6 +268,13 @@ class TIDEModel(nn.Module):
         device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.lossless is not None:
+            from .lossless import generate_lossless
+
+            return generate_lossless(
+                self, input_ids, max_new_tokens, attention_mask, eos,
+                dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                     generator=generator), max_cache_len)
         if self.options.kv == "deferred":
             from .deferred import generate_deferred
 
@@ -325,14 +353,17 @@ class TIDEModel(nn.Module):
         return sequences
 
     def _step(self, bucket: _Bucket, ids: torch.Tensor, positions: torch.Tensor,
-              prompt: bool) -> torch.Tensor:
+              prompt: bool, holder: Any = None) -> torch.Tensor:
         """One step's logits: directly through the bucket's runner once that is known
-        safe (module docstring), else through Dynamo."""
-        if not prompt and bucket.direct is not None:
-            return bucket.direct()
+        safe (module docstring), else through Dynamo. ``holder``: where a decode step's
+        direct call is kept (``direct``, ``seen_args``, ``kind``; default the bucket)."""
+        holder = bucket if holder is None else holder
+        if not prompt and holder.direct is not None:
+            return holder.direct()
         deferred = not prompt and self._deferred_forward is not None
         forward = self._deferred_forward if deferred else self._generate_forward
-        with self._may_compile(bucket, "prompt" if prompt else "step"):
+        kind = "prompt" if prompt else getattr(holder, "kind", "step")
+        with self._may_compile(bucket, kind):
             out = forward(input_ids=ids, attention_mask=bucket.mask, position_ids=positions,
                           past_key_values=bucket.cache, use_cache=True)
         recorded = (self._deferred_backend if deferred else self._generate_backend).last
@@ -340,16 +371,16 @@ class TIDEModel(nn.Module):
             # Direct calls once two Dynamo calls handed the runner the same arguments,
             # and its output is the logits tensor itself.
             args = recorded.args
-            same = bucket.seen_args is not None and len(args) == len(bucket.seen_args) and all(
+            same = holder.seen_args is not None and len(args) == len(holder.seen_args) and all(
                 a is b or (not isinstance(a, torch.Tensor) and a == b)
-                for a, b in zip(args, bucket.seen_args))
-            bucket.seen_args = args
+                for a, b in zip(args, holder.seen_args))
+            holder.seen_args = args
             outs = recorded.outs
             index = (None if outs is out.logits else next(
                 (i for i, o in enumerate(outs) if o is out.logits), -1)
                 if isinstance(outs, (tuple, list)) else -1)
             if same and index != -1:
-                bucket.direct = _DirectStep(recorded.runner, args, index)
+                holder.direct = _DirectStep(recorded.runner, args, index)
         return out.logits
 
     def _bucket(self, rows: int, cache_len: int, device: torch.device) -> _Bucket:
@@ -372,14 +403,15 @@ class TIDEModel(nn.Module):
         return bucket
 
     def _may_compile(self, bucket: _Bucket, kind: str) -> contextlib.AbstractContextManager:
-        """Around the first prompt / one-token step of a bucket: Dynamo's recompile limit
-        raised to cover two graphs per bucket (each bucket is new cache tensors and new
-        static sizes, so a new graph)."""
+        """Around the first call of each graph of a bucket (the prompt step, the decode
+        step, or one per width under kv="deferred"): Dynamo's recompile limit raised to
+        cover every graph of every bucket (each bucket is new cache tensors and new static
+        sizes, so a new graph)."""
         if kind in bucket.compiled:
             return contextlib.nullcontext()
         bucket.compiled.add(kind)
-        limit = max(torch._dynamo.config.recompile_limit,
-                    _RECOMPILE_HEADROOM + 2 * len(self._buckets))
+        graphs = sum(max(2, len(b.compiled)) for b in self._buckets.values())
+        limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_HEADROOM + graphs)
         return torch._dynamo.config.patch(recompile_limit=limit)
 
     def _count(self, batch: int, seq: int, mask: torch.Tensor, unfinished: torch.Tensor,
@@ -431,10 +463,14 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
             ``generate`` compiles static sizes per bucket unless ``dynamic=True`` (see
             :class:`TIDEModel`).
         mode: the decoding mode: ``"exit"`` (a :class:`TIDEModel`: tokens exit early,
-            outputs approximate) or ``"speculative"`` (a
-            :class:`~.speculative.SpeculativeModel`: early-exit drafts verified at full
-            depth, outputs those of the plain model; takes ``max_draft``,
-            ``max_draft_depth``, ``cap_drafts``, ``verify_mode``; batch 1).
+            outputs approximate), ``"lossless"`` (a :class:`TIDEModel` on
+            ``kv="deferred"`` whose ``generate`` verifies the exited tokens' drafts in
+            the deep steps, outputs those of the plain model, :mod:`.lossless`; takes
+            ``adaptive``; batch 1) or ``"speculative"`` (a
+            :class:`~.speculative.SpeculativeModel`: early-exit drafts verified by a
+            separate full-depth forward, outputs those of the plain model; takes
+            ``max_draft``, ``max_draft_depth``, ``cap_drafts``, ``verify_mode``; batch 1).
+            docs/lossless.md says which lossless mode to use when.
         **options: the ``tide`` backend options (``exit_threshold``, ``min_layers``,
             ``strategy``, ``compaction_threshold``, ``compact_min_length``, ``stack_kv``,
             ``inductor``, ``inductor_config``, ``cuda_graphs``, ``kernels``), with the
@@ -444,15 +480,23 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
             :class:`~.deferred.RegretController`, which raises the exit threshold while
             the measured exit regret exceeds ``1 - target_agreement`` (off by default).
     """
-    if mode not in ("exit", "speculative"):
-        raise ValueError(f"mode must be 'exit' or 'speculative' (the decoding mode), got "
-                         f"{mode!r}; pass an Inductor mode as inductor_mode={mode!r}")
+    if mode not in ("exit", "lossless", "speculative"):
+        raise ValueError(f"mode must be 'exit', 'lossless' or 'speculative' (the decoding "
+                         f"mode), got {mode!r}; pass an Inductor mode as "
+                         f"inductor_mode={mode!r}")
     if "mode" in options:
         raise TypeError("the Inductor mode is optimize(..., inductor_mode=...)")
     if "inductor_mode" in options:
         options["mode"] = options.pop("inductor_mode")
     if isinstance(routers, str):
         routers = RouterSet.load(routers)
+    if mode == "lossless":
+        from .lossless import build_lossless
+
+        if target_agreement is not None:
+            raise ValueError("target_agreement is a kv='deferred' option of mode='exit' "
+                             "(mode='lossless' output does not depend on the threshold)")
+        return build_lossless(model, routers, fullgraph=fullgraph, dynamic=dynamic, **options)
     if mode == "speculative":
         from .speculative import SpeculativeModel
 
