@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..sampling import position_ids_from_mask, sample_next
+from ..sampling import sample_next
 
 if TYPE_CHECKING:
     from .model import TIDEModel
@@ -180,7 +180,7 @@ def generate_deferred(
 ) -> torch.Tensor:
     """``TIDEModel.generate`` under ``kv="deferred"`` (module docstring); arguments checked
     by the caller. Returns ``[batch, prompt + new]``."""
-    from .model import mirror_rows, batch_bucket, cache_bucket
+    from .model import cache_bucket, mirror_rows
 
     width = fast.options.max_pending + 1
     batch, prompt_len = input_ids.shape
@@ -193,16 +193,10 @@ def generate_deferred(
             f"max_cache_len={cache_len} < prompt {prompt_len} + max_new_tokens "
             f"{max_new_tokens} + max_pending {width - 1} (kv='deferred' steps write "
             "max_pending positions ahead)")
-    rows = batch_bucket(batch)
-    bucket = fast._bucket(rows, cache_len, device)
+    bucket, index, prompt_positions = fast._start(attention_mask, cache_len)
+    rows = bucket.mask.shape[0]
     past, mask = bucket.cache, bucket.mask
     counters = write_counters(past)
-    past.reset()
-    source = list(range(batch)) + [0] * (rows - batch)
-    index = torch.tensor(source, device=device)
-    mask.zero_()
-    mask[:, :prompt_len] = attention_mask[index]
-    prompt_positions = position_ids_from_mask(attention_mask)[index]
     # Position of cache index j >= prompt_len - 1, per row: last_position + j - (prompt_len - 1);
     # base[r, i] + start is slot i's position in a step that starts at cache index start.
     base = prompt_positions[:, -1:] + (1 - prompt_len) + torch.arange(width, device=device)

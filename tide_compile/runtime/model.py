@@ -287,17 +287,9 @@ class TIDEModel(nn.Module):
         if cache_len < needed:
             raise ValueError(f"max_cache_len={cache_len} < prompt {prompt_len} + "
                              f"max_new_tokens {max_new_tokens}")
-        rows = batch_bucket(batch)
-        bucket = self._bucket(rows, cache_len, device)
+        bucket, index, positions = self._start(attention_mask, cache_len)
+        rows = bucket.mask.shape[0]
         past, mask = bucket.cache, bucket.mask
-        past.reset()
-        # Rows past the batch mirror row 0; finished rows later mirror a live row.
-        source = list(range(batch)) + [0] * (rows - batch)
-        index = torch.tensor(source, device=device)
-        # The mask spans the whole cache: one shape for every step of the bucket.
-        mask.zero_()
-        mask[:, :prompt_len] = attention_mask[index]
-        positions = position_ids_from_mask(attention_mask)[index]
         step_ids = input_ids[index]
         if prompt_len >= 2:
             # One prompt graph per bucket for every prompt length.
@@ -351,6 +343,23 @@ class TIDEModel(nn.Module):
             step_ids = bucket.ids
             step_ids.copy_(next_ids[index][:, None])
         return sequences
+
+    def _start(self, attention_mask: torch.Tensor, cache_len: int
+               ) -> tuple[_Bucket, torch.Tensor, torch.Tensor]:
+        """A request's bucket, reset: ``(bucket, index, positions)``. ``index[r]`` is the
+        request row that bucket row ``r`` holds (rows past the batch mirror row 0; finished
+        rows later mirror a live row); the mask spans the whole cache (one shape for every
+        step of the bucket) with the prompt's part written; ``positions`` are the prompt's
+        position ids per bucket row."""
+        batch, prompt_len = attention_mask.shape
+        device = attention_mask.device
+        rows = batch_bucket(batch)
+        bucket = self._bucket(rows, cache_len, device)
+        bucket.cache.reset()
+        index = torch.tensor(list(range(batch)) + [0] * (rows - batch), device=device)
+        bucket.mask.zero_()
+        bucket.mask[:, :prompt_len] = attention_mask[index]
+        return bucket, index, position_ids_from_mask(attention_mask)[index]
 
     def _step(self, bucket: _Bucket, ids: torch.Tensor, positions: torch.Tensor,
               prompt: bool, holder: Any = None) -> torch.Tensor:
