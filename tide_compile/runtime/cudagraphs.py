@@ -215,8 +215,9 @@ class GraphedSkipRunner:
         r.last_segments_run = len(self.graphs)
         result, exit_layer = strip_exit_layer(r.split.outputs(env), r.user_outputs)
         ntok = exit_layer.numel()
-        if ntok == 1 and r.cuts:
-            # One token that did not exit at any checkpoint (else a flag was set).
+        if ntok == 1 and r.cuts and not r.force_deep:
+            # One token that did not exit at any checkpoint (else a flag was set; a forced
+            # deep step runs on whatever the flags say).
             self.stats.record_uniform(-1, 1, r.num_layers, strategy=self.strategy)
         else:
             self.stats.record(exit_layer, layers_executed=ntok * r.num_layers,
