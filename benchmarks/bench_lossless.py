@@ -1,0 +1,454 @@
+"""mode="lossless" against the compiled plain model: tokens/s, acceptance, fallback (issue 19).
+
+Greedy, batch 1, EOS off (every row decodes ``--new`` tokens), one process. Each
+measurement is ``generate(new)`` and ``generate(1)``, between CUDA syncs (process CPU
+time on a CPU): ``ms_per_token`` is their difference over ``new - 1`` (decode only),
+``tokens_per_s`` its inverse, ``e2e_tokens_per_s`` is ``new / generate(new)``. A row is the
+median over its prompts and ``--repeats`` measurements, after a warm-up (compiles, CUDA
+graph captures, and the adaptive controller's first estimates: its state is kept per cache
+bucket across generates, so timed runs show its steady state). ``x_plain`` is the plain
+row's ms/token over the row's.
+
+Rows (``--rows``, comma list):
+
+* ``models``: the demo model and SmolLM2-135M (``--models``; real weights, shipped
+  routers at their calibrated threshold), the same prompts (``--prompts`` paragraphs of
+  held-out text, ``--prompt-tokens`` each) for every row:
+
+  - ``plain``: the model under ``torch.compile`` (Inductor, ``reduce-overhead`` on CUDA;
+    Dynamo's eager backend with ``--no-inductor``), a greedy loop on a StaticCache
+    (compiled prompt step, then one-token steps): the baseline;
+  - ``lossless``: ``optimize(model, routers, mode="lossless")`` (adaptive);
+  - ``lossless_fixed``: the same with ``adaptive=False`` (always drafts: what the
+    fallback saves);
+  - ``speculative``: ``optimize(model, routers, mode="speculative")`` (the separate-verify
+    mode, ``--max-draft``), for the "one lossless mode" decision.
+
+  Lossless rows report ``acceptance``, ``mean_draft_depth``, ``fallbacks`` (rounds of the
+  adaptive fallback), ``probes``, ``plain_step_fraction``, ``tokens_per_deep_step``, and
+  ``first_mismatch`` against the plain row's tokens (None: identical; bf16 kernels may
+  differ in near-ties).
+
+* ``ceiling``: the Llama-3.1-8B shape with random weights (``bench_decode.build_model``;
+  ``--tiny``: its tiny Llama), bf16 on CUDA:
+
+  - ``plain``: as above;
+  - ``lossless_never_exit``: routers that never exit, adaptive: the worst case, where
+    the fallback must keep plain speed (target >= 0.97x);
+  - ``lossless_never_exit_fixed``: the same with ``adaptive=False``: every step is a
+    ``W``-wide deep step with nothing pending (``t_deep``);
+  - ``lossless_ceiling@d`` (``--depths``, 8,16,24): the layers after ``d`` zeroed in
+    place (output projections: their residual contribution is exactly 0, so the exit
+    head after ``d`` layers reads out the full model's logits and every draft is
+    accepted) and forced routers exiting every token after ``d`` layers: the best this
+    design does at 100% acceptance (target at d=16: >= 1.5x). Depths run deepest first
+    (the zeroing only grows); the plain row runs before any zeroing (weights do not
+    change its cost).
+
+  Then a **projection** per depth (labelled ``projection``, not a measurement): with
+  ``t_deep`` from the never-exit fixed row and ``t_stop`` from the ceiling row
+  (``W * ms_ceiling = max_pending * t_stop + t_deep``), a round of ``P`` drafts at
+  per-draft acceptance ``a`` yields ``sum_{i=0..P} a^i`` tokens for ``P * t_stop +
+  t_deep``; reported at ``a`` = 0.6 / 0.8 / 0.9 for ``P = max_pending`` and for the best
+  ``P <= max_pending``, with and without the fallback's floor (plain speed).
+
+Output: ``--out`` JSON (written after every row) and a table.
+
+Usage: python benchmarks/bench_lossless.py [--rows models,ceiling] [--out lossless.json]
+       python benchmarks/bench_lossless.py --rows ceiling --depths 16   # one 600 s call
+       python benchmarks/bench_lossless.py --tiny --no-inductor         # CPU smoke, < 60 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import tide_compile  # noqa: E402
+from tide_compile import RouterSet, TIDEConfig  # noqa: E402
+from tide_compile.runtime.model import cache_bucket  # noqa: E402
+
+
+def _load_bench_decode():
+    spec = importlib.util.spec_from_file_location("bench_decode_for_lossless",
+                                                  os.path.join(HERE, "bench_decode.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_decode = _load_bench_decode()
+
+ACCEPTANCES = (0.6, 0.8, 0.9)
+
+
+def clock(device: str) -> float:
+    """Seconds: wall time after a CUDA sync, or this process's CPU time on a CPU."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def zero_layers_after(model, depth: int) -> None:
+    """In place: layers ``depth ..`` of a Llama add nothing to the residual stream (their
+    attention and MLP output projections are zero)."""
+    with torch.no_grad():
+        for block in model.model.layers[depth:]:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+
+
+class PlainLoop:
+    """The compiled plain model's greedy batch-1 generate on one cache length: the prompt
+    step (its length dynamic), then one-token steps; returns the sequence."""
+
+    def __init__(self, model, inductor: bool, device: str, cache_len: int) -> None:
+        self.model = model
+        self.mark = device == "cuda" and inductor
+        if inductor:
+            self.fn = torch.compile(model.forward, fullgraph=True, dynamic=False,
+                                    mode="reduce-overhead" if device == "cuda" else None)
+        else:
+            self.fn = torch.compile(model.forward, backend="eager", fullgraph=True,
+                                    dynamic=False)
+        self.cache = bench_decode.new_cache(model, cache_len)
+        self.ready = False
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, **_: Any) -> torch.Tensor:
+        if not self.ready:  # the cache tensors exist before any compiled step
+            self.model(input_ids=ids[:, :1], past_key_values=self.cache, use_cache=True)
+            self.ready = True
+        self.cache.reset()
+        step = ids.clone()
+        positions = torch.arange(ids.shape[1], device=ids.device)[None]
+        torch._dynamo.mark_dynamic(step, 1)
+        torch._dynamo.mark_dynamic(positions, 1)
+        tokens = []
+        for _ in range(max_new_tokens):
+            if self.mark:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = self.fn(input_ids=step, position_ids=positions, past_key_values=self.cache,
+                             use_cache=True).logits
+            step = logits[:, -1:].argmax(-1).clone()
+            tokens.append(step)
+            positions = positions[:, -1:] + 1
+        return torch.cat([ids] + tokens, dim=-1)
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def build_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tiny", action="store_true",
+                    help="CPU smoke: the tiny Llama for the ceiling rows, no model rows "
+                         "(defaults: --rows ceiling --depths 4,2 --interval 2 --new 12 "
+                         "--prompts 1 --prompt-tokens 8 --repeats 1)")
+    ap.add_argument("--no-inductor", action="store_true",
+                    help="no Inductor (plain: Dynamo's eager backend; tide: inductor=False)")
+    ap.add_argument("--rows", default=None, help="comma list of: models, ceiling")
+    ap.add_argument("--models", default="demo,smollm2", help="model rows: demo, smollm2")
+    ap.add_argument("--model-rows", default="plain,lossless,lossless_fixed,speculative",
+                    help="which rows per model")
+    ap.add_argument("--depths", default=None, help="ceiling exit depths (8,16,24)")
+    ap.add_argument("--interval", type=int, default=None,
+                    help="ceiling checkpoint_interval (8)")
+    ap.add_argument("--new", type=int, default=None, help="new tokens per generate (128)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per model (4)")
+    ap.add_argument("--prompt-tokens", type=int, default=None, help="tokens per prompt (64)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per prompt (3)")
+    ap.add_argument("--max-pending", type=int, default=7)
+    ap.add_argument("--max-draft", type=int, default=4, help="speculative rows' max_draft")
+    ap.add_argument("--threads", type=int, default=1, help="CPU only: torch threads")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    full = {"rows": "models,ceiling", "depths": "8,16,24", "interval": 8, "new": 128,
+            "prompts": 4, "prompt_tokens": 64, "repeats": 3}
+    tiny = {"rows": "ceiling", "depths": "4,2", "interval": 2, "new": 12, "prompts": 1,
+            "prompt_tokens": 8, "repeats": 1}
+    for key, value in (tiny if args.tiny else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.rows = set(args.rows.split(","))
+    if not args.rows <= {"models", "ceiling"}:
+        ap.error(f"--rows: unknown {sorted(args.rows - {'models', 'ceiling'})}")
+    args.depths = sorted(parse_ints(args.depths), reverse=True)
+    args.models = [m for m in args.models.split(",") if m]
+    args.model_rows = [r for r in args.model_rows.split(",") if r]
+    if args.new < 2:
+        ap.error("--new must be >= 2 (decode time is generate(new) - generate(1))")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return _run(args, device, not args.no_inductor)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def lossless_stats(fast) -> dict:
+    s = fast.lossless_stats
+    steps = s.plain_steps + s.deep_steps + s.drafted
+    return {"acceptance": round(s.acceptance_rate, 4), "drafted": s.drafted,
+            "accepted": s.accepted, "mean_draft_depth": round(s.mean_draft_depth, 3),
+            "draft_depths": dict(sorted(s.draft_depths.items())),
+            "tokens_per_deep_step": round(s.tokens_per_deep_step, 3),
+            "fallbacks": s.fallbacks, "probes": s.probes,
+            "plain_step_fraction": round(s.plain_steps / steps, 3) if steps else None}
+
+
+def project(t_plain: float, t_deep: float, t_stop: float, pending: int) -> dict:
+    """Projected speedups over plain at the acceptances of :data:`ACCEPTANCES`."""
+    out = {}
+    for a in ACCEPTANCES:
+        def speed(p: int) -> float:
+            tokens = sum(a ** i for i in range(p + 1))
+            return t_plain * tokens / (p * t_stop + t_deep)
+
+        best = max(range(1, pending + 1), key=speed)
+        out[str(a)] = {"speedup": round(speed(pending), 3),
+                       "best_pending": best, "best_speedup": round(speed(best), 3),
+                       "with_fallback": round(max(1.0, speed(best)), 3)}
+    return out
+
+
+def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
+    start = time.time()
+    env = {"torch": torch.__version__,
+           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+           "clock": "wall, CUDA-synced" if device == "cuda" else "process CPU time",
+           "new": args.new, "max_pending": args.max_pending, "inductor": inductor,
+           "rows": sorted(args.rows), "tiny": args.tiny, "repeats": args.repeats,
+           "threads": torch.get_num_threads() if device == "cpu" else None}
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except Exception:
+        pass
+    print(json.dumps(env), flush=True)
+    result: dict = {"env": env, "rows": [], "projection": []}
+
+    def save() -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+
+    def row(r: dict) -> dict:
+        result["rows"].append(r)
+        print(json.dumps(r), flush=True)
+        save()
+        return r
+
+    def measure(generate: Callable, prompts: list[torch.Tensor], cache_len: int) -> dict:
+        """Warm-up, then per prompt ``repeats`` x (generate(1), generate(new)); medians."""
+        def run(ids, n):
+            t0 = clock(device)
+            out = generate(ids, max_new_tokens=n, eos_token_id=-1, max_cache_len=cache_len)
+            return (clock(device) - t0) * 1e3, out
+
+        t0 = time.time()
+        for ids in prompts:
+            for n in (args.new, 1, args.new):
+                run(ids, n)
+        warm = round(time.time() - t0, 2)
+        decode, e2e, outs = [], [], []
+        for ids in prompts:
+            for _ in range(args.repeats):
+                one, _ = run(ids, 1)
+                full, out = run(ids, args.new)
+                decode.append((full - one) / (args.new - 1))
+                e2e.append(full)
+            outs.append(out)
+        ms = statistics.median(decode)
+        return {"ms_per_token": round(ms, 4), "tokens_per_s": round(1e3 / ms, 1),
+                "ms_range": [round(min(decode), 4), round(max(decode), 4)],
+                "e2e_tokens_per_s": round(args.new * 1e3 / statistics.median(e2e), 1),
+                "warmup_s": warm, "outs": outs}
+
+    def first_mismatch(outs, ref_outs, prompts) -> list:
+        found = []
+        for out, ref, ids in zip(outs, ref_outs, prompts):
+            n = min(out.shape[1], ref.shape[1])
+            diff = (out[0, :n] != ref[0, :n]).nonzero()
+            found.append(None if diff.numel() == 0 else int(diff[0, 0]) - ids.shape[1])
+        return found
+
+    if "models" in args.rows:
+        for name in args.models:
+            model_rows(name, args, device, inductor, measure, row, first_mismatch)
+    if "ceiling" in args.rows:
+        ceiling_rows(args, device, inductor, measure, row, result)
+    env["total_s"] = round(time.time() - start, 1)
+    save()
+    print_table(result)
+    return result
+
+
+def model_rows(name, args, device, inductor, measure, row, first_mismatch) -> None:
+    from tide_compile import cli_demo, demo
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        model, tok = demo.load(name, dtype=dtype, device=device)
+        routers = RouterSet.load(str(demo.SHIPPED_ROUTERS[name]), model=model)
+        texts = cli_demo.heldout_texts(name)
+    except Exception as e:  # a missing package or file: reported, the rest goes on
+        row({"name": f"{name}:skipped", "model": name, "error": f"{type(e).__name__}: {e}"})
+        return
+    paras = [p.strip() for t in texts for p in t.split("\n\n") if len(p.strip()) > 200]
+    step = max(1, len(paras) // args.prompts)
+    prompts = [tok(p, return_tensors="pt").input_ids[:, :args.prompt_tokens].to(device)
+               for p in paras[::step][:args.prompts]]
+    cache_len = cache_bucket(max(p.shape[1] for p in prompts) + args.new + args.max_pending)
+    where = {"model": name, "num_layers": model.config.num_hidden_layers,
+             "checkpoints": routers.checkpoint_layers,
+             "exit_threshold": routers.config.exit_threshold,
+             "prompt_tokens": [p.shape[1] for p in prompts]}
+    plain_ms = ref_outs = None
+    for kind in args.model_rows:
+        torch._dynamo.reset()
+        extra: dict = {}
+        if kind == "plain":
+            fast = PlainLoop(model, inductor, device, cache_len)
+            generate = fast.generate
+        elif kind in ("lossless", "lossless_fixed"):
+            fast = tide_compile.optimize(model, routers, mode="lossless", inductor=inductor,
+                                         max_pending=args.max_pending,
+                                         adaptive=kind == "lossless")
+            generate = fast.generate
+        elif kind == "speculative":
+            fast = tide_compile.optimize(model, routers, mode="speculative", inductor=inductor,
+                                         max_draft=args.max_draft)
+
+            def generate(ids, max_cache_len=None, _fast=fast, **kw):  # its own cache
+                return _fast.generate(ids, **kw)
+        else:
+            raise SystemExit(f"--model-rows: unknown {kind!r}")
+        m = measure(generate, prompts, cache_len)
+        outs = m.pop("outs")
+        if kind == "plain":
+            plain_ms, ref_outs = m["ms_per_token"], outs
+        if kind.startswith("lossless"):
+            fast.lossless_stats.reset()
+            for ids in prompts:  # stats over exactly one (warm) run per prompt
+                fast.generate(ids, max_new_tokens=args.new, eos_token_id=-1,
+                              max_cache_len=cache_len)
+            extra = lossless_stats(fast)
+        if kind == "speculative":
+            s = fast.spec_stats
+            extra = {"acceptance": round(s.acceptance_rate, 4),
+                     "mean_draft_depth": round(s.mean_draft_depth, 3),
+                     "tokens_per_verify": round(s.tokens_per_verify, 3)}
+        if ref_outs is not None and kind != "plain":
+            extra["first_mismatch"] = first_mismatch(outs, ref_outs, prompts)
+        row({"name": f"{name}:{kind}", **where, **m,
+             "x_plain": round(plain_ms / m["ms_per_token"], 3) if plain_ms else None, **extra})
+        del fast
+        gc.collect()
+    del model
+
+
+def ceiling_rows(args, device, inductor, measure, row, result) -> None:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = bench_decode.build_model(args.tiny, device, dtype)
+    num_layers = model.config.num_hidden_layers
+    cfg = TIDEConfig(checkpoint_interval=args.interval)
+    checkpoints = cfg.checkpoint_layers(num_layers)
+    for d in args.depths:
+        if d - 1 not in checkpoints:
+            raise SystemExit(f"--depths: {d} is not a checkpoint depth "
+                             f"({[c + 1 for c in checkpoints]})")
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = [torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens),
+                             generator=g).to(device) for _ in range(args.prompts)]
+    cache_len = cache_bucket(args.prompt_tokens + args.new + args.max_pending)
+    width = args.max_pending + 1
+    where = {"model": "8B-shape" if not args.tiny else "tiny", "num_layers": num_layers,
+             "checkpoints": checkpoints, "prompt_tokens": args.prompt_tokens}
+    ms: dict[str, float] = {}
+
+    def tide(name: str, exit_at: int | None, adaptive: bool, depth: int) -> dict:
+        torch._dynamo.reset()
+        routers = RouterSet.forced(model, exit_at=exit_at, config=cfg)
+        fast = tide_compile.optimize(model, routers, mode="lossless", inductor=inductor,
+                                     max_pending=args.max_pending, adaptive=adaptive)
+        m = measure(fast.generate, prompts, cache_len)
+        m.pop("outs")
+        fast.lossless_stats.reset()
+        for ids in prompts:
+            fast.generate(ids, max_new_tokens=args.new, eos_token_id=-1, max_cache_len=cache_len)
+        ms[name] = m["ms_per_token"]
+        r = row({"name": name, **where, "depth": depth, **m,
+                 "x_plain": round(ms["plain"] / m["ms_per_token"], 3), **lossless_stats(fast)})
+        del fast
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return r
+
+    torch._dynamo.reset()
+    plain = PlainLoop(model, inductor, device, cache_len)
+    m = measure(plain.generate, prompts, cache_len)
+    m.pop("outs")
+    ms["plain"] = m["ms_per_token"]
+    row({"name": "plain", **where, "depth": num_layers, **m, "x_plain": 1.0})
+    del plain
+    tide("lossless_never_exit", None, True, num_layers)
+    tide("lossless_never_exit_fixed", None, False, num_layers)
+    t_deep = ms["lossless_never_exit_fixed"]
+    for d in args.depths:  # deepest first: the zeroing only grows
+        zero_layers_after(model, d)
+        r = tide(f"lossless_ceiling@{d}", d - 1, True, d)
+        t_stop = max(0.0, (width * r["ms_per_token"] - t_deep) / args.max_pending)
+        p = {"name": f"projection@{d}", "depth": d, "kind": "projection, not a measurement",
+             "t_plain_ms": ms["plain"], "t_deep_ms": t_deep, "t_stop_ms": round(t_stop, 4),
+             "max_pending": args.max_pending,
+             "at_acceptance": project(ms["plain"], t_deep, t_stop, args.max_pending)}
+        result["projection"].append(p)
+        print(json.dumps(p), flush=True)
+
+
+def print_table(result: dict) -> None:
+    unit = "CPU ms" if result["env"]["clock"] == "process CPU time" else "ms"
+    print(f"\n| row | {unit}/token | tokens/s | x plain | acceptance | draft depth | "
+          "fallbacks | first mismatch |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        if "ms_per_token" not in r:
+            print(f"| {r['name']} | {r.get('error', '')} | | | | | | |")
+            continue
+        print(f"| {r['name']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']} | "
+              f"{r.get('x_plain')} | {r.get('acceptance', '')} | "
+              f"{r.get('mean_draft_depth', '')} | {r.get('fallbacks', '')} | "
+              f"{r.get('first_mismatch', '')} |")
+    for p in result["projection"]:
+        parts = ", ".join(f"a={a}: {v['speedup']}x (best P={v['best_pending']}: "
+                          f"{v['best_speedup']}x)" for a, v in p["at_acceptance"].items())
+        print(f"PROJECTION (not measured) exit after {p['depth']}: {parts}")
+
+
+if __name__ == "__main__":
+    main()

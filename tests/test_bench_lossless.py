@@ -1,0 +1,49 @@
+"""benchmarks/bench_lossless.py runs on CPU in its tiny mode (FX graphs, no Inductor): a
+smoke run of its ceiling rows, projections and JSON, not a measurement."""
+
+import importlib.util
+import json
+import os
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_lossless", os.path.join(ROOT, "benchmarks", "bench_lossless.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_lossless_smoke(tmp_path):
+    bench = load_bench()
+    threads = torch.get_num_threads()
+    out = tmp_path / "lossless.json"
+    new, depth = 8, 2
+    bench.main(["--tiny", "--no-inductor", "--depths", str(depth), "--new", str(new),
+                "--max-pending", "3", "--out", str(out)])
+    assert torch.get_num_threads() == threads
+
+    result = json.loads(out.read_text())
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"plain", "lossless_never_exit", "lossless_never_exit_fixed",
+                         f"lossless_ceiling@{depth}"}
+    for r in rows.values():
+        assert r["ms_per_token"] > 0 and r["tokens_per_s"] > 0 and r["x_plain"] > 0, r
+    fixed = rows["lossless_never_exit_fixed"]  # every step a deep step, nothing drafted
+    assert fixed["drafted"] == 0 and fixed["plain_step_fraction"] == 0.0
+    assert fixed["tokens_per_deep_step"] == 1.0 and fixed["fallbacks"] == 0
+    assert rows["lossless_never_exit"]["drafted"] == 0
+    ceiling = rows[f"lossless_ceiling@{depth}"]
+    if ceiling["drafted"]:  # the zeroed layers: every draft is the full model's token
+        assert ceiling["acceptance"] == 1.0
+        assert ceiling["draft_depths"] == {str(depth): ceiling["drafted"]}
+    (p,) = result["projection"]
+    assert p["depth"] == depth and "projection" in p["kind"]
+    assert set(p["at_acceptance"]) == {"0.6", "0.8", "0.9"}
+    for v in p["at_acceptance"].values():
+        assert 1 <= v["best_pending"] <= 3 and v["best_speedup"] >= v["speedup"]
+        assert v["with_fallback"] >= 1.0
