@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install, GPU tests, benchmarks. Prints short tables at the end.
 # Usage (on a CUDA machine, repo root): bash benchmarks/gpu_session.sh [OUTDIR]
-# STEPS selects what runs (default: all): "tests calibration router speculative decode compact".
+# STEPS selects what runs (default: "tests calibration router speculative decode compact";
+# also: "traffic" (bench_decode --traffic), "deferred" (bench_deferred), "lossless" (bench_lossless)).
 # GPU tests run in TEST_SHARDS parallel pytest processes (default 6), each under TEST_TIMEOUT.
 # Each step has a *_TIMEOUT; DECODE_ARGS / COMPACT_ARGS add script arguments
 # (e.g. DECODE_ARGS="--rows exits --kernels triton --stack-kv off --breakdown").
@@ -18,7 +19,7 @@ if has tests; then
   # The GPU tests compile with Inductor per test: serially they ran past 300 s on a cold
   # cache (fourth session); TEST_SHARDS processes share the GPU (6 shards: 28 tests, 260 s).
   echo "== GPU tests (${TEST_SHARDS:-6} shards)"
-  python3 -m pytest -q -m gpu ${TEST_FILES:-tests/test_gpu.py tests/test_kernels.py} --collect-only \
+  python3 -m pytest -q -m gpu ${TEST_FILES:-tests/test_gpu.py tests/test_kernels.py tests/test_lossless.py} --collect-only \
     ${TEST_K:+-k "$TEST_K"} -p no:cacheprovider 2>/dev/null | grep '::' >"$OUT/gpu_test_ids.txt"
   for i in $(seq 0 $((${TEST_SHARDS:-6} - 1))); do
     awk -v n=${TEST_SHARDS:-6} -v i=$i 'NR % n == i' "$OUT/gpu_test_ids.txt" >"$OUT/gpu_tests_$i.ids"
@@ -67,4 +68,10 @@ if has deferred && [ -f benchmarks/bench_deferred.py ]; then
   timeout ${DEFERRED_TIMEOUT:-560} python3 benchmarks/bench_deferred.py --out "$OUT/bench_deferred.json" \
     ${DEFERRED_ARGS:-} >"$OUT/bench_deferred.log" 2>&1
   echo "deferred rc=$?"; tail -30 "$OUT/bench_deferred.log"
+fi
+if has lossless && [ -f benchmarks/bench_lossless.py ]; then
+  echo "== lossless (bench_lossless; LOSSLESS_ARGS e.g. '--rows ceiling --depths 16')"
+  timeout ${LOSSLESS_TIMEOUT:-560} python3 benchmarks/bench_lossless.py --out "$OUT/bench_lossless.json" \
+    ${LOSSLESS_ARGS:-} >"$OUT/bench_lossless.log" 2>&1
+  echo "lossless rc=$?"; tail -30 "$OUT/bench_lossless.log"
 fi
