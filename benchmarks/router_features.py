@@ -1,0 +1,998 @@
+#!/usr/bin/env python3
+"""Which router features pay? Issue 20's measurement, on real weights, under exact K/V.
+
+Every number here is for **independent exits** (``kv="deferred"`` teacher-forced): each
+token's own exit decision and exit head, every K/V the full model's. A token's hidden
+state at checkpoint ``c`` is then exactly the plain model's ``h_c``, so the whole study
+runs on the plain model's states (collected once with
+``tide_compile.calibration.collect.collect_states``); ``--check-batches`` confirms the
+semantics against ``tide_compile.reference.forward(..., kv="deferred")`` with the shipped
+routers.
+
+Per token ``t`` and checkpoint ``c`` (every ``--interval`` layers, identity exit heads):
+
+* the full model's top-1, the exit head's top-1 at ``c`` (full vocabulary);
+* labels: ``agree`` (exit head top-1 == full top-1 at ``c``) and ``stable`` (agrees at
+  ``c`` and at every later checkpoint);
+* features:
+
+  - ``rms``: ``rms(h_c)`` (what the current routers read: ``TokenRouter``);
+  - ``conf:<source><k>``: the exit head's confidence over a candidate set of ``k`` tokens,
+    from logits ``lm_head[S] @ final_norm(h_c)`` (a gather-matmul over k rows of
+    ``lm_head``, O(k*H); computed here by gathering the full logits, which is the same
+    number, see :func:`candidate_logits`): max prob, margin p1 - p2, entropy / log k,
+    top logit z1, logit margin z1 - z2, whether the candidate top-1 equals the previous
+    checkpoint's candidate top-1, and for how many consecutive checkpoints it has (a
+    counter per token). Sources:
+
+    * ``prev``: top-k of the previous token's full-depth logits (the brief's source);
+    * ``succ``: a static successor table from the calibration text: for each input
+      token id, the k tokens the full model most often predicts after it (filled up with
+      the globally most frequent predictions); ``vocab x k`` ints, a lookup at decode time;
+    * ``mix``: k/2 from ``succ`` and k/2 from ``prev`` (duplicates masked);
+  - ``conf:full``: the same confidences over the whole vocabulary (the expensive upper
+    reference: a full ``lm_head`` read per checkpoint).
+
+* routers (one per checkpoint, one per label): ``rms`` (the current recipe,
+  ``calibration.train.train_router``), ``conf:*`` alone (a 2-layer MLP, 32 hidden, on the
+  standardized features), ``rms+conf:*`` (a 2-layer MLP, ``router_bottleneck_dim`` hidden,
+  on ``[rms(h_c), standardized features]``), and the shipped SmolLM2 routers; all trained
+  the way ``train_router`` trains (class-balanced BCE, AdamW, by-sample splits, early
+  stopping on validation loss). The first token of every sample is labelled "do not exit"
+  (``calibrate``'s ``protect_first_token``) and never exits in the evaluation.
+
+On held-out code and prose (``data/code/heldout``, ``data/shakespeare/heldout``; the
+windows of ``benchmarks/bench_quality.py``): each token exits at the first checkpoint
+whose router logit is > t; the threshold is swept and the smallest mean depth with
+all-token top-1 agreement >= 99% / 95% is reported (the frontier: threshold chosen on the
+held-out text itself), next to the delivered numbers when t is chosen on the calibration
+run's own held-out split ("calibrated t"), the oracle (first agreeing checkpoint, 100%
+agreement) and never exiting. Also the candidate sets' recall (full top-1 in the set).
+
+    python benchmarks/router_features.py --out benchmarks/results/router_features      # SmolLM2, CPU
+    python benchmarks/router_features.py --tiny --out /tmp/rf                          # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+DATA = REPO / "data"
+HELDOUT = {"code": DATA / "code" / "heldout", "prose": DATA / "shakespeare" / "heldout"}
+#: Feature columns of every confidence set.
+CONF_COLUMNS = ("max_prob", "margin", "entropy_norm", "top_logit", "logit_margin", "agrees_prev_ckpt",
+                "agree_run")
+SOURCES = ("prev", "succ", "mix")
+LABELS = ("agree", "stable")
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
+
+
+def _r(x: float | None, nd: int = 4) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), nd)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _strs(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+# ----------------------------------------------------------------------------- text
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # build_samples tokenizes with truncation=True, which a fast tokenizer keeps as
+        # state: without this a later long text is cut to max_length.
+        backend.no_truncation()
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def heldout_windows(tokenizer: Any, text: str, windows: int, window: int) -> list[list[int]]:
+    """``windows`` rows of ``window`` tokens at evenly spaced offsets of ``text``'s token
+    stream, each starting with the tokenizer's special tokens: the windows of
+    ``bench_quality.heldout_inputs`` (same offsets: its prompts are shorter than a window)."""
+    stream = _encode(tokenizer, text)
+    prefix = [int(i) for i in tokenizer("", add_special_tokens=True)["input_ids"]]
+    body = window - len(prefix)
+    span = len(stream) - body
+    if body < 2 or span < windows:
+        raise ValueError(f"{len(stream)} tokens: too few for {windows} windows of {window}")
+    stride = span // windows
+    return [prefix + stream[i * stride : i * stride + body] for i in range(windows)]
+
+
+def heldout_domains(name: str) -> dict[str, str]:
+    """Held-out text per domain (never seen by calibration)."""
+    if name == "demo":
+        from tide_compile import demo
+
+        return {"prose": demo.heldout_text()}
+    out = {}
+    for dname, folder in HELDOUT.items():
+        files = sorted(folder.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"no held-out text in {folder} (a source checkout's data/)")
+        out[dname] = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    return out
+
+
+# ----------------------------------------------------------------------------- features
+def candidate_logits(lm_weight: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The runtime op: logits of ``k`` candidate tokens per row, ``[n, k]``, reading only
+    ``k`` rows of ``lm_head``: ``(lm_weight[idx] * x[:, None]).sum(-1)``, ``x`` = the
+    final-normed exit state ``[n, H]``, ``idx`` ``[n, k]``. O(k*H) per token instead of
+    O(V*H). (The study gathers the same numbers from the full logits it needs anyway.)"""
+    return torch.einsum("nkh,nh->nk", lm_weight[idx].float(), x.float())
+
+
+def confidence(z: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence features over the finite entries of ``z`` ``[n, k]`` (-inf = not a
+    candidate) -> (``[n, 5]`` max prob, margin, entropy / log(#candidates), top logit,
+    logit margin; ``[n]`` token id of the top candidate, -1 where there is none). The
+    across-checkpoint columns (``agrees_prev_ckpt``, ``agree_run``) are filled by
+    :func:`compute_features`."""
+    z = z.float()
+    if idx is None:  # the full vocabulary: every entry finite; fewer full-size temporaries
+        top = z.topk(2, -1)
+        z1, z2 = top.values[:, 0], top.values[:, 1]
+        # clamped: exp of the far tail would be denormal floats, ~8x slower on a CPU, and
+        # adds < 1e-30 to the sum
+        e = (z - z1[:, None]).clamp_(min=-80.0).exp_()
+        total = e.sum(-1)
+        lse = z1 + torch.log(total)
+        p1, p2 = torch.exp(z1 - lse), torch.exp(z2 - lse)
+        ent = lse - torch.linalg.vecdot(e, z) / total
+        feats = torch.stack([p1, p1 - p2, ent / math.log(z.shape[-1]), z1, z1 - z2], -1)
+        return feats, top.indices[:, 0]
+    finite = torch.isfinite(z)
+    count = finite.sum(-1)
+    has = count > 0
+    zs = torch.where(finite, z, torch.full_like(z, -1e30))
+    lse = torch.logsumexp(zs, -1, keepdim=True)
+    p = torch.exp(zs - lse) * finite
+    top = zs.topk(min(2, z.shape[-1]), -1)
+    z1 = top.values[:, 0]
+    z2 = top.values[:, 1] if z.shape[-1] > 1 else z1
+    two = count > 1
+    p1 = torch.exp(z1 - lse[:, 0])
+    p2 = torch.where(two, torch.exp(z2 - lse[:, 0]), torch.zeros_like(p1))
+    ent = -(p * torch.where(finite, zs - lse, torch.zeros_like(zs))).sum(-1)
+    ent_n = ent / torch.log(count.clamp(min=2).float())
+    feats = torch.stack([p1, p1 - p2, ent_n, z1, torch.where(two, z1 - z2, torch.zeros_like(z1))], -1)
+    feats = torch.where(has[:, None], feats, torch.zeros_like(feats))
+    arg = top.indices[:, 0]
+    tok = arg if idx is None else idx.gather(1, arg[:, None]).squeeze(1)
+    return feats, torch.where(has, tok, torch.full_like(tok, -1))
+
+
+def successor_table(ids: torch.Tensor, final_top1: torch.Tensor, vocab: int, k: int) -> torch.Tensor:
+    """``[vocab, k]``: for each input token id, the ``k`` full-model top-1 tokens most often
+    seen after it (here: predicted at its position) in the given tokens, then the globally
+    most frequent ones (no duplicates within a row)."""
+    overall = [t for t, _ in Counter(final_top1.tolist()).most_common()]
+    overall += [t for t in range(vocab) if t not in set(overall)][: max(0, k - len(overall))]
+    table = torch.tensor(overall[:k], dtype=torch.long).repeat(vocab, 1)
+    per: dict[int, Counter] = {}
+    for x, y in zip(ids.tolist(), final_top1.tolist()):
+        per.setdefault(x, Counter())[y] += 1
+    for x, cnt in per.items():
+        row = [t for t, _ in cnt.most_common(k)]
+        seen = set(row)
+        row += [t for t in overall if t not in seen][: k - len(row)]
+        table[x] = torch.tensor(row[:k], dtype=torch.long)
+    return table
+
+
+@dataclass
+class TokenSet:
+    """One text set's tokens (calibration or a held-out domain), all positions of every
+    sample, in (sample, position) order."""
+
+    name: str
+    ids: torch.Tensor                      # [n] input token ids
+    sample: torch.Tensor                   # [n]
+    position: torch.Tensor                 # [n]
+    states: dict[int, torch.Tensor]        # c -> [n, H]
+    final_top1: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    final_topk: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    head_top1: torch.Tensor = field(default_factory=lambda: torch.empty(0))     # [C, n]
+    feats: dict[str, torch.Tensor] = field(default_factory=dict)                 # set -> [C, n, F]
+    cands: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def prev(self) -> torch.Tensor:
+        """Index of the previous token of the same sample (itself at position 0)."""
+        ar = torch.arange(self.n)
+        return torch.where(self.position > 0, ar - 1, ar)
+
+
+@torch.no_grad()
+def collect(model: Any, p: Any, rows: list[list[int]], layers: list[int], name: str, pad: int,
+            batch: int, progress: bool) -> TokenSet:
+    """``collect_states`` keeping every token (so that each token's predecessor is there)."""
+    from tide_compile.calibration.collect import collect_states
+    from tide_compile.calibration.data import TokenSamples
+
+    samples = TokenSamples(input_ids=rows, pad_token_id=pad, source=name)
+    col = collect_states(model, p, samples, layers, max_tokens=samples.num_tokens, batch_size=batch,
+                         progress=False)
+    if progress:
+        log(f"  {name}: collected {samples.num_tokens} tokens")
+    flat = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+    order = torch.tensor([i for i, r in enumerate(rows) for _ in r])
+    assert torch.equal(col.sample_index, order), "collect_states kept tokens out of (sample, position) order"
+    ts = TokenSet(name, flat, col.sample_index, col.position, col.states)
+    ts.final_top1, ts.final_topk = _final(p, col.final)
+    return ts
+
+
+@torch.no_grad()
+def _final(p: Any, final: torch.Tensor, kmax: int = 64, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    top1, topk = [], []
+    for i in range(0, final.shape[0], chunk):
+        z = p.head(final[i : i + chunk]).float()
+        t = z.topk(min(kmax, z.shape[-1]), -1).indices
+        top1.append(t[:, 0])
+        topk.append(t)
+    return torch.cat(top1), torch.cat(topk)
+
+
+def candidate_sets(ts: TokenSet, table: torch.Tensor, ks: list[int], sources: list[str]
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (idx ``[n, k]``, valid ``[n, k]``) per source and k. ``prev`` at a sample's
+    first token has no candidates (all invalid)."""
+    out = {}
+    has_prev = (ts.position > 0)[:, None]
+    for k in ks:
+        prev = ts.final_topk[ts.prev, :k]
+        succ = table[ts.ids, :k]
+        for src in sources:
+            if src == "prev":
+                idx, valid = prev, has_prev.expand(-1, k)
+            elif src == "succ":
+                idx, valid = succ, torch.ones_like(succ, dtype=torch.bool)
+            elif src == "mix":
+                h = max(1, k // 2)
+                idx = torch.cat([succ[:, :h], prev[:, : k - h]], 1)
+                valid = torch.cat([torch.ones(ts.n, h, dtype=torch.bool), has_prev.expand(-1, k - h)], 1)
+                # duplicates of an earlier entry (prev entries already in succ) are masked
+                dup = (idx[:, :, None] == idx[:, None, :]).tril(-1).any(-1)
+                valid = valid & ~dup
+            else:
+                raise ValueError(f"unknown candidate source {src!r}")
+            out[f"{src}{k}"] = (idx, valid)
+    return out
+
+
+@torch.no_grad()
+def compute_features(p: Any, ts: TokenSet, layers: list[int], chunk: int, progress: bool) -> None:
+    """Exit-head top-1 at every checkpoint and the confidence sets (``full`` and every
+    candidate set of ``ts.cands``), chunked over tokens."""
+    C, n = len(layers), ts.n
+    names = ["full", *ts.cands]
+    ts.head_top1 = torch.empty(C, n, dtype=torch.long)
+    feats = {s: torch.zeros(C, n, len(CONF_COLUMNS)) for s in names}
+    ctop = {s: torch.empty(C, n, dtype=torch.long) for s in names}
+    for ci, c in enumerate(layers):
+        for i in range(0, n, chunk):
+            sl = slice(i, min(i + chunk, n))
+            z = p.head(ts.states[c][sl]).float()
+            f, t = confidence(z, None)
+            ts.head_top1[ci, sl] = t
+            feats["full"][ci, sl, :5], ctop["full"][ci, sl] = f, t
+            for s, (idx, valid) in ts.cands.items():
+                zc = z.gather(1, idx[sl])
+                zc = torch.where(valid[sl], zc, torch.full_like(zc, -math.inf))
+                f, t = confidence(zc, idx[sl])
+                feats[s][ci, sl, :5], ctop[s][ci, sl] = f, t
+        if progress:
+            log(f"  {ts.name}: features at checkpoint {c} done")
+    for s in names:
+        same = ((ctop[s][1:] == ctop[s][:-1]) & (ctop[s][1:] >= 0)).float()
+        feats[s][1:, :, 5] = same
+        run = torch.zeros(n)
+        for ci in range(1, C):  # consecutive checkpoints, ending here, with the same top-1
+            run = (run + 1) * same[ci - 1]
+            feats[s][ci, :, 6] = run
+    ts.feats = feats
+
+
+def labels(ts: TokenSet) -> dict[str, torch.Tensor]:
+    """``[C, n]`` bool: agree, and stable (agrees here and at every later checkpoint)."""
+    agree = ts.head_top1 == ts.final_top1[None]
+    stable = agree.flip(0).to(torch.int64).cummin(0).values.flip(0).bool()
+    return {"agree": agree, "stable": stable}
+
+
+def recall(ts: TokenSet, agree: torch.Tensor, only: torch.Tensor | None = None) -> dict[str, dict[str, float | None]]:
+    """Share of tokens (after a sample's first; ``only``: of these token indices) whose
+    full top-1 is in the candidate set: over all of them and over those the oracle exits
+    (their head agrees somewhere)."""
+    m = ts.position > 0
+    if only is not None:
+        keep = torch.zeros_like(m)
+        keep[only] = True
+        m = m & keep
+    exitable = agree.any(0) & m
+    out = {}
+    for s, (idx, valid) in ts.cands.items():
+        hit = ((idx == ts.final_top1[:, None]) & valid).any(1)
+        out[s] = {"all": _r(float(hit[m].float().mean()), 4),
+                  "oracle_exitable": _r(float(hit[exitable].float().mean()), 4) if bool(exitable.any()) else None}
+    return out
+
+
+# ----------------------------------------------------------------------------- routers
+class FeatureRouter(nn.Module):
+    """``W2 silu(W1 [rms(h)?, (f - mu) / sd])``: a router on confidence features, with or
+    without the current router's input ``rms(h_c)``. Outputs the pre-sigmoid logit."""
+
+    def __init__(self, n_feats: int, hidden_size: int, width: int, use_rms: bool,
+                 mu: torch.Tensor, sd: torch.Tensor) -> None:
+        super().__init__()
+        self.use_rms = use_rms
+        self.register_buffer("mu", mu.float())
+        self.register_buffer("sd", sd.float())
+        self.down = nn.Linear(n_feats + (hidden_size if use_rms else 0), width)
+        self.up = nn.Linear(width, 1)
+
+    def inputs(self, h: torch.Tensor | None, f: torch.Tensor) -> torch.Tensor:
+        x = (f.float() - self.mu) / self.sd
+        if self.use_rms:
+            hf = h.float()
+            x = torch.cat([hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6), x], -1)
+        return x
+
+    def forward_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(nn.functional.silu(self.down(x))).squeeze(-1)
+
+    def forward(self, h: torch.Tensor | None, f: torch.Tensor) -> torch.Tensor:
+        return self.forward_inputs(self.inputs(h, f))
+
+
+def train_feature_router(x_all: torch.Tensor, y: torch.Tensor, split: Any, router: FeatureRouter, *,
+                         seed: int, batch_size: int = 512, max_epochs: int = 40, patience: int = 4,
+                         lr: float = 2e-3, weight_decay: float = 1e-2) -> dict[str, Any]:
+    """``calibration.train.train_router``'s recipe (class-balanced BCE, AdamW, best
+    validation epoch, seeded batches) for a :class:`FeatureRouter` on prepared inputs."""
+    import copy
+
+    y = y.float()
+    yt = y[split.train]
+    n_train, n_pos = int(yt.numel()), float(yt.sum())
+    info: dict[str, Any] = {"train_positive_rate": _r(n_pos / n_train if n_train else None, 4)}
+    if n_train == 0 or n_pos in (0.0, float(n_train)):
+        with torch.no_grad():
+            for prm in router.parameters():
+                prm.zero_()
+            router.up.bias.fill_(10.0 if n_train and n_pos == n_train else -10.0)
+        info.update(epochs=0, constant=True)
+        return info
+    xt, xv = x_all[split.train], x_all[split.val] if split.val.numel() else x_all[split.train]
+    yv = y[split.val] if split.val.numel() else yt
+    w_pos, w_neg = 0.5 * n_train / n_pos, 0.5 * n_train / (n_train - n_pos)
+
+    def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.binary_cross_entropy_with_logits(logits, t, weight=t * w_pos + (1 - t) * w_neg)
+
+    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed + 2)
+    best = (math.inf, copy.deepcopy(router.state_dict()), 0)
+    epoch = 0
+    for epoch in range(1, max_epochs + 1):
+        router.train()
+        perm = torch.randperm(n_train, generator=gen)
+        for i in range(0, n_train, batch_size):
+            b = perm[i : i + batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss_fn(router.forward_inputs(xt[b]), yt[b]).backward()
+            opt.step()
+        router.eval()
+        with torch.no_grad():
+            v = float(loss_fn(router.forward_inputs(xv), yv))
+        if v < best[0] - 1e-5:
+            best = (v, copy.deepcopy(router.state_dict()), epoch)
+        elif epoch - best[2] >= patience:
+            break
+    router.load_state_dict(best[1])
+    info.update(epochs=epoch, best_epoch=best[2], val_loss=_r(best[0], 5), constant=False)
+    return info
+
+
+@dataclass
+class Variant:
+    name: str            # e.g. "rms", "conf:succ64", "rms+conf:succ64", "rms (shipped)"
+    label: str           # "agree" / "stable" / "shipped"
+    routers: dict[int, Any]
+    conf: str | None     # confidence set name or None
+    use_rms: bool
+    train_s: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def variant_scores(v: Variant, ts: TokenSet, layers: list[int], idx: torch.Tensor | None = None,
+                   chunk: int = 4096) -> torch.Tensor:
+    """``[C, n]`` router logits (a sample's first token: -inf, never exits)."""
+    sel = torch.arange(ts.n) if idx is None else idx
+    out = torch.empty(len(layers), sel.numel())
+    for ci, c in enumerate(layers):
+        r = v.routers[c]
+        for i in range(0, sel.numel(), chunk):
+            j = sel[i : i + chunk]
+            if v.conf is None:
+                out[ci, i : i + chunk] = r.logits(ts.states[c][j]).float()
+            else:
+                out[ci, i : i + chunk] = r(ts.states[c][j] if v.use_rms else None, ts.feats[v.conf][ci, j])
+    out[:, ts.position[sel] == 0] = -math.inf
+    return out
+
+
+def train_variant(name: str, label: str, conf: str | None, use_rms: bool, cal: TokenSet, lab: torch.Tensor,
+                  split: Any, layers: list[int], bottleneck: int, seed: int) -> Variant:
+    from tide_compile.calibration.train import train_router
+
+    t0 = time.perf_counter()
+    routers, info = {}, {}
+    target_all = lab & (cal.position > 0)[None]   # protect_first_token
+    for ci, c in enumerate(layers):
+        target = target_all[ci]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 100 * c)
+            if conf is None:
+                r, inf = train_router(cal.states[c], target, split, bottleneck_dim=bottleneck, device="cpu",
+                                      seed=seed + 100 * c)
+                inf = {k: inf.get(k) for k in ("epochs", "best_epoch", "val_loss", "constant", "train_positive_rate")}
+            else:
+                f = cal.feats[conf][ci]
+                ft = f[split.train]
+                mu, sd = ft.mean(0), ft.std(0).clamp(min=1e-4)
+                r = FeatureRouter(f.shape[1], cal.states[c].shape[1], bottleneck if use_rms else 32, use_rms, mu, sd)
+                x = r.inputs(cal.states[c] if use_rms else None, f)
+                inf = train_feature_router(x, target, split, r, seed=seed + 100 * c)
+        routers[c] = r.eval()
+        info[str(c)] = inf
+    return Variant(name, label, routers, conf, use_rms, round(time.perf_counter() - t0, 1), info)
+
+
+# ----------------------------------------------------------------------------- evaluation
+def sweep(scores: torch.Tensor, agree: torch.Tensor, layers: list[int], L: int, max_points: int = 2000,
+          group: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """First-exit rule at thresholds spanning every exit rate: token exits at the first
+    checkpoint whose score > t. Returns thresholds ``[T]`` (descending: +inf first, never
+    exit), all-token agreement, mean depth (layers), exit rate; with ``group`` (``[n]``
+    window ids 0..W-1) also per-window sums ``group_ok`` / ``group_depth`` ``[T, W]`` and
+    ``group_tokens`` ``[W]`` (for :func:`bootstrap`)."""
+    C, n = scores.shape
+    m = scores.max(0).values
+    vals = torch.unique(m[torch.isfinite(m)])
+    if vals.numel() > max_points:
+        vals = vals[torch.linspace(0, vals.numel() - 1, max_points).round().long().unique()]
+    # each value v as threshold just below v: tokens with max >= v exit.
+    th = torch.cat([torch.tensor([math.inf]), torch.nextafter(vals.flip(0), torch.tensor(-math.inf))])
+    depth_c = torch.tensor([c + 1 for c in layers], dtype=torch.float64)
+    agr, dep, ext, g_ok, g_dep = [], [], [], [], []
+    W = int(group.max()) + 1 if group is not None else 0
+    for i in range(0, th.numel(), 128):
+        t = th[i : i + 128]
+        over = scores[None] > t[:, None, None]             # [T, C, n]
+        exited = over.any(1)
+        first = over.to(torch.int8).argmax(1)               # [T, n]
+        ok = torch.where(exited, agree[first, torch.arange(n)[None]], torch.ones_like(exited)).double()
+        depth = torch.where(exited, depth_c[first], torch.full_like(depth_c[first], float(L)))
+        agr.append(ok.mean(1))
+        dep.append(depth.mean(1))
+        ext.append(exited.double().mean(1))
+        if group is not None:
+            g_ok.append(torch.zeros(t.numel(), W, dtype=torch.float64).index_add_(1, group, ok))
+            g_dep.append(torch.zeros(t.numel(), W, dtype=torch.float64).index_add_(1, group, depth))
+    out = {"threshold": th, "agreement": torch.cat(agr), "depth": torch.cat(dep), "exit_rate": torch.cat(ext)}
+    if group is not None:
+        out.update(group_ok=torch.cat(g_ok), group_depth=torch.cat(g_dep),
+                   group_tokens=torch.bincount(group, minlength=W).double())
+    return out
+
+
+def bootstrap_weights(windows: int, draws: int, seed: int) -> torch.Tensor:
+    """``[draws, windows]`` multiplicities of windows resampled with replacement (seeded;
+    the same draws for every router, so differences between routers are paired)."""
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, windows, (draws, windows), generator=gen)
+    return torch.zeros(draws, windows, dtype=torch.float64).scatter_add_(1, pick, torch.ones(draws, windows,
+                                                                                             dtype=torch.float64))
+
+
+def bootstrap(sw: dict[str, torch.Tensor], weights: torch.Tensor, target: float) -> torch.Tensor:
+    """Frontier depth at ``target`` on each resample of windows: ``[draws]``."""
+    tok = weights @ sw["group_tokens"]                                   # [B]
+    agree = (weights @ sw["group_ok"].T) / tok[:, None]                  # [B, T]
+    depth = (weights @ sw["group_depth"].T) / tok[:, None]
+    depth = torch.where(agree >= target - 1e-12, depth, torch.full_like(depth, math.inf))
+    return depth.min(1).values
+
+
+def exit_at_precision(scores: torch.Tensor, agree: torch.Tensor, precision: float = 0.99) -> list[float]:
+    """Per checkpoint on its own: the largest share of tokens that a threshold there lets
+    exit with exit-head agreement >= ``precision`` among them."""
+    out = []
+    for s, a in zip(scores, agree):
+        fin = torch.isfinite(s)
+        order = s[fin].argsort(descending=True)
+        hits = a[fin][order].double().cumsum(0)
+        k = torch.arange(1, hits.numel() + 1, dtype=torch.float64)
+        ok = torch.nonzero(hits / k >= precision)
+        out.append(float(ok.max() + 1) / s.numel() if ok.numel() else 0.0)
+    return out
+
+
+def at_target(sw: dict[str, torch.Tensor], target: float) -> int:
+    """Index of the smallest-depth sweep point with agreement >= target (the never-exit
+    point, index 0, always qualifies)."""
+    ok = sw["agreement"] >= target - 1e-12
+    d = torch.where(ok, sw["depth"], torch.full_like(sw["depth"], math.inf))
+    return int(d.argmin())
+
+
+def at_threshold(scores: torch.Tensor, agree: torch.Tensor, layers: list[int], L: int, t: float) -> dict[str, float]:
+    over = scores > t
+    exited = over.any(0)
+    first = over.to(torch.int8).argmax(0)
+    ok = agree[first, torch.arange(scores.shape[1])]
+    depth_c = torch.tensor([c + 1 for c in layers], dtype=torch.float64)
+    depth = torch.where(exited, depth_c[first], torch.full_like(depth_c[first], float(L)))
+    return {"agreement": float(torch.where(exited, ok, torch.ones_like(ok)).double().mean()),
+            "depth": float(depth.mean()), "exit_rate": float(exited.double().mean())}
+
+
+def oracle(agree: torch.Tensor, stable: torch.Tensor, layers: list[int], L: int) -> dict[str, float]:
+    depth_c = torch.tensor([c + 1 for c in layers], dtype=torch.float64)
+    out = {}
+    for name, lab in (("agree", agree), ("stable", stable)):
+        hit = lab.any(0)
+        first = lab.to(torch.int8).argmax(0)
+        out[name] = float(torch.where(hit, depth_c[first], torch.full_like(depth_c[first], float(L))).mean())
+    return out
+
+
+def auc(scores: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Area under the ROC curve (Mann-Whitney, ties averaged)."""
+    s, y = scores.double(), y.bool()
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return None
+    order = s.argsort()
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.arange(1, s.numel() + 1, dtype=torch.float64)
+    # average ranks of ties
+    uniq, inv = torch.unique(s, return_inverse=True)
+    mean_rank = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inv, ranks) / torch.bincount(inv).double()
+    ranks = mean_rank[inv]
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+# ----------------------------------------------------------------------------- check
+@torch.no_grad()
+def check_against_reference(model: Any, routers: Any, ts: TokenSet, rows: list[list[int]], layers: list[int],
+                            batches: int, batch: int) -> dict[str, Any]:
+    """``reference.forward(kv="deferred")`` on the first windows vs this study's rule on
+    the plain model's states (shipped routers; a threshold that makes ~30% exit)."""
+    from tide_compile import reference
+
+    n_rows = min(len(rows), batches * batch)
+    x = torch.tensor(rows[:n_rows])
+    n_tok = x.numel()
+    sc = torch.stack([routers.score(c, ts.states[c][:n_tok]).float() for c in routers.checkpoint_layers])
+    t = float(torch.quantile(sc.max(0).values, 0.7))
+    exit_layer = torch.full((n_tok,), -1, dtype=torch.long)
+    top1 = ts.final_top1[:n_tok].clone()
+    ci_of = {c: i for i, c in enumerate(layers)}
+    for j, c in enumerate(routers.checkpoint_layers):
+        if c + 1 < routers.config.min_layers:
+            continue
+        new = (exit_layer < 0) & (sc[j] > t)
+        exit_layer[new] = c
+        top1[new] = ts.head_top1[ci_of[c], :n_tok][new]
+    ref_exit, ref_top1 = [], []
+    for i in range(0, n_rows, batch):
+        out = reference.forward(model, routers, x[i : i + batch], exit_threshold=t, kv="deferred")
+        ref_exit.append(out.exit_layers.reshape(-1).cpu())
+        ref_top1.append(out.logits.float().argmax(-1).reshape(-1).cpu())
+    ref_exit, ref_top1 = torch.cat(ref_exit), torch.cat(ref_top1)
+    return {"tokens": n_tok, "threshold": round(t, 6), "exit_rate": _r(float((exit_layer >= 0).float().mean())),
+            "exit_layer_mismatches": int((ref_exit != exit_layer).sum()),
+            "top1_mismatches": int((ref_top1 != top1).sum())}
+
+
+# ----------------------------------------------------------------------------- report
+def _pct(x: float | None, nd: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{nd}f}%"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    L = meta["num_layers"]
+    doms = list(result["domains"])
+    lines = [f"# router_features: {meta['model_name']}, {meta['date']}", "",
+             f"Calibration: {meta['calibration_tokens']} tokens ({meta['samples']} samples of <= "
+             f"{meta['max_length']}); held-out: " + ", ".join(f"{d} {result['domains'][d]['tokens']} tokens"
+                                                            for d in doms)
+             + f"; checkpoints {meta['checkpoints']} (identity heads); {meta['threads']} thread(s); "
+             f"wall {meta.get('wall_s')} s.", "",
+             "Mean depth (fraction of the " + str(L) + " layers) at >= 99% / >= 95% all-token top-1 agreement "
+             "with the full model, independent exits (exact K/V). *frontier*: best threshold on the held-out "
+             "text itself; *cal. t*: threshold chosen on the calibration held-out split for the target, then "
+             "delivered here (agreement / depth).", ""]
+    head = "| router | label | " + " | ".join(f"{d} 99% | {d} 99% minus rms | {d} 95% | {d} cal. t 99%"
+                                             for d in doms) + " |"
+    lines += [head, "|" + "---|" * (2 + 4 * len(doms))]
+    o = {d: result["domains"][d] for d in doms}
+    lines.append("| never exit | - | " + " | ".join("100.0% | - | 100.0% | -" for _ in doms) + " |")
+    lines.append("| oracle (first agreeing checkpoint) | - | "
+                 + " | ".join(f"{_pct(o[d]['oracle_depth']['agree'] / L)} | - | "
+                              f"{_pct(o[d]['oracle_depth']['agree'] / L)} | -" for d in doms) + " |")
+
+    def pts(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:+.1f}"
+
+    for v in result["variants"]:
+        cells = []
+        for d in doms:
+            r = v["domains"][d]
+            f99, f95 = r["frontier"]["0.99"], r["frontier"]["0.95"]
+            c99 = r["calibrated"].get("0.99")
+            cal = "-" if c99 is None else f"{_pct(c99['agreement'])} / {_pct(c99['depth'] / L)}"
+            ci = f99.get("minus_rms_bootstrap_90")
+            delta = "-" if ci is None or (v["name"], v["label"]) == ("rms", "agree") else f"[{pts(ci[0])}, {pts(ci[1])}]"
+            std = f99.get("bootstrap_std")
+            cells.append(f"{_pct(f99['depth_frac'])}" + ("" if std is None else f" ±{100 * std:.1f}")
+                         + f" | {delta} | {_pct(f95['depth_frac'])} | {cal}")
+        lines.append(f"| {v['name']} | {v['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "±: bootstrap standard deviation over resampled held-out windows; *minus rms*: 90% interval "
+              "of this router's 99% frontier depth minus the `rms` (agree) router's, in points, paired "
+              "bootstrap over the same resampled windows."]
+    lines += ["", "Oracle with the stable label (first checkpoint from which every later one agrees): "
+              + ", ".join(f"{d} {_pct(o[d]['oracle_depth']['stable'] / L)}" for d in doms) + ".", ""]
+    lines += ["Candidate-set recall (full-model top-1 in the set; tokens after a window's first; "
+              "in brackets: among tokens the oracle exits):", "",
+              "| set | " + " | ".join(doms) + " | calibration held-out split |", "|---|" + "---|" * (len(doms) + 1)]
+    for s in result["calibration"]["recall"]:
+        cells = [f"{_pct(o[d]['recall'][s]['all'])} ({_pct(o[d]['recall'][s]['oracle_exitable'])})" for d in doms]
+        cr = result["calibration"]["recall"][s]
+        cells.append(f"{_pct(cr['all'])} ({_pct(cr['oracle_exitable'])})")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean AUC over checkpoints (calibration held-out split, agree label) per router: "
+              + ", ".join(f"{v['name']} ({v['label']}) {v['mean_auc_agree']}" for v in result["variants"]
+                          if v.get("mean_auc_agree") is not None) + ".", ""]
+    lines += ["Share of held-out tokens a single checkpoint can let exit at >= 99% exit-head agreement "
+              "(threshold at that checkpoint alone), for the `rms` and best confidence routers (agree label):", ""]
+    show = [v for v in result["variants"] if v["label"] == "agree"
+            and v["name"] in ("rms", "conf:full", "conf:succ8", "conf:prev64", "rms+conf:mix64", "rms+conf:full")]
+    if show:
+        cks = list(show[0]["domains"][doms[0]]["exit_at_99_precision"])
+        lines += ["| router | domain | " + " | ".join(cks) + " |", "|---|---|" + "---|" * len(cks)]
+        for v in show:
+            for d in doms:
+                e = v["domains"][d]["exit_at_99_precision"]
+                lines.append(f"| {v['name']} | {d} | " + " | ".join(_pct(e[c], 1) for c in cks) + " |")
+        lines.append("")
+        lines.append("Exit-head agreement per checkpoint (identity heads): " + "; ".join(
+            f"{d}: " + ", ".join(f"{c}: {_pct(a, 0)}" for c, a in o[d]["head_agreement"].items()) for d in doms) + ".")
+        lines.append("")
+    chk = result.get("reference_check") or {}
+    if chk:
+        lines.append("Check, `reference.forward(kv='deferred')` vs this study's rule on states (shipped routers): "
+                     + "; ".join(f"{d}: {c['tokens']} tokens, exit rate {_pct(c['exit_rate'])}, "
+                                 f"{c['exit_layer_mismatches']} exit / {c['top1_mismatches']} top-1 mismatches"
+                                 for d, c in chk.items()) + ".")
+    return "\n".join(lines)
+
+
+#: Routers drawn in the plot (name, label): the baselines and the best of each kind.
+PLOTTED = (("rms (shipped", "agree"), ("rms", "agree"), ("rms", "stable"), ("conf:full", "agree"),
+           ("conf:succ8", "agree"), ("conf:prev64", "agree"), ("rms+conf:succ8", "agree"),
+           ("rms+conf:mix64", "agree"), ("rms+conf:full", "agree"))
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """All-token agreement against mean depth (the sweep curves stored in the JSON) per
+    domain, for the routers of :data:`PLOTTED`, and the oracle."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    doms = list(result["domains"])
+    L = result["meta"]["num_layers"]
+    shown = [v for v in result["variants"]
+             if any(v["name"].startswith(n) if n.endswith("(shipped") else v["name"] == n and v["label"] == lab
+                    for n, lab in PLOTTED)]
+    colors = plt.get_cmap("tab10").colors
+    fig, axes = plt.subplots(1, len(doms), figsize=(7 * len(doms), 5.5), squeeze=False)
+    for j, d in enumerate(doms):
+        ax = axes[0][j]
+        for i, v in enumerate(shown):
+            cv = v["domains"][d]["curve"]
+            ax.plot([x / L for x in cv["depth"]], cv["agreement"], color=colors[i % len(colors)],
+                    linestyle="--" if v["name"].startswith("conf:") else "-", linewidth=1.2,
+                    label=f"{v['name']} ({v['label']})")
+        od = result["domains"][d]["oracle_depth"]
+        ax.plot([od["agree"] / L], [1.0], "k*", markersize=10, label="oracle (first agreeing checkpoint)")
+        ax.plot([od["stable"] / L], [1.0], "k^", markersize=7, label="oracle, stable label")
+        ax.axhline(0.99, color="grey", linewidth=0.6)
+        ax.axhline(0.95, color="grey", linewidth=0.6, linestyle=":")
+        ax.set_xlim(min(0.75, od["agree"] / L - 0.03), 1.005)
+        ax.set_ylim(0.88, 1.002)
+        ax.set_xlabel("mean depth (fraction of layers)")
+        ax.set_ylabel("all-token top-1 agreement (independent exits)")
+        ax.set_title(f"held-out {d}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"router_features: {result['meta']['model_name']}, checkpoints every "
+                 f"{result['meta']['interval']} layers, identity heads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("smollm2", "demo"), default="smollm2")
+    ap.add_argument("--samples", type=int, default=256, help="calibration samples")
+    ap.add_argument("--max-length", type=int, default=128, help="tokens per calibration sample")
+    ap.add_argument("--windows", type=int, default=32, help="held-out windows per domain")
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--interval", type=int, default=2, help="checkpoint every this many layers")
+    ap.add_argument("--ks", type=_ints, default=[8, 32, 64])
+    ap.add_argument("--sources", type=_strs, default=list(SOURCES))
+    ap.add_argument("--combo-sets", type=_strs, default=["prev64", "succ64", "mix64", "succ8", "full"],
+                    help="confidence sets also trained together with rms(h_c) (rms+conf routers)")
+    ap.add_argument("--labels", type=_strs, default=list(LABELS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=1024, help="tokens per full-vocabulary head pass")
+    ap.add_argument("--check-batches", type=int, default=1,
+                    help="reference.forward(kv='deferred') batches per domain to check the rule (0: none)")
+    ap.add_argument("--bootstrap", type=int, default=1000,
+                    help="resamples of the held-out windows for the frontier's spread (paired across routers)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=Path("router_features_out"))
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--replot", action="store_true",
+                    help="only redraw OUT/router_features.png and .md from OUT/router_features.json")
+    ap.add_argument("--tiny", action="store_true",
+                    help="smoke test: demo model, 24 samples of 64 tokens, 4 windows of 64, k 4,8, one "
+                         "rms+conf set, one label")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.model = "demo"
+        args.samples, args.max_length, args.windows, args.window = 24, 64, 4, 64
+        args.bootstrap = 50
+        args.ks, args.combo_sets, args.labels = [4, 8], ["succ8"], ["agree"]
+        args.batch = 4
+    for s in args.sources:
+        if s not in SOURCES:
+            ap.error(f"--sources: unknown {s!r} ({', '.join(SOURCES)})")
+    for s in args.labels:
+        if s not in LABELS:
+            ap.error(f"--labels: unknown {s!r} ({', '.join(LABELS)})")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    global _T0
+    _T0 = time.perf_counter()
+    args = parse_args(argv)
+    if args.replot:
+        result = json.loads((args.out / "router_features.json").read_text())
+        (args.out / "router_features.md").write_text(markdown(result) + "\n")
+        plot(result, args.out / "router_features.png")
+        return result
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    import transformers
+
+    from tide_compile import demo
+    from tide_compile.calibration.data import build_samples
+    from tide_compile.calibration.train import split_by_sample
+    from tide_compile.cli_demo import calibration_texts
+    from tide_compile.config import TIDEConfig, checkpoint_layers
+    from tide_compile.model_probe import probe
+    from tide_compile.routers import RouterSet
+
+    timing: dict[str, float] = {}
+    log(f"loading {args.model} (float32, cpu, {args.threads} thread(s))")
+    model, tok = demo.load(args.model, dtype=torch.float32, device="cpu")
+    p = probe(model)
+    L, V = p.num_layers, p.vocab_size
+    layers = checkpoint_layers(L, args.interval, 1)
+    bottleneck = TIDEConfig().router_bottleneck_dim
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    # held-out windows first: build_samples leaves the fast tokenizer truncating
+    held_rows = {d: heldout_windows(tok, text, args.windows, args.window)
+                 for d, text in heldout_domains(args.model).items()}
+    t0 = time.perf_counter()
+    texts = calibration_texts(args.model, seed=args.seed)
+    samples = build_samples(tok, texts, num_samples=args.samples, max_length=args.max_length, seed=args.seed,
+                            source=f"calibration_texts({args.model!r})")
+    log(f"calibration: {len(samples.input_ids)} samples, {samples.num_tokens} tokens; checkpoints {layers}")
+    cal = collect(model, p, samples.input_ids, layers, "calibration", pad, args.batch, args.progress)
+    helds = {d: collect(model, p, rows, layers, d, pad, args.batch, args.progress) for d, rows in held_rows.items()}
+    timing["collect_s"] = round(time.perf_counter() - t0, 1)
+    log(f"collected states ({timing['collect_s']} s)")
+
+    split = split_by_sample(cal.sample, len(samples.input_ids), seed=args.seed)
+    table = successor_table(cal.ids[split.train], cal.final_top1[split.train], V, max(args.ks))
+    t0 = time.perf_counter()
+    for ts in [cal, *helds.values()]:
+        ts.cands = candidate_sets(ts, table, args.ks, args.sources)
+        compute_features(p, ts, layers, args.chunk, args.progress)
+        log(f"features {ts.name}: {ts.n} tokens")
+    timing["features_s"] = round(time.perf_counter() - t0, 1)
+    lab_cal = labels(cal)
+    lab_held = {d: labels(ts) for d, ts in helds.items()}
+
+    # ---- routers
+    t0 = time.perf_counter()
+    conf_sets = ["full", *cal.cands]
+    plan: list[tuple[str, str | None, bool]] = [("rms", None, False)]
+    plan += [(f"conf:{s}", s, False) for s in conf_sets]
+    plan += [(f"rms+conf:{s}", s, True) for s in args.combo_sets if s in conf_sets]
+    variants: list[Variant] = []
+    for label in args.labels:
+        for name, conf, use_rms in plan:
+            v = train_variant(name, label, conf, use_rms, cal, lab_cal[label], split, layers, bottleneck, args.seed)
+            variants.append(v)
+            log(f"trained {name} ({label}) in {v.train_s} s")
+    shipped_path = demo.SHIPPED_ROUTERS.get(args.model)
+    shipped = None
+    if shipped_path is not None and shipped_path.is_file():
+        shipped = RouterSet.load(shipped_path, model=model)
+        if shipped.checkpoint_layers == layers and not shipped.exit_projections:
+            ncal = (shipped.calibration or {}).get("samples")
+            variants.insert(0, Variant(f"rms (shipped, {ncal} samples)", "agree",
+                                       {c: shipped.router(c) for c in layers}, None, False))
+    timing["train_s"] = round(time.perf_counter() - t0, 1)
+
+    # ---- evaluation
+    t0 = time.perf_counter()
+    meta = {
+        "model_name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)" if args.model == "smollm2"
+        else "demo (4M, tide_compile/demo_model)",
+        "model": args.model, "num_layers": L, "hidden_size": p.hidden_size, "vocab_size": V,
+        "checkpoints": layers, "interval": args.interval, "samples": len(samples.input_ids),
+        "max_length": args.max_length, "calibration_tokens": cal.n, "split_tokens": split.sizes(),
+        "windows": args.windows, "window": args.window, "ks": args.ks, "sources": args.sources,
+        "combo_sets": args.combo_sets, "labels": args.labels, "router_bottleneck_dim": bottleneck,
+        "conf_columns": list(CONF_COLUMNS), "seed": args.seed, "threads": torch.get_num_threads(),
+        "device": "cpu", "dtype": "float32", "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "machine": f"{platform.node()} {platform.machine()}",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (
+            sys.argv[1:] if argv is None else list(argv))),
+        "successor_table": f"[{V}, {max(args.ks)}] from the calibration train split's {int(split.train.numel())} tokens",
+    }
+    result: dict[str, Any] = {"complete": False, "meta": meta, "timing": timing, "domains": {}, "calibration": {},
+                              "variants": []}
+    # the successor table was built on the train split: recall on the held-out split
+    result["calibration"]["recall"] = recall(cal, lab_cal["agree"], split.heldout)
+    result["calibration"]["oracle_depth"] = oracle(lab_cal["agree"], lab_cal["stable"], layers, L)
+    for d, ts in helds.items():
+        lh = lab_held[d]
+        result["domains"][d] = {
+            "tokens": ts.n, "oracle_depth": oracle(lh["agree"], lh["stable"], layers, L),
+            "head_agreement": {str(c): _r(float(lh["agree"][i].float().mean())) for i, c in enumerate(layers)},
+            "recall": recall(ts, lh["agree"]),
+        }
+    held_idx = split.heldout
+    agree_calheld = lab_cal["agree"][:, held_idx]
+    boot_w = {d: bootstrap_weights(args.windows, args.bootstrap, args.seed + 7) for d in helds}
+    boot_depth: dict[tuple[str, str, str, float], torch.Tensor] = {}
+    for v in variants:
+        entry: dict[str, Any] = {"name": v.name, "label": v.label, "train_s": v.train_s, "training": v.info,
+                                 "domains": {}}
+        cs = variant_scores(v, cal, layers, held_idx)
+        aucs = [auc(cs[i][torch.isfinite(cs[i])], agree_calheld[i][torch.isfinite(cs[i])]) for i in range(len(layers))]
+        entry["auc_agree"] = {str(c): _r(a) for c, a in zip(layers, aucs)}
+        good = [a for a in aucs if a is not None]
+        entry["mean_auc_agree"] = _r(sum(good) / len(good)) if good else None
+        sw_cal = sweep(cs, agree_calheld, layers, L)
+        cal_t = {}
+        for tgt in (0.99, 0.95):
+            i = at_target(sw_cal, tgt)
+            cal_t[tgt] = float(sw_cal["threshold"][i])
+        entry["calibration_split"] = {str(t): {"threshold": _r(th, 6),
+                                               **{k: _r(x) for k, x in at_threshold(cs, agree_calheld, layers, L, th).items()}}
+                                      for t, th in cal_t.items()}
+        for d, ts in helds.items():
+            sc = variant_scores(v, ts, layers)
+            sw = sweep(sc, lab_held[d]["agree"], layers, L, group=ts.sample)
+            fr = {}
+            for tgt in (0.99, 0.95):
+                i = at_target(sw, tgt)
+                boot = bootstrap(sw, boot_w[d], tgt) / L
+                fr[str(tgt)] = {"depth": _r(float(sw["depth"][i])), "depth_frac": _r(float(sw["depth"][i]) / L),
+                                "agreement": _r(float(sw["agreement"][i])),
+                                "exit_rate": _r(float(sw["exit_rate"][i])), "threshold": _r(float(sw["threshold"][i]), 6),
+                                "bootstrap_std": _r(float(boot.std())),
+                                "bootstrap_90": [_r(float(x)) for x in boot.quantile(torch.tensor([0.05, 0.95],
+                                                                                                  dtype=torch.float64))]}
+                boot_depth[(v.name, v.label, d, tgt)] = boot
+            delivered = {str(t): {k: _r(x) for k, x in at_threshold(sc, lab_held[d]["agree"], layers, L, th).items()}
+                         for t, th in cal_t.items()}
+            pick = torch.linspace(0, sw["depth"].numel() - 1, min(200, sw["depth"].numel())).round().long().unique()
+            entry["domains"][d] = {"frontier": fr, "calibrated": delivered,
+                                   "exit_at_99_precision": {str(c): _r(x) for c, x in
+                                                            zip(layers, exit_at_precision(sc, lab_held[d]["agree"]))},
+                                   "curve": {"depth": [_r(float(x)) for x in sw["depth"][pick]],
+                                             "agreement": [_r(float(x), 5) for x in sw["agreement"][pick]]}}
+        result["variants"].append(entry)
+    # paired bootstrap: each router's frontier depth minus the rms router's (same label
+    # "agree", trained here), on the same resampled windows
+    for entry in result["variants"]:
+        for d in helds:
+            for tgt in (0.99, 0.95):
+                base = boot_depth.get(("rms", "agree", d, tgt))
+                mine = boot_depth[(entry["name"], entry["label"], d, tgt)]
+                if base is not None:
+                    diff = mine - base
+                    entry["domains"][d]["frontier"][str(tgt)]["minus_rms_bootstrap_90"] = [
+                        _r(float(x)) for x in diff.quantile(torch.tensor([0.05, 0.95], dtype=torch.float64))]
+    timing["eval_s"] = round(time.perf_counter() - t0, 1)
+    if shipped is not None and args.check_batches > 0:
+        t0 = time.perf_counter()
+        result["reference_check"] = {d: check_against_reference(model, shipped, ts, held_rows[d], layers,
+                                                                args.check_batches, args.batch)
+                                     for d, ts in helds.items()}
+        timing["check_s"] = round(time.perf_counter() - t0, 1)
+    meta["wall_s"] = round(time.perf_counter() - _T0, 1)
+    result["complete"] = True
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "router_features.json").write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    (args.out / "router_features.md").write_text(md + "\n")
+    plot(result, args.out / "router_features.png")
+    print()
+    print(md)
+    print()
+    print(f"wall time {meta['wall_s']} s; outputs in {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

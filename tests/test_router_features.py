@@ -1,0 +1,116 @@
+"""Smoke test of benchmarks/router_features.py (issue 20's router-feature study).
+
+``--tiny`` (the demo model, 24 calibration samples, 4 held-out windows, CPU) runs in a
+fresh interpreter; the JSON must be complete and consistent, and the study's
+independent-exit rule on the plain model's states must equal
+``reference.forward(kv="deferred")`` exactly. The pieces the numbers rest on are checked
+on their own: the candidate logits of the runtime op (k rows of ``lm_head``) equal the
+full logits gathered, the full-vocabulary fast path of ``confidence`` equals the general
+one, labels, the successor table and the threshold sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "router_features.py"
+
+
+@pytest.fixture(scope="module")
+def rf():
+    return runpy.run_path(str(SCRIPT), run_name="router_features")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("router_features")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "router_features.json").read_text())
+
+
+def test_tiny_run(tiny_run):
+    out, result = tiny_run
+    assert result["complete"] is True
+    assert (out / "router_features.md").read_text().startswith("# router_features")
+    L = result["meta"]["num_layers"]
+    assert result["meta"]["checkpoints"] == [1, 3, 5]
+    for d, dom in result["domains"].items():
+        od = dom["oracle_depth"]
+        assert 1 <= od["agree"] <= od["stable"] <= L
+        for s, r in dom["recall"].items():
+            assert 0.0 <= r["all"] <= 1.0
+    names = {(v["name"], v["label"]) for v in result["variants"]}
+    assert ("rms", "agree") in names and ("conf:full", "agree") in names
+    assert ("conf:succ8", "agree") in names and ("rms+conf:succ8", "agree") in names
+    for v in result["variants"]:
+        for d, r in v["domains"].items():
+            for tgt in ("0.99", "0.95"):
+                f = r["frontier"][tgt]
+                assert f["agreement"] >= float(tgt) - 1e-9
+                assert 1 <= f["depth"] <= L
+            assert r["frontier"]["0.95"]["depth"] <= r["frontier"]["0.99"]["depth"] + 1e-9
+            assert r["curve"]["depth"][0] == L and r["curve"]["agreement"][0] == 1.0  # never exit
+    # the states-based rule is reference.forward(kv="deferred")
+    for d, c in result["reference_check"].items():
+        assert c["exit_rate"] > 0
+        assert c["exit_layer_mismatches"] == 0 and c["top1_mismatches"] == 0
+
+
+def test_candidate_logits_and_confidence(rf):
+    from tide_compile import demo
+    from tide_compile.model_probe import probe
+
+    model, _ = demo.load("demo")
+    p = probe(model)
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(5, p.hidden_size, generator=gen) * 3
+    full = p.head(h).float()
+    idx = torch.randint(0, p.vocab_size, (5, 16), generator=gen)
+    got = rf["candidate_logits"](p.lm_head.weight, p.final_norm(h), idx)
+    torch.testing.assert_close(got, full.gather(1, idx), rtol=1e-4, atol=1e-4)
+    fast, t_fast = rf["confidence"](full, None)
+    slow, t_slow = rf["confidence"](full, torch.arange(p.vocab_size).repeat(5, 1))
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
+    assert torch.equal(t_fast, full.argmax(-1)) and torch.equal(t_slow, t_fast)
+    # masked candidates: one finite entry -> max prob 1, margin 1, no candidate -> zeros, -1
+    z = torch.tensor([[2.0, -math.inf, -math.inf], [-math.inf] * 3])
+    f, t = rf["confidence"](z, torch.tensor([[7, 8, 9], [1, 2, 3]]))
+    assert f[0, 0] == 1.0 and f[0, 1] == 1.0 and t.tolist() == [7, -1] and f[1].abs().sum() == 0
+
+
+def test_labels_table_and_sweep(rf):
+    TokenSet = rf["TokenSet"]
+    head = torch.tensor([[1, 9, 3, 9], [1, 5, 3, 4], [1, 2, 6, 4]])  # [C=3, n=4]
+    ts = TokenSet("t", torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long),
+                  torch.arange(4), {}, final_top1=torch.tensor([1, 2, 3, 4]), head_top1=head)
+    lab = rf["labels"](ts)
+    assert lab["agree"].tolist() == [[True, False, True, False], [True, False, True, True],
+                                     [True, True, False, True]]
+    assert lab["stable"].tolist() == [[True, False, False, False], [True, False, False, True],
+                                      [True, True, False, True]]
+    table = rf["successor_table"](torch.tensor([0, 0, 0, 1]), torch.tensor([5, 5, 6, 7]), vocab=10, k=3)
+    assert table[0].tolist() == [5, 6, 7] and table[1].tolist()[0] == 7
+    assert all(len(set(r)) == 3 for r in table.tolist())
+    layers, L = [1, 3, 5], 8
+    # a perfect router (score = agree) reaches the oracle: agreement 1 at its depth
+    agree = lab["agree"]
+    sw = rf["sweep"](agree.float(), agree, layers, L)
+    assert sw["depth"][0] == L and sw["agreement"][0] == 1.0
+    i = rf["at_target"](sw, 1.0)
+    assert sw["agreement"][i] == 1.0
+    oracle = rf["oracle"](agree, lab["stable"], layers, L)
+    assert oracle == {"agree": 3.5, "stable": 5.0}  # first agreeing: 2, 6, 2, 4; stable: 2, 6, 8, 4
+    assert float(sw["depth"][i]) == pytest.approx(oracle["agree"])
