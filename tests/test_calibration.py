@@ -65,6 +65,17 @@ FAST = dict(max_length=48, progress=False)
 
 
 # ----------------------------------------------------------------------------- data
+def test_samples_leave_the_tokenizer_untruncated(tok):
+    """build_samples tokenizes with truncation; a fast tokenizer keeps that as state on its
+    backend (transformers 5.x). Afterwards a long text encodes whole again through the
+    backend (as bench_quality, tune and demo.perplexity encode held-out text)."""
+    text = "the quick brown fox. " * 40
+    whole = len(tok.backend_tokenizer.encode(text, add_special_tokens=False).ids)
+    build_samples(tok, [text, text[:50]], max_length=16, num_samples=4)
+    assert tok.backend_tokenizer.truncation is None
+    assert len(tok.backend_tokenizer.encode(text, add_special_tokens=False).ids) == whole
+
+
 def test_rows_from_list_without_datasets(monkeypatch):
     real_import = builtins.__import__
 

@@ -262,9 +262,23 @@ def load_rows(
 
 def _encode(tokenizer: Any, text: str, *, special: bool, max_length: int | None = None) -> list[int]:
     kwargs: dict[str, Any] = {"add_special_tokens": special}
-    if max_length is not None:
-        kwargs.update(truncation=True, max_length=max_length)
-    ids = tokenizer(text, **kwargs)["input_ids"]
+    if max_length is None:
+        return [int(i) for i in tokenizer(text, **kwargs)["input_ids"]]
+    kwargs.update(truncation=True, max_length=max_length)
+    # A fast tokenizer keeps truncation=True as state on its backend (transformers 5.x)
+    # until its next call without truncation: a backend_tokenizer.encode in between (as
+    # bench_quality, tune and demo.perplexity encode long text) would be cut to
+    # max_length. Put the backend's setting back as it was.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    saved = getattr(backend, "truncation", None) if backend is not None else None
+    try:
+        ids = tokenizer(text, **kwargs)["input_ids"]
+    finally:
+        if backend is not None:
+            if saved is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**saved)
     return [int(i) for i in ids]
 
 
