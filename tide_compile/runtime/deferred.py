@@ -46,7 +46,7 @@ when the measured regret rate exceeds ``1 - target_agreement``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -128,23 +128,21 @@ class RegretController:
         step: the rise of ``logit(threshold)`` per decision.
         max_threshold: the highest threshold it sets.
         raised: thresholds it set, in order.
-        threshold: the last threshold it set (None: none yet), which every deferred
-            step of the model uses from then on.
+        threshold: the last of ``raised`` (None: none yet); the model's deferred steps
+            use it from then on (``TIDEModel.decode_threshold``).
     """
 
     target_agreement: float
     window: int = 32
     step: float = 1.0
     max_threshold: float = 0.99999
-    raised: list[float] | None = None
+    raised: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target_agreement < 1.0:
             raise ValueError(f"target_agreement must be in (0, 1), got {self.target_agreement!r}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window!r}")
-        self.raised = []
-        self.threshold: float | None = None
         self._regrets: torch.Tensor | int = 0
         self._checked = 0
 
@@ -161,10 +159,13 @@ class RegretController:
         t = min(max(threshold, 1e-6), 1 - 1e-6)
         new = 1.0 / (1.0 + math.exp(-(math.log(t) - math.log1p(-t) + self.step)))
         new = min(new, self.max_threshold)
-        assert self.raised is not None
         self.raised.append(new)
-        self.threshold = new
         return new
+
+    @property
+    def threshold(self) -> float | None:
+        """The last threshold it set (None: none yet)."""
+        return self.raised[-1] if self.raised else None
 
 
 def generate_deferred(
