@@ -19,16 +19,29 @@ depth the weight-bytes bound is full-model bytes / (bytes of executed layers + K
 projection bytes of skipped layers + final norm and lm_head): the speedup no
 implementation of that exit could beat when decode is memory-bound.
 
+``--loop generate``: the fixed-shape rows timed as whole generate calls per token
+(``(t(1 + steps) - t(1)) / steps``) instead of per step of a hand loop through Dynamo:
+tide through ``optimize(...).generate``, which calls the compiled runner directly after
+its first steps (no Dynamo guards or input gathering per step), Inductor through an equal
+loop (eager prompt, compiled one-token steps, no host sync per step). The difference
+between the two loops' tide rows is the host time per step that the direct call saves.
+
 ``--traffic``: mixed traffic instead: ``--requests`` (64) requests one after another at
 batch 1, prompt lengths and new-token counts drawn from ``--prompt-range`` (16..1024) and
-``--new-range`` (16..256) with a fixed seed; rows Inductor (its own bucketed decode loop,
-as ``generate`` buckets), tide never-exit and tide forced exit after ``--exit-depth`` (16)
-layers, both through ``optimize(...).generate``. Each row runs the traffic twice in one
-loop: the first pass compiles (every bucket and length it meets), the second is timed.
-Reported: tokens/s of the second pass and the compile time (first pass minus second).
+``--new-range`` (16..256) with a fixed seed; rows (``--traffic-rows``) Inductor (its own
+bucketed decode loop, as ``generate`` buckets), tide never-exit and tide forced exit after
+``--exit-depth`` (16) layers, both through ``optimize(...).generate``. Each row first runs
+a warm-up (the first two requests of every cache bucket: a bucket's graphs compile at its
+first request), then one timed pass over all requests. Reported: tokens/s of the timed
+pass, the compile time (the warm-up minus its tokens at the timed rate) and the graphs
+compiled during the timed pass (0 when every shape reused its bucket's graphs).
+``--max-cache-len N`` gives every request one static cache of N positions (the generate
+keyword): each row compiles one prompt and one decode graph instead of two per bucket.
 
 Usage: python benchmarks/bench_decode.py [--tiny] [--steps 64] [--pairs 6] [--out results.json]
-       python benchmarks/bench_decode.py --traffic [--tiny] [--out traffic.json]
+       python benchmarks/bench_decode.py --loop generate [--rows inductor,never,exits]
+       python benchmarks/bench_decode.py --traffic [--traffic-rows inductor,never,exit]
+           [--max-cache-len 1280] [--tiny] [--out traffic.json]
 """
 
 from __future__ import annotations
@@ -201,6 +214,21 @@ def summarize(times: list[float], skip: int) -> float:
     return statistics.median(times[skip:])
 
 
+def generate_ms(generate, prompt: torch.Tensor, steps: int, device: str) -> float:
+    """Per new token of a whole generate call, as a user sees it: (t(1 + steps) - t(1)) /
+    steps, prompt step included in both (so it cancels) and no sync inside the loop
+    beyond the loop's own."""
+    sync(device)
+    t0 = time.perf_counter()
+    generate(prompt, 1)
+    sync(device)
+    t1 = time.perf_counter()
+    generate(prompt, 1 + steps)
+    sync(device)
+    t2 = time.perf_counter()
+    return ((t2 - t1) - (t1 - t0)) * 1e3 / steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="small model (CPU smoke test)")
@@ -232,6 +260,13 @@ def main() -> None:
                     help="after each tide row, time every captured CUDA graph alone (GPU only)")
     ap.add_argument("--time-budget", type=float, default=480.0,
                     help="stop starting new rows after this many seconds")
+    ap.add_argument("--loop", choices=("dynamo", "generate"), default="dynamo",
+                    help="fixed-shape rows: 'dynamo' times each step of a hand loop that "
+                         "calls the compiled forward (through Dynamo's guards every step); "
+                         "'generate' times whole generate calls per token: tide through "
+                         "optimize(...).generate (after its first steps it calls the "
+                         "compiled runner directly), Inductor through an equal hand loop "
+                         "(eager prompt, compiled steps, no sync per step)")
     ap.add_argument("--no-inductor", action="store_true",
                     help="compile without Inductor (baseline: Dynamo's eager backend; tide: "
                          "FX graphs): a quick CPU smoke run of the loops, not a measurement")
@@ -241,6 +276,12 @@ def main() -> None:
     ap.add_argument("--new-range", default="16,256")
     ap.add_argument("--exit-depth", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--traffic-rows", default="inductor,never,exit",
+                    help="traffic rows, comma list of: inductor, never, exit")
+    ap.add_argument("--max-cache-len", type=int, default=None,
+                    help="traffic: one static cache length for every request (the generate "
+                         "keyword; each row then compiles one prompt and one decode graph) "
+                         "instead of the cache buckets")
     args = ap.parse_args()
     if args.traffic:
         traffic(args)
@@ -295,10 +336,19 @@ def main() -> None:
     ind_cache = new_cache(model, cache_len)
     mark = device == "cuda" and not args.no_inductor
 
+    gen_loop = args.loop == "generate"
+    skip = 0 if gen_loop else args.warmup
+    env["loop"] = args.loop
+    ind_loop = BucketedLoop(model, ind, device, mark, eager_prompt=True, max_cache_len=cache_len)
+
     def run_inductor() -> list[float]:
+        if gen_loop:
+            return [generate_ms(ind_loop.generate, prompt, args.steps, device)]
         return decode_loop(ind, model, prompt, args.steps, ind_cache, device, mark)
 
-    base = summarize(run_inductor(), args.warmup)
+    if gen_loop:
+        run_inductor()  # compiles
+    base = summarize(run_inductor(), skip)
     row("inductor", base, compile_and_first_s=round(time.time() - t0, 1))
 
     graphed: list = []
@@ -318,22 +368,41 @@ def main() -> None:
             print(f"# skipped {name}: time budget", flush=True)
             return
         routers = RouterSet.forced(model, exit_at=exit_at, config=cfg)
-        stats = ExitStats(b["num_layers"])
         t0 = time.time()
-        fn = torch.compile(model.forward, backend="tide", fullgraph=True,
-                           options={"routers": routers, "stats": stats, "strategy": "skip",
-                                    "kernels": args.kernels, "inductor_config": patches,
-                                    "stack_kv": stack_kv, "inductor": not args.no_inductor})
-        cache = new_cache(model, cache_len)
         graphed.clear()
+        if gen_loop:
+            options = {"kernels": args.kernels, "inductor_config": patches,
+                       "inductor": not args.no_inductor}
+            if stack_kv is not None:
+                options["stack_kv"] = stack_kv
+            fast = tide_compile.optimize(model, routers, **options)
+            stats = fast.tide_stats
 
-        def run_tide() -> list[float]:
-            return decode_loop(fn, model, prompt, args.steps, cache, device, False)
+            def gen(ids, n):
+                return fast.generate(ids, max_new_tokens=n, eos_token_id=-1,
+                                     max_cache_len=cache_len)
+
+            def run_tide() -> list[float]:
+                return [generate_ms(gen, prompt, args.steps, device)]
+
+            run_tide()  # compiles, captures, switches to the direct call
+            cache = next(iter(fast._buckets.values())).cache
+            fn = None
+        else:
+            stats = ExitStats(b["num_layers"])
+            fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                               options={"routers": routers, "stats": stats, "strategy": "skip",
+                                        "kernels": args.kernels, "inductor_config": patches,
+                                        "stack_kv": stack_kv, "inductor": not args.no_inductor})
+            cache = new_cache(model, cache_len)
+
+            def run_tide() -> list[float]:
+                return decode_loop(fn, model, prompt, args.steps, cache, device, False)
 
         run_tide()  # compiles, captures
         compiled_s = round(time.time() - t0, 1)
         stats.reset()
-        paired = interleaved_pairs(run_inductor, run_tide, args.pairs, args.warmup)
+        paired = interleaved_pairs(run_inductor, run_tide, args.pairs, skip)
         ms = paired.pop("ms_per_token")
         depth = b["num_layers"] if exit_at is None else exit_at + 1
         bound = bound_speedup(b, depth)
@@ -349,14 +418,17 @@ def main() -> None:
             mean_layers_executed=round(stats.mean_layers_executed, 2),
             compile_and_first_s=compiled_s, **paired, **extra)
         if name in args.profile.split(","):
-            profile_steps(fn, cache, name)
+            profile_steps(fn, cache, name, run=gen if gen_loop else None)
 
-    def profile_steps(fn, cache, name, steps=8):
+    def profile_steps(fn, cache, name, steps=8, run=None):
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=acts) as prof:
-            decode_loop(fn, model, prompt, steps, cache, device, False)
+            if run is not None:  # --loop generate: one generate call of `steps` tokens
+                run(prompt, steps)
+            else:
+                decode_loop(fn, model, prompt, steps, cache, device, False)
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         averages = prof.key_averages()
         print(f"# profile of {name}: {steps} decode steps (+ an eager prefill)", flush=True)
@@ -415,15 +487,17 @@ class BucketedLoop:
     (as ``TIDEModel.generate``), the prompt step with its length marked dynamic, then
     one-token steps; the same compiled ``model.forward`` for both."""
 
-    def __init__(self, model, fn, device: str, mark_step: bool) -> None:
+    def __init__(self, model, fn, device: str, mark_step: bool, *, eager_prompt: bool = False,
+                 max_cache_len: int | None = None) -> None:
         self.model, self.fn, self.device, self.mark_step = model, fn, device, mark_step
+        self.eager_prompt, self.max_cache_len = eager_prompt, max_cache_len
         self.caches: dict[int, object] = {}
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, new: int) -> int:
         from tide_compile.runtime.model import cache_bucket
 
-        length = cache_bucket(ids.shape[1] + new)
+        length = self.max_cache_len or cache_bucket(ids.shape[1] + new)
         cache = self.caches.get(length)
         if cache is None:
             cache = self.caches[length] = new_cache(self.model, length)
@@ -431,8 +505,15 @@ class BucketedLoop:
         cache.reset()
         step = ids.clone()
         positions = torch.arange(ids.shape[1], device=self.device)[None]
-        torch._dynamo.mark_dynamic(step, 1)
-        torch._dynamo.mark_dynamic(positions, 1)
+        if self.eager_prompt:  # the prompt eagerly, then compiled one-token steps
+            logits = self.model(input_ids=step, position_ids=positions, past_key_values=cache,
+                                use_cache=True).logits
+            step = logits[:, -1:].argmax(-1)
+            positions = positions[:, -1:] + 1
+            new -= 1
+        else:
+            torch._dynamo.mark_dynamic(step, 1)
+            torch._dynamo.mark_dynamic(positions, 1)
         for _ in range(new):
             if self.mark_step:
                 torch.compiler.cudagraph_mark_step_begin()
@@ -440,7 +521,7 @@ class BucketedLoop:
                              use_cache=True).logits
             step = logits[:, -1:].argmax(-1).clone()
             positions = positions[:, -1:] + 1
-        return new
+        return new + self.eager_prompt
 
 
 def traffic(args) -> None:
@@ -459,47 +540,86 @@ def traffic(args) -> None:
            "prompt_range": args.prompt_range, "new_range": args.new_range, "seed": args.seed,
            "tokens": sum(n for _, n in requests), "inductor": inductor,
            "exit_depth": args.exit_depth, "interval": args.interval}
+    env["max_cache_len"] = args.max_cache_len
+    if args.max_cache_len and args.max_cache_len < max(ids.shape[1] + n for ids, n in requests):
+        raise SystemExit("--max-cache-len is shorter than the longest request")
+    # Warm-up: the first two requests of every cache bucket (a bucket's graphs compile at
+    # its first request; the second has another prompt length). Then one timed pass over
+    # all requests; graphs compiled during it are counted (0 expected).
+    from tide_compile.runtime.model import cache_bucket
+
+    seen: dict[int, int] = {}
+    warm = []
+    for ids, n in requests:
+        key = args.max_cache_len or cache_bucket(ids.shape[1] + n)
+        if seen.get(key, 0) < 2:
+            seen[key] = seen.get(key, 0) + 1
+            warm.append((ids, n))
+    env["buckets"] = sorted(seen)
+    env["warmup_requests"] = len(warm)
     print(json.dumps(env), flush=True)
     rows = []
+    wanted = set(args.traffic_rows.split(","))
+    unknown = wanted - {"inductor", "never", "exit"}
+    if unknown:
+        raise SystemExit(f"--traffic-rows: unknown {sorted(unknown)} (inductor, never, exit)")
+
+    def graphs() -> int:
+        return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
     def run_row(name: str, generate) -> None:
-        passes = []
-        for _ in range(2):  # compile pass, timed pass
-            sync(device)
-            t0 = time.perf_counter()
-            tokens = sum(generate(ids, n) for ids, n in requests)
-            sync(device)
-            passes.append(time.perf_counter() - t0)
-        r = {"name": name, "tokens_per_s": round(tokens / passes[1], 1),
-             "ms_per_token": round(1e3 * passes[1] / tokens, 4),
-             "timed_s": round(passes[1], 2), "compile_s": round(passes[0] - passes[1], 1)}
+        sync(device)
+        t0 = time.perf_counter()
+        warm_tokens = sum(generate(ids, n) for ids, n in warm)
+        sync(device)
+        warm_s = time.perf_counter() - t0
+        before = graphs()
+        t0 = time.perf_counter()
+        tokens = sum(generate(ids, n) for ids, n in requests)
+        sync(device)
+        timed = time.perf_counter() - t0
+        r = {"name": name, "tokens_per_s": round(tokens / timed, 1),
+             "ms_per_token": round(1e3 * timed / tokens, 4), "tokens": tokens,
+             "timed_s": round(timed, 2),
+             # the warm-up minus what its tokens cost at the timed rate
+             "compile_s": round(warm_s - warm_tokens * timed / tokens, 1),
+             "graphs_compiled_in_timed_pass": graphs() - before}
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    torch._dynamo.reset()
-    if inductor:
-        ind = torch.compile(model.forward, mode="reduce-overhead" if device == "cuda" else None,
-                            fullgraph=True, dynamic=False)
-    else:
-        ind = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
-    loop = BucketedLoop(model, ind, device, mark_step=device == "cuda" and inductor)
-    with torch._dynamo.config.patch(recompile_limit=64):
-        run_row("inductor", loop.generate)
-    for name, exit_at in (("tide_never_exit", None), (f"tide_exit@{args.exit_depth}",
-                                                      args.exit_depth - 1)):
+    if "inductor" in wanted:
+        torch._dynamo.reset()
+        if inductor:
+            ind = torch.compile(model.forward,
+                                mode="reduce-overhead" if device == "cuda" else None,
+                                fullgraph=True, dynamic=False)
+        else:
+            ind = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
+        loop = BucketedLoop(model, ind, device, mark_step=device == "cuda" and inductor,
+                            max_cache_len=args.max_cache_len)
+        with torch._dynamo.config.patch(recompile_limit=64):
+            run_row("inductor", loop.generate)
+    for key, name, exit_at in (("never", "tide_never_exit", None),
+                               ("exit", f"tide_exit@{args.exit_depth}", args.exit_depth - 1)):
+        if key not in wanted:
+            continue
         torch._dynamo.reset()
         routers = RouterSet.forced(model, exit_at=exit_at, config=cfg)
         fast = tide_compile.optimize(model, routers, inductor=inductor)
-        run_row(name, lambda ids, n: fast.generate(ids, max_new_tokens=n, eos_token_id=-1)
+        run_row(name, lambda ids, n: fast.generate(ids, max_new_tokens=n, eos_token_id=-1,
+                                                   max_cache_len=args.max_cache_len)
                 .shape[1] - ids.shape[1])
         rows[-1]["mean_layers_executed"] = round(fast.tide_stats.mean_layers_executed, 2)
         rows[-1]["steps_by_strategy"] = fast.tide_stats.steps_by_strategy
-    base = rows[0]["tokens_per_s"]
+        rows[-1]["cache_bytes_per_bucket"] = {f"{r}x{n}": v for (r, n, _), v in
+                                              fast.cache_memory().items()}
+    base = rows[0]["tokens_per_s"] if rows and rows[0]["name"] == "inductor" else None
     print("\n| row | tokens/s | x Inductor | compile s | layers run/token |")
     print("|---|---|---|---|---|")
     for r in rows:
-        r["speedup_vs_inductor"] = round(r["tokens_per_s"] / base, 3)
-        print(f"| {r['name']} | {r['tokens_per_s']} | {r['speedup_vs_inductor']:.3f} | "
+        if base:
+            r["speedup_vs_inductor"] = round(r["tokens_per_s"] / base, 3)
+        print(f"| {r['name']} | {r['tokens_per_s']} | {r.get('speedup_vs_inductor', '')} | "
               f"{r['compile_s']} | {r.get('mean_layers_executed', '')} |")
     if args.out:
         with open(args.out, "w") as f:

@@ -147,15 +147,24 @@ def test_bench_decode_smoke(tmp_path, monkeypatch):
         "--traffic", "--exit-depth", "4", "--requests", "3", "--prompt-range", "4,20",
         "--new-range", "3,6", "--out", str(traffic)])
     bench.main()
+    gen = tmp_path / "generate.json"
+    monkeypatch.setattr(sys, "argv", common + [
+        "--steps", "4", "--prompt", "8", "--pairs", "1", "--loop", "generate",
+        "--rows", "inductor,exits", "--depths", "4", "--out", str(gen)])
+    bench.main()
     (paired,) = [r for r in json.loads(pairs.read_text())["rows"] if r["name"] == "tide_exit@4"]
     assert paired["pairs"] == 2 and paired["mean_layers_executed"] == 4.0
     lo, hi = paired["ratio_range"]
     assert lo <= paired["ratio_median"] <= hi
+    (generated,) = [r for r in json.loads(gen.read_text())["rows"] if r["name"] == "tide_exit@4"]
+    # through generate: the prompt step runs every layer, the 4 x 2 decode steps 4 each
+    assert generated["ms_per_token"] > 0 and generated["mean_layers_executed"] < 8.0
     rows = {r["name"]: r for r in json.loads(traffic.read_text())["rows"]}
     assert set(rows) == {"inductor", "tide_never_exit", "tide_exit@4"}
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["tide_exit@4"]["steps_by_strategy"]["skip"] > 0
     assert rows["tide_never_exit"]["mean_layers_executed"] == 8.0
+    assert all(r["graphs_compiled_in_timed_pass"] == 0 for r in rows.values())
 
 
 def test_finished_and_padding_rows_mirror_a_live_row(setup):
