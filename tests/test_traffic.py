@@ -202,3 +202,31 @@ def test_finished_and_padding_rows_mirror_a_live_row(setup):
             torch.testing.assert_close(t[1], t[0], rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(t[3], t[0], rtol=1e-6, atol=1e-6)
             assert not torch.allclose(t[2], t[0], atol=1e-3)
+
+
+def test_batch1_eos_read_one_step_late(setup):
+    """At batch 1 generate reads the EOS flag one step late (the host never waits for the
+    GPU between steps): the row that ended runs one more step, whose token is dropped and
+    not counted. Tokens and counts equal the reference's; the decode steps skipped."""
+    model, routers = setup
+    torch._dynamo.reset()
+    for seed in range(20):  # a prompt whose first three new tokens differ
+        ids = torch.randint(3, 97, (1, 5), generator=torch.Generator().manual_seed(seed))
+        free = R.generate(model, routers, ids, 8, eos_token_id=-1, pad_token_id=0,
+                          cache="static").sequences[0, 5:].tolist()
+        if len(set(free[:3])) == 3:
+            break
+    else:
+        pytest.fail("no seed gives three distinct first tokens")
+    eos, stop = free[2], 3  # the row stops at its third new token
+    fast = tide_compile.optimize(model, routers, inductor=False)
+    got = fast.generate(ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
+    ref = R.generate(model, routers, ids, 8, eos_token_id=eos, pad_token_id=0,
+                     cache="static")
+    assert torch.equal(got, ref.sequences) and got.shape[1] == 5 + stop
+    stats = fast.tide_stats
+    assert stats.exits_per_layer == ref.stats.exits_per_layer
+    assert stats.total_tokens == ref.stats.total_tokens == 5 + stop - 1
+    assert stats.steps_by_strategy == {"frozen": 1, "skip": stop - 1}
+    # the decode tokens ran EXIT_DEPTH layers, the prompt all of them
+    assert stats.layers_executed == 5 * LAYERS + (stop - 1) * EXIT_DEPTH

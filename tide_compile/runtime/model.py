@@ -20,7 +20,10 @@ Host time: a bucket's one-token steps read their inputs from buffers the bucket 
 (token ids, positions, the mask), written in place, so Dynamo hands the compiled runner
 the same arguments every step. Once two steps through Dynamo have shown that, later
 steps call the runner directly with those arguments (as gpt-fast and vLLM run their
-decode loops): no guard evaluation and no input gathering per step.
+decode loops): no guard evaluation and no input gathering per step. At batch 1 the
+end-of-sequence check is read one step late (:class:`_LaggedFlag`), and a one-token
+step's exits are counted from what the runner recorded on the host, so the only host
+waits per step are the skip runner's flag reads.
 """
 
 from __future__ import annotations
@@ -302,12 +305,20 @@ class TIDEModel(nn.Module):
         eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         unfinished = torch.ones(batch, dtype=torch.bool, device=device)
         live = [True] * batch
+        # Batch 1: whether the last token was EOS is read one step late (_LaggedFlag), so
+        # the host never waits for the GPU between two steps.
+        lagged = _LaggedFlag(device) if batch == 1 and eos else None
         sequences = input_ids
         written = prompt_len
         for _ in range(max_new_tokens):
             seq = step_ids.shape[1]
             logits = self._step(bucket, step_ids, positions, seq > 1)
-            self._count(batch, seq, mask, unfinished, written)
+            if lagged is not None and lagged.done():
+                break  # the previous token was EOS: this step's token is dropped, uncounted
+            if seq > 1:
+                self._count(batch, seq, mask, unfinished, written)
+            else:
+                self._count_decode(batch, live)
             next_ids = sample_next(logits[:, -1, :], do_sample=do_sample,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator)
@@ -324,8 +335,8 @@ class TIDEModel(nn.Module):
             else:
                 positions.add_(1)
             if batch == 1:
-                if not bool(unfinished.any()):
-                    break
+                if lagged is not None:
+                    lagged.record(unfinished)
             else:
                 now = unfinished.tolist()  # the loop's one host read per step
                 if not any(now):
@@ -423,6 +434,25 @@ class TIDEModel(nn.Module):
         limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_HEADROOM + graphs)
         return torch._dynamo.config.patch(recompile_limit=limit)
 
+    def _count_decode(self, batch: int, live: list[bool]) -> None:
+        """Count a one-token step of :meth:`generate`: its real tokens are the ``live``
+        rows (the host's copy of ``unfinished``; a decode position is never padding), so
+        nothing is read from the device when the runner counted on the host."""
+        raw = self._raw_stats
+        exits = raw.last_exit_layers
+        if exits is None:
+            return
+        per_token = raw.last_layers_executed // max(1, exits.numel())
+        if batch == 1 and exits.device.type == "cpu":
+            self.tide_stats.record_uniform(int(exits.reshape(-1)[0]), 1, per_token,
+                                           strategy=raw.last_strategy)
+            return
+        kept = exits.reshape(-1)[:batch]
+        if not all(live):
+            kept = kept[torch.tensor([i for i in range(batch) if live[i]], device=kept.device)]
+        self.tide_stats.record(kept, layers_executed=per_token * int(kept.numel()),
+                               strategy=raw.last_strategy)
+
     def _count(self, batch: int, seq: int, mask: torch.Tensor, unfinished: torch.Tensor,
                written: int) -> None:
         """Count the step's real tokens: no padding, no mirroring rows, no finished rows."""
@@ -436,6 +466,39 @@ class TIDEModel(nn.Module):
         kept = exits.reshape(rows, seq)[:batch].to(keep.device)[keep]
         self.tide_stats.record(kept, layers_executed=per_token * int(kept.numel()),
                                strategy=raw.last_strategy)
+
+
+class _LaggedFlag:
+    """``generate``'s end-of-sequence check at batch 1, read one step late.
+
+    Reading ``unfinished`` right after a step would make the host wait for the GPU to
+    finish it, and the GPU then waits while the host prepares the next step. Instead the
+    flag is copied into pinned host memory behind an event, the next step is launched,
+    and the flag is read after it (by then the event has passed, or passes before the
+    next step's own work). A row that ended runs one more step, whose token is dropped
+    and not counted. On the CPU the flag is read at once (no queue to keep full)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host = torch.ones((), dtype=torch.bool, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.armed = False
+
+    def record(self, unfinished: torch.Tensor) -> None:
+        if self.cuda:
+            self.host.copy_(unfinished.any(), non_blocking=True)
+            self.event.record()
+        else:
+            self.host.fill_(bool(unfinished.any()))
+        self.armed = True
+
+    def done(self) -> bool:
+        """The row ended at the last recorded step."""
+        if not self.armed:
+            return False
+        if self.event is not None:
+            self.event.synchronize()
+        return not bool(self.host)
 
 
 def mirror_rows(cache: Any, mask: torch.Tensor, positions: torch.Tensor, rows: list[int],
