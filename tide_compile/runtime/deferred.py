@@ -56,8 +56,8 @@ from ..sampling import sample_next
 if TYPE_CHECKING:
     from .model import TIDEModel
 
-__all__ = ["generate_deferred", "RegretController", "set_write_counters", "step_widths",
-           "StepWidth"]
+__all__ = ["generate_deferred", "RegretController", "set_write_counters", "counter_values",
+           "step_widths", "StepWidth"]
 
 
 def step_widths(max_width: int) -> list[int]:
@@ -85,12 +85,32 @@ class StepWidth:
         return f"step{self.width}"
 
 
-def set_write_counters(counters: list[torch.Tensor], start: int) -> None:
+def set_write_counters(counters: list[torch.Tensor], start: int,
+                       values: torch.Tensor | None = None) -> None:
     """Every layer's write counter to ``start``, in place (compiled graphs hold their
-    addresses): two multi-tensor kernels for all layers."""
-    if counters:
+    addresses). With ``values`` (:func:`counter_values`: ``values[i] == i``) one
+    multi-tensor copy of ``values[start]`` into every counter; else two multi-tensor
+    kernels (multiply by 0, add ``start``)."""
+    if not counters:
+        return
+    if values is not None:
+        torch._foreach_copy_(counters, [values[start]] * len(counters))
+    else:
         torch._foreach_mul_(counters, 0)
         torch._foreach_add_(counters, start)
+
+
+def counter_values(counters: list[torch.Tensor], length: int) -> torch.Tensor | None:
+    """``0 .. length`` on the counters' device and in their dtype, for
+    :func:`set_write_counters`; None when the counters are not all 0-d tensors of one
+    device and dtype (the two-kernel form then)."""
+    if not counters:
+        return None
+    first = counters[0]
+    if any(c.dim() != 0 or c.device != first.device or c.dtype != first.dtype
+           for c in counters):
+        return None
+    return torch.arange(length + 1, dtype=first.dtype, device=first.device)
 
 
 def write_counters(cache: Any) -> list[torch.Tensor]:
@@ -180,7 +200,16 @@ def generate_deferred(
     controller: RegretController | None = None,
 ) -> torch.Tensor:
     """``TIDEModel.generate`` under ``kv="deferred"`` (module docstring); arguments checked
-    by the caller. Returns ``[batch, prompt + new]``."""
+    by the caller. Returns ``[batch, prompt + new]``.
+
+    Host work per step (docs/deferred.md, "Host work per step"): the step's inputs are
+    written in place, the current token's slots every step, the rest only when they
+    changed since that width last ran (the pending tokens when the width grew, the
+    positions when ``start`` moved, the live slot); the write counters take one copy
+    kernel; the tokens go into a preallocated output; a batch-1 step that stopped is
+    counted from its depth; the deep steps' regret counts reach ``tide_stats`` summed,
+    when the loop ends.
+    """
     from .model import cache_bucket, mirror_rows
 
     width = fast.options.max_pending + 1
@@ -198,6 +227,7 @@ def generate_deferred(
     rows = bucket.mask.shape[0]
     past, mask = bucket.cache, bucket.mask
     counters = write_counters(past)
+    starts = counter_values(counters, cache_len)
     # Position of cache index j >= prompt_len - 1, per row: last_position + j - (prompt_len - 1);
     # base[r, i] + start is slot i's position in a step that starts at cache index start.
     base = prompt_positions[:, -1:] + (1 - prompt_len) + torch.arange(width, device=device)
@@ -205,25 +235,51 @@ def generate_deferred(
     one_hot = torch.eye(width, dtype=torch.bool, device=device)
     greedy = not sampling.get("do_sample", False)
     ids, positions = bucket.ids, bucket.positions
-    exit_top = torch.zeros(rows, width, dtype=torch.long, device=device)
+    # Greedy: a pending token's exit top-1 is the token it emitted, which the step holds in
+    # the next slot; sampling keeps the exit heads' top-1 here.
+    exit_top = None if greedy else torch.zeros(rows, width, dtype=torch.long, device=device)
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    state = {"live": [True] * batch, "index": index, "sequences": input_ids,
-             "unfinished": unfinished}
+    # The tokens, written in place (no growing concatenation); the first `emitted` columns
+    # after the prompt are returned.
+    sequences = torch.empty(batch, prompt_len + max_new_tokens,
+                            dtype=torch.promote_types(input_ids.dtype, torch.long), device=device)
+    sequences[:, :prompt_len] = input_ids
+    # Per deep step with pending tokens, its regret count (summed into tide_stats at the end).
+    regret_counts = torch.zeros(max_new_tokens, dtype=torch.long, device=device)
+    state: dict[str, Any] = {
+        "live": [True] * batch, "index": index, "unfinished": unfinished, "emitted": 0,
+        # bucket rows whose pending tokens are checked, while some row has finished
+        "own": None,
+        # index is the identity (no row mirrors another): no gather for the next tokens
+        "identity": rows == batch,
+        # the ids buffer of the last step (its pending tokens), for mirroring
+        "ids": None,
+    }
+    # What each width's buffers hold in this generate (skip rewriting what is there).
+    positions_at: dict[int, int] = {}   # width -> the start its positions were written for
+    live_slot: dict[int, int] = {}      # width -> the slot its runner's live input holds
 
     def emit(next_ids: torch.Tensor) -> torch.Tensor | None:
         """Append the rows' tokens; the next current tokens (mirrors included), or None
         when every row has finished."""
+        column = prompt_len + state["emitted"]
+        state["emitted"] += 1
+        if batch == 1:
+            # The row is unfinished (the loop stops when it finishes), and rows == 1: its
+            # token as it is, the next current token as it is.
+            sequences.select(1, column).copy_(next_ids)
+            if eos:  # the loop's one host read per step
+                end = next_ids == eos[0] if len(eos) == 1 else torch.isin(next_ids, eos_t)
+                if bool(end):
+                    return None
+            return next_ids
         unfinished = state["unfinished"]
         own = torch.where(unfinished, next_ids[:batch],
                           torch.full_like(next_ids[:batch], pad_token_id))
-        state["sequences"] = torch.cat([state["sequences"], own[:, None]], dim=-1)
+        sequences[:, column] = own
         if eos:
             unfinished = state["unfinished"] = unfinished & ~torch.isin(own, eos_t)
-        if batch == 1:
-            if not bool(unfinished.any()):
-                return None
-        else:
             now = unfinished.tolist()  # the loop's one host read per step
             if not any(now):
                 return None
@@ -233,12 +289,17 @@ def generate_deferred(
                 src = now.index(True)
                 dead = [i for i in range(rows) if i >= batch or not now[i]]
                 mirror_rows(past, mask, base, dead, src)
+                positions_at.clear()  # base moved
                 dst = torch.tensor(dead, device=device)
-                for t in (ids, exit_top):
-                    t.index_copy_(0, dst, t[src:src + 1].expand(len(dead), -1))
+                for t in (state["ids"], exit_top):
+                    if t is not None:
+                        t.index_copy_(0, dst, t[src:src + 1].expand(len(dead), -1))
                 state["index"] = torch.tensor([src if i in dead else i for i in range(rows)],
                                               device=device)
-        return next_ids[state["index"]]
+                state["identity"] = False
+                state["own"] = torch.tensor([i < batch and now[i] for i in range(rows)],
+                                            device=device)
+        return next_ids if state["identity"] else next_ids[state["index"]]
 
     if prompt_len >= 2:
         step_ids = input_ids[index]
@@ -254,59 +315,80 @@ def generate_deferred(
     pending = 0
     widths = step_widths(width)
     narrowest = {m: next(w for w in widths if w > m) for m in range(width)}
-    while current is not None and produced < max_new_tokens:
-        m = pending
-        position = start + m
-        ids[:, m:] = current[:, None]
-        step = _width(bucket, narrowest[m], width, ids, positions)
-        if step.width != width:
-            step.ids.copy_(ids[:, :step.width])
-        torch.add(base[:, :step.width], start, out=step.positions)
-        mask[:, position] = 1
-        set_write_counters(counters, start)
-        runner = step.runner
-        if runner is None and m:
-            # This width's first call compiles it with every slot live (the input is made
-            # there); a pending token must not exit again, so this call is thrown away. It
-            # wrote only exact K/V (every slot's input is its real token), which the next
-            # call writes again.
-            fast._step(bucket, step.ids, step.positions, False, holder=step)
-            runner = step.runner = _deferred_runner(fast)
-            set_write_counters(counters, start)
-        if runner is not None:
-            runner.live.copy_(one_hot[m, :step.width].expand_as(runner.live))
-            runner.force_deep = m == width - 1
-            wanted = fast.decode_threshold
-            if wanted is not None and runner.threshold != wanted:
-                runner.set_threshold(wanted)
-        out = fast._step(bucket, step.ids, step.positions, False, holder=step)
-        if runner is None:
-            # The first step of width 1 (m == 0): its one slot was live; right as it is.
-            runner = step.runner = _deferred_runner(fast)
-        if step.width == width:
-            bucket.runner = runner
-        logits = out[:, m]
-        _count_step(fast, batch, rows, step.width, m, state["unfinished"])
-        next_ids = sample_next(logits, **sampling)
-        if runner.reached_end:
-            if m:
-                own_rows = torch.zeros(rows, dtype=torch.bool, device=device)
-                own_rows[:batch] = state["unfinished"]
-                regrets = ((out[:, :m].argmax(-1) != exit_top[:, :m]) & own_rows[:, None]).sum()
-                checked = m * (sum(state["live"]) if batch > 1 else 1)
-                fast.tide_stats.record_regret(regrets, checked)
-                if controller is not None:
-                    raised = controller.update(regrets, checked, runner.threshold)
-                    if raised is not None:
-                        fast.decode_threshold = raised
-            start, pending = position + 1, 0
-        else:
-            exit_top[:, m] = next_ids if greedy else logits.argmax(-1)
-            pending = m + 1
-        current = emit(next_ids)
-        produced += 1
+    previous: StepWidth | None = None
+    deep_steps, checked_total = 0, 0
+    try:
+        while current is not None and produced < max_new_tokens:
+            m = pending
+            position = start + m
+            step = _width(bucket, narrowest[m], width, ids, positions)
+            if m and previous is not step:
+                # The width grew: the pending tokens move over from the last step's buffer.
+                step.ids[:, :m].copy_(previous.ids[:, :m])
+            step.ids.narrow(1, m, step.width - m).copy_(current[:, None])
+            state["ids"] = step.ids
+            previous = step
+            if positions_at.get(step.width) != start:
+                torch.add(base[:, :step.width], start, out=step.positions)
+                positions_at[step.width] = start
+            mask.select(1, position).fill_(1)
+            set_write_counters(counters, start, starts)
+            runner = step.runner
+            if runner is None and m:
+                # This width's first call compiles it with every slot live (the input is made
+                # there); a pending token must not exit again, so this call is thrown away. It
+                # wrote only exact K/V (every slot's input is its real token), which the next
+                # call writes again.
+                fast._step(bucket, step.ids, step.positions, False, holder=step)
+                runner = step.runner = _deferred_runner(fast)
+                set_write_counters(counters, start, starts)
+            if runner is not None:
+                if live_slot.get(step.width) != m:
+                    runner.live.copy_(one_hot[m, :step.width].expand_as(runner.live))
+                    live_slot[step.width] = m
+                runner.force_deep = m == width - 1
+                wanted = fast.decode_threshold
+                if wanted is not None and runner.threshold != wanted:
+                    runner.set_threshold(wanted)
+            out = fast._step(bucket, step.ids, step.positions, False, holder=step)
+            if runner is None:
+                # The first step of width 1 (m == 0): its one slot was live; right as it is.
+                runner = step.runner = _deferred_runner(fast)
+            if step.width == width:
+                bucket.runner = runner
+            logits = out[:, m]
+            stopped = not runner.reached_end
+            _count_step(fast, batch, rows, step.width, m,
+                        None if state["own"] is None else state["unfinished"], stopped)
+            next_ids = sample_next(logits, **sampling)
+            if not stopped:
+                if m:
+                    top = step.ids[:, 1:m + 1] if greedy else exit_top[:, :m]
+                    differ = out[:, :m].argmax(-1) != top
+                    if batch > 1:
+                        differ = differ[:batch] if state["own"] is None \
+                            else differ & state["own"][:, None]
+                    regrets = regret_counts[deep_steps]
+                    torch.sum(differ, dim=(0, 1), out=regrets)
+                    deep_steps += 1
+                    checked = m * (sum(state["live"]) if batch > 1 else 1)
+                    checked_total += checked
+                    if controller is not None:
+                        raised = controller.update(regrets, checked, runner.threshold)
+                        if raised is not None:
+                            fast.decode_threshold = raised
+                start, pending = position + 1, 0
+            else:
+                if not greedy:
+                    exit_top[:, m] = logits.argmax(-1)
+                pending = m + 1
+            current = emit(next_ids)
+            produced += 1
+    finally:
+        if deep_steps:
+            fast.tide_stats.record_regret(regret_counts[:deep_steps].sum(), checked_total)
     bucket.complete = start
-    return state["sequences"]
+    return sequences[:, :prompt_len + state["emitted"]].contiguous()
 
 
 def _width(bucket: Any, w: int, width: int, ids: torch.Tensor,
@@ -332,16 +414,30 @@ def _deferred_runner(fast: "TIDEModel") -> Any:
 
 
 def _count_step(fast: "TIDEModel", batch: int, rows: int, width: int, m: int,
-                unfinished: torch.Tensor) -> None:
+                unfinished: torch.Tensor | None, stopped: bool = False) -> None:
     """Count the step's current tokens of real, unfinished rows in ``fast.tide_stats``:
-    their exit layer and the layers the step ran (its depth, shared by its slots)."""
+    their exit layer and the layers the step ran (its depth, shared by its slots).
+    ``unfinished``: the rows to count, None while every row is unfinished.
+
+    ``stopped``: the step stopped at a checkpoint. At batch 1 its one current token then
+    exited at that checkpoint, the step's depth - 1 (a step stops at the first checkpoint
+    where every live token has exited, and a forced deep step never stops): counted
+    without the exit layers tensor (no device copy, nothing to count later), as is a
+    batch-1 token whose exit layer the runner recorded on the host."""
     raw = fast._raw_stats
     exits = raw.last_exit_layers
     if exits is None:
         return
     depth = raw.last_layers_executed // max(1, exits.numel())
+    if stopped and batch == 1:
+        fast.tide_stats.record_uniform(depth - 1, 1, depth, strategy=raw.last_strategy)
+        return
+    if batch == 1 and exits.device.type == "cpu":  # a host record: one host value
+        fast.tide_stats.record_uniform(int(exits.reshape(rows, width)[0, m]), 1, depth,
+                                       strategy=raw.last_strategy)
+        return
     current = exits.reshape(rows, width)[:batch, m]
-    if batch > 1:  # a batch-1 loop stops when its row finishes: no mask (no device read)
+    if unfinished is not None:  # a row has finished (a batch-1 loop stops then)
         current = current.to(unfinished.device)[unfinished]
     fast.tide_stats.record(current, layers_executed=depth * int(current.numel()),
                            strategy=raw.last_strategy)
