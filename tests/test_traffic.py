@@ -230,3 +230,27 @@ def test_batch1_eos_read_one_step_late(setup):
     assert stats.steps_by_strategy == {"frozen": 1, "skip": stop - 1}
     # the decode tokens ran EXIT_DEPTH layers, the prompt all of them
     assert stats.layers_executed == 5 * LAYERS + (stop - 1) * EXIT_DEPTH
+
+
+def test_batch2_row_ends_first(setup):
+    """At batch 2 (no padding row) a row that stops at EOS mirrors the other one: the
+    source row is a view of the cache tensor it is copied into (index_copy_ refused that
+    overlap until the source was cloned). Tokens equal the reference's; decode steps skip."""
+    model, routers = setup
+    torch._dynamo.reset()
+    for seed in range(30):  # row 1 stops at its second new token, row 0 never does
+        ids = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(seed))
+        new = R.generate(model, routers, ids, 6, eos_token_id=-1, pad_token_id=0,
+                         cache="static").sequences[:, 6:].tolist()
+        eos = new[1][1]
+        if eos not in new[0] + new[1][:1]:
+            break
+    else:
+        pytest.fail("no seed gives a row that stops alone")
+    fast = tide_compile.optimize(model, routers, inductor=False)
+    got = fast.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    ref = R.generate(model, routers, ids, 6, eos_token_id=eos, pad_token_id=0,
+                     cache="static")
+    assert torch.equal(got, ref.sequences)
+    assert fast.tide_stats.exits_per_layer == ref.stats.exits_per_layer
+    assert fast.tide_stats.steps_by_strategy == {"frozen": 1, "skip": 5}

@@ -506,12 +506,16 @@ def mirror_rows(cache: Any, mask: torch.Tensor, positions: torch.Tensor, rows: l
     """Make ``rows`` copies of row ``src``: every cache tensor with a batch dimension, the
     mask and the positions, in place (compiled graphs hold their addresses)."""
     dst = torch.tensor(rows, device=mask.device)
+
+    def copy(t: torch.Tensor) -> None:  # the source row cloned: it is a view of t
+        t.index_copy_(0, dst.to(t.device), t[src:src + 1].clone().expand(len(rows), *t.shape[1:]))
+
     for layer in cache.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == mask.shape[0]:
-                t.index_copy_(0, dst.to(t.device), t[src:src + 1].expand(len(rows), *t.shape[1:]))
-    mask.index_copy_(0, dst, mask[src:src + 1].expand(len(rows), -1))
-    positions.index_copy_(0, dst, positions[src:src + 1].expand(len(rows), -1))
+                copy(t)
+    copy(mask)
+    copy(positions)
 
 
 def _cache_bytes(cache: Any) -> int:
