@@ -232,6 +232,13 @@ class SpeculativeModel(nn.Module):
             backend (Inductor, else Dynamo's ``"eager"``).
 
     Attributes:
+        tide_stats: ``ExitStats`` of every :meth:`generate` call, the same kind of record
+            as a :class:`~.model.TIDEModel`'s in every mode. It counts the prompt tokens
+            (every layer, strategy ``"plain"``: the eager prefill) and one token per decode
+            forward: a draft with its exit checkpoint and the layers it computed (the
+            draft runner's strategy), a verify with every layer (``"verify"``, as wide as
+            the round). Exit regret (``regret_rate``) is the drafts' top-1 against the
+            verify's.
         spec_stats: :class:`SpeculativeStats` over every :meth:`generate` call.
         draft_stats: ``ExitStats`` of every draft forward.
     """
@@ -246,7 +253,7 @@ class SpeculativeModel(nn.Module):
         routers.check_model(model)
         if "routers" in options or "stats" in options:
             raise TypeError("pass routers positionally; the speculative model keeps its own "
-                            "stats (read .spec_stats and .draft_stats)")
+                            "stats (read .tide_stats, .spec_stats and .draft_stats)")
         if not isinstance(max_draft, int) or max_draft < 1:
             raise ValueError(f"max_draft must be an int >= 1, got {max_draft!r}")
         num_layers = routers.num_layers
@@ -279,6 +286,7 @@ class SpeculativeModel(nn.Module):
         self.options = options
         self.draft_stats = ExitStats(num_layers=num_layers)
         self.spec_stats = SpeculativeStats(num_layers=num_layers)
+        self.tide_stats = ExitStats(num_layers=num_layers)
         device = next(model.parameters()).device
         self._cuda = device.type == "cuda"
         if verify_mode is None and self._cuda and opts.inductor:
@@ -329,14 +337,18 @@ class SpeculativeModel(nn.Module):
                     "probably hit its recompile limit on model.forward (each speculative "
                     "model adds two entries); output stays exact but drafts are full-depth",
                     RuntimeWarning, stacklevel=3)
+            self.tide_stats.record_uniform(-1, 1, self.num_layers)
             return logits, self.num_layers
         c = int(exits.reshape(-1)[0])
-        return logits, self.num_layers if c < 0 else c + 1
+        depth = self.num_layers if c < 0 else c + 1
+        self.tide_stats.record_uniform(c, 1, depth, strategy=self.draft_stats.last_strategy)
+        return logits, depth
 
     def _verify(self, ids: torch.Tensor, pos: int, cache: Any) -> torch.Tensor:
         if self._cuda:
             torch.compiler.cudagraph_mark_step_begin()
         logits = self.verify_forward(**self._kwargs(ids, pos, cache)).logits[0]
+        self.tide_stats.record_uniform(-1, 1, self.num_layers, strategy="verify")
         return logits.clone() if self._cuda else logits  # CUDA-graph outputs get overwritten
 
     def _get_cache(self, needed: int, device: torch.device) -> Any:
@@ -412,6 +424,8 @@ class SpeculativeModel(nn.Module):
         # Prefill: eager, so the cache is allocated (and its tensors marked static)
         # outside any compiled region; the verifier then recomputes nothing of it.
         out = self.model(**self._kwargs(input_ids, 0, cache))
+        self.tide_stats.record_uniform(-1, prompt_len, prompt_len * self.num_layers,
+                                       strategy="plain")
         first = int(pick(out.logits[0, -1]))
         new: list[int] = [first]
         last = torch.tensor([[first]], device=device)
@@ -421,6 +435,7 @@ class SpeculativeModel(nn.Module):
             budget = min(self.max_draft, max_new_tokens - len(new) - 1)
             drafts: list[torch.Tensor] = []
             draft_probs: list[torch.Tensor] = []
+            draft_tops: list[torch.Tensor] = []  # exit top-1 per draft (regret, sampling)
             depths: list[int] = []
             token = last
             while len(drafts) < budget:
@@ -430,6 +445,7 @@ class SpeculativeModel(nn.Module):
                     q = processed_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
                     d = torch.multinomial(q, 1, generator=generator)[0]
                     draft_probs.append(q)
+                    draft_tops.append(logits.argmax(-1))
                 else:
                     d = logits.argmax(-1)
                 drafts.append(d)
@@ -450,6 +466,9 @@ class SpeculativeModel(nn.Module):
                 k_t, next_t = speculative_accept(draft_t, q, p, generator)
                 host = torch.cat([k_t.reshape(1), next_t.reshape(1), draft_t]).tolist()
                 k, next_tok, draft_list = host[0], host[1], host[2:]
+                if n:
+                    self.tide_stats.record_regret(
+                        (logits[:n].argmax(-1) != torch.stack(draft_tops)).sum(), n)
             else:
                 target = logits[:n + 1].argmax(-1)
                 host = torch.cat([target, draft_t]).tolist()
@@ -458,6 +477,9 @@ class SpeculativeModel(nn.Module):
                 while k < n and draft_list[k] == target_list[k]:
                     k += 1
                 next_tok = target_list[k]
+                if n:
+                    self.tide_stats.record_regret(
+                        sum(a != b for a, b in zip(draft_list, target_list)), n)
             emitted = draft_list[:k] + [next_tok]
             for i, t in enumerate(emitted):
                 if t in eos:
