@@ -425,3 +425,24 @@ def test_lossless_on_cuda(kind):
 def make_cuda_model(kind: str):
     model = copy.deepcopy(model_for("llama", LAYERS)).cuda()
     return zero_layers_after(model, 1) if kind == "zeroed" else model
+
+
+def test_drafted_eos_is_read_one_step_late():
+    """Whether a draft is EOS is read one step late (the host never waits for the GPU
+    between steps): the step after a drafted EOS drafts once more, the next verifies, and
+    the output still stops at the EOS exactly as the plain model's does."""
+    model = zero_layers_after(model_for("llama", LAYERS), 1)
+    fast = lossless(model, RouterSet.forced(model, exit_at=1, config=CFG), max_pending=7,
+                    adaptive=False)
+    for seed in range(20):  # a prompt whose second new token first appears there
+        ids = prompt_ids(4, seed)
+        free = plain_greedy(model, ids, 12)
+        new = free[0, 4:].tolist()
+        if new[1] != new[0]:
+            break
+    eos = new[1]  # drafted by the second stopped step (every token drafts)
+    got = fast.generate(ids, max_new_tokens=12, eos_token_id=eos)
+    assert torch.equal(got, free[:, :4 + 2])
+    s = fast.lossless_stats
+    # drafts 1 and 2 (EOS), then one more before the flag is read, then the verify
+    assert (s.drafted, s.deep_steps, s.accepted, s.tokens) == (3, 1, 2, 2), s.summary()

@@ -16,7 +16,7 @@ slots after it are dead.
   ``q`` (kept per slot for the sampling rule). It becomes the next slot's token and the
   current one stays pending. Only the current slot is ``live``.
 * **Deep step** (the current token does not exit; or a verify is due: the buffer is full,
-  the current draft is EOS, or the next token is the last one allowed; then ``live`` is
+  the previous draft is EOS, or the next token is the last one allowed; then ``live`` is
   all False and ``force_deep`` is set so that every slot reads out at full depth): slots
   ``0 .. m`` yield the full model's logits. Greedy: accept drafts while the argmax at
   slot ``i`` equals the token in slot ``i + 1``; after ``k`` accepted drafts the next
@@ -31,7 +31,9 @@ slots after it are dead.
   before any of them attends there).
 
 A draft never ends a generate unverified: a drafted EOS and the last allowed token are
-verified by a deep step before ``generate`` returns.
+verified by a deep step before ``generate`` returns. Whether a draft is EOS is read one
+step late (:class:`~.model._LaggedFlag`: the host never waits for the GPU between two
+steps), so the step after a drafted EOS drafts once more and the next one verifies.
 
 **Adaptive, never slower** (:class:`DraftController`). Drafting pays only if the tokens a
 round yields (accepted drafts + 1) cost less than as many plain steps. The controller
@@ -84,6 +86,7 @@ import torch
 
 from ..sampling import processed_probs
 from .deferred import set_write_counters, write_counters
+from .model import _LaggedFlag
 from .speculative import speculative_accept
 
 if TYPE_CHECKING:
@@ -104,7 +107,7 @@ class LosslessStats:
     Attributes:
         num_layers: decoder layers in the model.
         drafted: drafts made (one per stopped step).
-        accepted: drafts the deep steps accepted.
+        accepted: drafts the deep steps accepted and emitted (a draft after an EOS is not).
         tokens: new tokens emitted by decode steps (the prompt's are not counted).
         deep_steps: deep steps (each verifies the pending drafts: one round each).
         plain_steps: plain one-token steps (the adaptive fallback, and a two-token
@@ -523,6 +526,11 @@ def generate_lossless(
     raw = fast._raw_stats
     done = False
     last_draft_eos = False
+    # Whether the latest draft is EOS, read one step late (the host does not wait for
+    # the GPU between two steps): the step after a drafted EOS drafts once more, the one
+    # after that verifies. True in the flag: the draft is not EOS.
+    draft_flag = _LaggedFlag(device) if eos_set else None
+    eos_t = torch.tensor(sorted(eos_set), device=device, dtype=torch.long)
     while not done and produced < max_new_tokens:
         timed = ctl is not None and ctl.want_sample(cuda)
         if timed:
@@ -567,6 +575,9 @@ def generate_lossless(
         if wanted is not None and runner.threshold != wanted:
             runner.set_threshold(wanted)
         out = fast._step(bucket, ids, positions, False)
+        if draft_flag is not None and draft_flag.armed:
+            last_draft_eos = draft_flag.done()  # the previous step's draft
+            draft_flag.armed = False
         exits = raw.last_exit_layers
         depth = raw.last_layers_executed // max(1, exits.numel()) if exits is not None \
             else num_layers
@@ -590,7 +601,8 @@ def generate_lossless(
             stops += 1
             stats.drafted += 1
             stats.draft_depths[depth] = stats.draft_depths.get(depth, 0) + 1
-            last_draft_eos = bool(eos_set) and int(draft) in eos_set
+            if draft_flag is not None:
+                draft_flag.record(~torch.isin(draft.reshape(1), eos_t))
             kind = "stop"
         else:
             # ------------------------------------------------------------ deep: verify
@@ -633,12 +645,12 @@ def generate_lossless(
                 seq[0, at + k] = next_t
             produced += n
             start += k + 1
-            stats.accepted += k
+            stats.accepted += j  # drafts emitted (none after an EOS)
             stats.deep_steps += 1
             stats.tokens += n
             rounds = (stops, n)
             m, stops = 0, 0
-            last_draft_eos = False
+            last_draft_eos = False  # this step verified every draft
             current = next_t
             kind = "deep"
         if ctl is not None:
