@@ -240,3 +240,75 @@ def test_bad_input():
     fast = tide_compile.optimize(model, routers, kv="deferred", inductor=False, max_pending=4)
     with pytest.raises(ValueError, match="max_pending 4"):
         fast.generate(torch.ones(1, 4, dtype=torch.long), max_new_tokens=8, max_cache_len=14)
+
+
+class _RecordingController(RegretController):
+    """A RegretController that keeps every update it was given (regrets read at once)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.calls: list[tuple[int, int, float]] = []
+
+    def update(self, regrets, checked, threshold):
+        self.calls.append((int(regrets), checked, threshold))
+        return super().update(regrets, checked, threshold)
+
+
+@pytest.mark.parametrize("after_eos", ["stopped", "deep"])
+def test_batch1_eos_read_one_step_late(after_eos, stopped_steps):
+    """At batch 1 the EOS flag is read one step late: the row that ended runs one more
+    step, here a stopped step or a forced deep step (which would check the pending tokens'
+    regret, feed the controller and complete their positions). Nothing of it is kept:
+    the tokens, tide_stats (exits, layers, steps per strategy, regret counts), the
+    controller's updates and decisions and ``bucket.complete`` equal those of a run that
+    ends at the same token without an EOS (``max_new_tokens``), and the tokens and exits
+    the reference's. Every token exits after layer 1 of 4, ``max_pending=3``: decode step
+    ``j`` (which emits new token ``j + 1``) runs deep when ``j % 4 == 3``; with new token
+    ``i`` the EOS, the extra step is decode step ``i``."""
+    torch._dynamo.reset()
+    model = model_for("llama", LAYERS)
+    routers = RouterSet.forced(model, exit_at=1, config=CFG)
+    pending, prompt = 3, 5
+    stop = {"stopped": 5, "deep": 7}[after_eos]  # the EOS is new token `stop`
+    for seed in range(20):  # a prompt whose new token `stop` is not among the ones before
+        ids = torch.randint(3, 97, (1, prompt), generator=torch.Generator().manual_seed(seed))
+        free = R.generate(model, routers, ids, stop + 1, eos_token_id=-1,
+                          kv="deferred").sequences[0, prompt:].tolist()
+        if free[stop] not in free[:stop]:
+            break
+    else:
+        pytest.fail("no seed gives a new token that did not appear before")
+    eos, new = free[stop], stop + 1  # the row ends with `new` new tokens
+
+    def run(eos_token_id, max_new_tokens):
+        fast = tide_compile.optimize(model, routers, inductor=False, kv="deferred",
+                                     max_pending=pending, target_agreement=0.5)
+        fast.controller = _RecordingController(0.5, window=1)
+        got = fast.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        (bucket,) = fast._buckets.values()
+        return got, fast, bucket.complete
+
+    got, fast, complete = run(eos, new + 4)
+    calls = list(stopped_steps)
+    stopped_steps.clear()
+    want, plain, plain_complete = run(-1, new)  # no EOS: no step after the last token
+    # The EOS run made one runner call more: the step after the EOS, stopped or deep.
+    assert calls[:-1] == stopped_steps and calls[-1] == (after_eos == "stopped")
+    ref = R.generate(model, routers, ids, new + 4, eos_token_id=eos, kv="deferred")
+    assert torch.equal(got, want) and torch.equal(got, ref.sequences)
+    assert got.shape[1] == prompt + new
+    stats, base = fast.tide_stats, plain.tide_stats
+    assert stats.total_tokens == base.total_tokens == ref.stats.total_tokens == prompt + stop
+    assert stats.exits_per_layer == base.exits_per_layer == ref.stats.exits_per_layer
+    deep = stop // (pending + 1)  # counted decode steps that ran every layer
+    assert stats.layers_executed == base.layers_executed == (
+        prompt * LAYERS + 2 * (stop - deep) + LAYERS * deep)
+    assert stats.layers_executed < LAYERS * stats.total_tokens  # layers were really skipped
+    assert stats.steps_by_strategy == base.steps_by_strategy
+    assert stats.steps_by_strategy["deferred"] == stop
+    assert stats.regret_checked == base.regret_checked == pending * deep > 0
+    assert stats.regrets == base.regrets and stats.regret_rate == base.regret_rate
+    assert fast.controller.calls == plain.controller.calls and len(fast.controller.calls) == deep
+    assert fast.controller.raised == plain.controller.raised
+    assert fast.decode_threshold == plain.decode_threshold
+    assert complete == plain_complete == prompt + deep * (pending + 1)

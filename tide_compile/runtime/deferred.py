@@ -209,8 +209,18 @@ def generate_deferred(
     kernel; the tokens go into a preallocated output; a batch-1 step that stopped is
     counted from its depth; the deep steps' regret counts reach ``tide_stats`` summed,
     when the loop ends.
+
+    End of sequence at batch 1: whether the token a step emitted is EOS is copied into
+    pinned host memory behind an event (:class:`~.model._LaggedFlag`) and read one step
+    late, right after the next step's runner call returned: the host never waits for
+    the GPU between two steps for it. A row that ended thus runs one more step (stopped
+    or deep, forced or not). The loop leaves it at once: its token is dropped, and none
+    of it reaches ``tide_stats`` (exits, layers, strategy steps, regret), the
+    controller, or ``bucket.complete``; the runner's own record of it stays in the raw
+    stats. Batches of more rows read ``unfinished`` after every step (they need it to
+    mirror finished rows).
     """
-    from .model import cache_bucket, mirror_rows
+    from .model import _LaggedFlag, cache_bucket, mirror_rows
 
     width = fast.options.max_pending + 1
     batch, prompt_len = input_ids.shape
@@ -240,6 +250,9 @@ def generate_deferred(
     exit_top = None if greedy else torch.zeros(rows, width, dtype=torch.long, device=device)
     eos_t = torch.tensor(eos, device=device, dtype=torch.long)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    # Batch 1: whether the last token was EOS is read one step late (_LaggedFlag), after
+    # the next step was launched, so the host does not wait for the GPU between two steps.
+    lagged = _LaggedFlag(device) if batch == 1 and eos else None
     # The tokens, written in place (no growing concatenation); the first `emitted` columns
     # after the prompt are returned.
     sequences = torch.empty(batch, prompt_len + max_new_tokens,
@@ -267,12 +280,12 @@ def generate_deferred(
         state["emitted"] += 1
         if batch == 1:
             # The row is unfinished (the loop stops when it finishes), and rows == 1: its
-            # token as it is, the next current token as it is.
+            # token as it is, the next current token as it is. Whether it is EOS is read
+            # after the next step (the loop's one flag read per step, one step late).
             sequences.select(1, column).copy_(next_ids)
-            if eos:  # the loop's one host read per step
-                end = next_ids == eos[0] if len(eos) == 1 else torch.isin(next_ids, eos_t)
-                if bool(end):
-                    return None
+            if lagged is not None:
+                lagged.record(next_ids != eos[0] if len(eos) == 1
+                              else torch.isin(next_ids, eos_t, invert=True))
             return next_ids
         unfinished = state["unfinished"]
         own = torch.where(unfinished, next_ids[:batch],
@@ -356,6 +369,13 @@ def generate_deferred(
                 runner = step.runner = _deferred_runner(fast)
             if step.width == width:
                 bucket.runner = runner
+            if lagged is not None and lagged.done():
+                # The last emitted token was EOS: this step ran after the row ended. Nothing
+                # of it is kept: its token is dropped, its exits are not counted (what the
+                # runner recorded stays in the raw stats only), and a deep step's regret,
+                # controller update and completed positions are not recorded (start keeps
+                # its value, so bucket.complete is what it is without this step).
+                break
             logits = out[:, m]
             stopped = not runner.reached_end
             _count_step(fast, batch, rows, step.width, m,

@@ -21,7 +21,8 @@ Host time: a bucket's one-token steps read their inputs from buffers the bucket 
 the same arguments every step. Once two steps through Dynamo have shown that, later
 steps call the runner directly with those arguments (as gpt-fast and vLLM run their
 decode loops): no guard evaluation and no input gathering per step. At batch 1 the
-end-of-sequence check is read one step late (:class:`_LaggedFlag`), and a one-token
+end-of-sequence check is read one step late (:class:`_LaggedFlag`; under
+``kv="deferred"`` too), and a one-token
 step's exits are counted from what the runner recorded on the host, so the only host
 waits per step are the skip runner's flag reads.
 """
@@ -75,8 +76,11 @@ class _Bucket:
     seen_args: tuple | None = None
     #: kv="deferred": the decode step's runner (its live input and force_deep flag)
     runner: Any = None
-    #: kv="deferred": after a generate, the cache positions whose K/V are written at every
-    #: layer (the rest, at most max_pending tokens, were left pending: nothing reads them)
+    #: kv="deferred": after a generate, the cache positions ``0 .. complete - 1``, whose
+    #: K/V the steps that produced its tokens wrote at every layer (the rest, at most
+    #: max_pending tokens, were left pending: nothing reads them). At batch 1 the step run
+    #: after an EOS (the flag is read one step late, :class:`_LaggedFlag`) is not one of
+    #: them: if it ran deep, the positions it completed are exact but not counted here.
     complete: int = 0
     #: kv="deferred": the decode step per width (:class:`.deferred.StepWidth`)
     widths: dict[int, Any] = field(default_factory=dict)
@@ -469,14 +473,17 @@ class TIDEModel(nn.Module):
 
 
 class _LaggedFlag:
-    """``generate``'s end-of-sequence check at batch 1, read one step late.
+    """``generate``'s end-of-sequence check at batch 1, read one step late (the decode
+    loops of :meth:`TIDEModel.generate`, ``kv="deferred"``'s
+    :func:`~.deferred.generate_deferred` and the lossless decoder's drafts).
 
     Reading ``unfinished`` right after a step would make the host wait for the GPU to
     finish it, and the GPU then waits while the host prepares the next step. Instead the
     flag is copied into pinned host memory behind an event, the next step is launched,
     and the flag is read after it (by then the event has passed, or passes before the
     next step's own work). A row that ended runs one more step, whose token is dropped
-    and not counted. On the CPU the flag is read at once (no queue to keep full)."""
+    and not counted. On the CPU the flag is read at once (no queue to keep full), but
+    the loop still checks it only after the next step, as on the GPU."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -485,8 +492,10 @@ class _LaggedFlag:
         self.armed = False
 
     def record(self, unfinished: torch.Tensor) -> None:
+        """Keep whether any element of ``unfinished`` (a bool tensor) is set."""
         if self.cuda:
-            self.host.copy_(unfinished.any(), non_blocking=True)
+            flag = unfinished.reshape(()) if unfinished.numel() == 1 else unfinished.any()
+            self.host.copy_(flag, non_blocking=True)
             self.event.record()
         else:
             self.host.fill_(bool(unfinished.any()))
