@@ -87,7 +87,7 @@ import torch
 from ..sampling import processed_probs
 from .deferred import set_write_counters, write_counters
 from .model import _LaggedFlag
-from .speculative import speculative_accept
+from .speculative import verify_drafts
 
 if TYPE_CHECKING:
     from ..routers import RouterSet
@@ -606,36 +606,17 @@ def generate_lossless(
             kind = "stop"
         else:
             # ------------------------------------------------------------ deep: verify
-            full = out[0, :m + 1]
             drafts = ids[0, 1:m + 1]
-            if do_sample:
-                p = processed_probs(full, **kw)
-                q = st.q[:m] if m else p[:0]
-                k_t, next_t = speculative_accept(drafts, q, p, generator)
-                host = torch.cat([k_t.reshape(1), next_t.reshape(1), drafts]).tolist()
-                k, next_tok, draft_list = host[0], host[1], host[2:]
-                if m:
-                    fast.tide_stats.record_regret(
-                        (full[:m].argmax(-1) != st.exit_top[:m]).sum(), m)
-            else:
-                target = full.argmax(-1)
-                host = torch.cat([target, drafts]).tolist()
-                target_list, draft_list = host[:m + 1], host[m + 1:]
-                k = 0
-                while k < m and draft_list[k] == target_list[k]:
-                    k += 1
-                next_tok = target_list[k]
-                next_t = target[k]
-                if m:
-                    fast.tide_stats.record_regret(
-                        sum(a != b for a, b in zip(draft_list, target_list)), m)
-            emitted = draft_list[:k] + [next_tok]
-            for i, t in enumerate(emitted):
-                if t in eos_set:
-                    emitted = emitted[:i + 1]
-                    done = True
-                    break
-            emitted = emitted[:max_new_tokens - produced]
+            verdict = verify_drafts(
+                out[0, :m + 1], drafts, eos=eos_set, room=max_new_tokens - produced,
+                sampling=kw if do_sample else None,
+                draft_probs=st.q[:m] if do_sample and m else None,
+                exit_tops=st.exit_top[:m] if do_sample and m else None,
+                generator=generator)
+            k, next_t, emitted = verdict.accepted, verdict.next_token, verdict.emitted
+            done = done or verdict.ended
+            if m:
+                fast.tide_stats.record_regret(verdict.regrets, m)
             n = len(emitted)
             at = prompt_len + produced
             j = min(k, n)  # emitted = drafts[:j], then the verifier's token if n > k

@@ -52,6 +52,8 @@ __all__ = [
     "SpeculativeModel",
     "SpeculativeStats",
     "speculative_accept",
+    "verify_drafts",
+    "Verdict",
     "set_cache_length",
 ]
 
@@ -91,6 +93,69 @@ def speculative_accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor,
     row = torch.where(row.sum() > 0, row, target_probs[k])
     token = torch.multinomial(row, 1, generator=generator)[0]
     return k, token
+
+
+@dataclass
+class Verdict:
+    """What a full-depth verify made of a round's drafts (:func:`verify_drafts`).
+
+    Attributes:
+        accepted: ``k``, the drafts accepted (a prefix).
+        next_token: the token after them (0-d, on the device): the verifier's own.
+        emitted: the tokens the round yields, on the host: the accepted drafts, then
+            ``next_token``; cut after the first EOS and to the room left.
+        ended: an EOS is among ``emitted``.
+        regrets: drafts whose exit top-1 differs from the verifier's top-1 at their
+            position (a device tensor when sampling, else an int).
+    """
+
+    accepted: int
+    next_token: torch.Tensor
+    emitted: list[int]
+    ended: bool
+    regrets: torch.Tensor | int
+
+
+def verify_drafts(full: torch.Tensor, drafts: torch.Tensor, *, eos: set[int], room: int,
+                  sampling: dict[str, Any] | None = None,
+                  draft_probs: torch.Tensor | None = None,
+                  exit_tops: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> Verdict:
+    """Accept a round's drafts against the full model's logits (one host read).
+
+    Args:
+        full: ``[m + 1, vocab]`` full-depth logits: at the position before each draft,
+            and after the last one.
+        drafts: ``[m]`` draft tokens.
+        eos: end-of-sequence ids; ``room``: tokens the generate may still emit.
+        sampling: ``None`` for greedy (accept while the argmax equals the draft); else
+            the processing (``temperature``, ``top_k``, ``top_p``) of :func:`speculative_accept`,
+            which then needs ``draft_probs`` (``[m, vocab]``) and ``exit_tops`` (``[m]``,
+            for the regret count; greedy drafts are their exit tops).
+    """
+    m = drafts.numel()
+    if sampling is not None:
+        p = processed_probs(full, **sampling)
+        k_t, next_t = speculative_accept(drafts, draft_probs if m else p[:0], p, generator)
+        host = torch.cat([k_t.reshape(1), next_t.reshape(1), drafts]).tolist()
+        k, next_tok, draft_list = host[0], host[1], host[2:]
+        regrets: torch.Tensor | int = (full[:m].argmax(-1) != exit_tops).sum() if m else 0
+    else:
+        target = full.argmax(-1)
+        host = torch.cat([target, drafts]).tolist()
+        target_list, draft_list = host[:m + 1], host[m + 1:]
+        k = 0
+        while k < m and draft_list[k] == target_list[k]:
+            k += 1
+        next_tok, next_t = target_list[k], target[k]
+        regrets = sum(a != b for a, b in zip(draft_list, target_list))
+    emitted = draft_list[:k] + [next_tok]
+    ended = False
+    for i, t in enumerate(emitted):
+        if t in eos:
+            emitted, ended = emitted[:i + 1], True
+            break
+    return Verdict(k, next_t, emitted[:room], ended, regrets)
 
 
 # ---------------------------------------------------------------------- cache rollback
@@ -458,34 +523,16 @@ class SpeculativeModel(nn.Module):
             if n + 1 < width:  # pad to the static width: rows past the prefix are scratch
                 window = torch.cat([window, window[-1:].expand(width - n - 1)])
             logits = self._verify(window[None], pos, cache)
-            draft_t = window[1:n + 1]
-            if do_sample:
-                p = processed_probs(logits[:n + 1], temperature=temperature, top_k=top_k,
-                                    top_p=top_p)
-                q = torch.stack(draft_probs) if n else p[:0]
-                k_t, next_t = speculative_accept(draft_t, q, p, generator)
-                host = torch.cat([k_t.reshape(1), next_t.reshape(1), draft_t]).tolist()
-                k, next_tok, draft_list = host[0], host[1], host[2:]
-                if n:
-                    self.tide_stats.record_regret(
-                        (logits[:n].argmax(-1) != torch.stack(draft_tops)).sum(), n)
-            else:
-                target = logits[:n + 1].argmax(-1)
-                host = torch.cat([target, draft_t]).tolist()
-                target_list, draft_list = host[:n + 1], host[n + 1:]
-                k = 0
-                while k < n and draft_list[k] == target_list[k]:
-                    k += 1
-                next_tok = target_list[k]
-                if n:
-                    self.tide_stats.record_regret(
-                        sum(a != b for a, b in zip(draft_list, target_list)), n)
-            emitted = draft_list[:k] + [next_tok]
-            for i, t in enumerate(emitted):
-                if t in eos:
-                    emitted = emitted[:i + 1]
-                    break
-            emitted = emitted[:max_new_tokens - len(new)]
+            verdict = verify_drafts(
+                logits[:n + 1], window[1:n + 1], eos=eos, room=max_new_tokens - len(new),
+                sampling=(dict(temperature=temperature, top_k=top_k, top_p=top_p)
+                          if do_sample else None),
+                draft_probs=torch.stack(draft_probs) if do_sample and n else None,
+                exit_tops=torch.stack(draft_tops) if do_sample and n else None,
+                generator=generator)
+            k, emitted = verdict.accepted, verdict.emitted
+            if n:
+                self.tide_stats.record_regret(verdict.regrets, n)
             stats.record_round(depths, k, len(emitted))
             new.extend(emitted)
             # The cache now holds exact K/V for `last` and the k accepted drafts.
