@@ -67,22 +67,8 @@ def test_demo(capsys) -> None:
     assert torch.get_num_threads() == before  # --threads is restored
 
 
-def test_generate_with_saved_routers(tmp_path, capsys) -> None:
-    model, _ = demo.load()
-    # Forced routers: every token exits at layer 1 for any threshold below 1.
-    forced = RouterSet.forced(model, exit_at=1, config=TIDEConfig(checkpoint_interval=2))
-    path = tmp_path / "forced.tide"
-    forced.save(path)
-    rc, out, _ = run(["generate", "--model", str(demo.DEMO_DIR), "--routers", str(path),
-                      "--prompt", "ROMEO.\nWhat light", "--max-new-tokens", "6", "--threshold", "0.5",
-                      "--dtype", "fp32", "--device", "cpu"], capsys)
-    assert rc == 0
-    assert out.startswith("ROMEO.\nWhat light")
-    assert "Layer 1:" in out and "(100.0%)" in out and "Mean depth: 2.00 / 8 layers" in out
-    assert "new tokens in" in out
-
-
 def test_generate_strategy_options(tmp_path, capsys) -> None:
+    """generate with saved (forced) routers from a model folder, under each strategy."""
     model, _ = demo.load()
     forced = RouterSet.forced(model, exit_at=1, config=TIDEConfig(checkpoint_interval=2))
     path = tmp_path / "forced.tide"
@@ -96,6 +82,10 @@ def test_generate_strategy_options(tmp_path, capsys) -> None:
     # auto: this short prompt runs frozen (all 8 layers) unless compact_min_length allows it.
     rc, out, _ = run(base, capsys)
     assert rc == 0 and "Layers executed per token: 2.00 / 8" not in out
+    # The saved routers are used: every token exits at layer 1 (exits per layer, depth).
+    assert out.startswith("ROMEO.\nWhat light")
+    assert "Layer 1:" in out and "(100.0%)" in out and "Mean depth: 2.00 / 8 layers" in out
+    assert "new tokens in" in out
     rc, out, _ = run(base + ["--compact-min-length", "0"], capsys)
     assert rc == 0 and "Layers executed per token: 2.00 / 8" in out
     # Frozen: every layer runs for every token.
