@@ -383,49 +383,25 @@ class FeatureRouter(nn.Module):
 def train_feature_router(x_all: torch.Tensor, y: torch.Tensor, split: Any, router: FeatureRouter, *,
                          seed: int, batch_size: int = 512, max_epochs: int = 40, patience: int = 4,
                          lr: float = 2e-3, weight_decay: float = 1e-2) -> dict[str, Any]:
-    """``calibration.train.train_router``'s recipe (class-balanced BCE, AdamW, best
-    validation epoch, seeded batches) for a :class:`FeatureRouter` on prepared inputs."""
-    import copy
+    """``calibration.train.train_router``'s recipe (:func:`~tide_compile.calibration.train.fit_router`:
+    class-balanced BCE, AdamW, best validation epoch, seeded batches) for a
+    :class:`FeatureRouter` on prepared inputs."""
+    from tide_compile.calibration.train import constant_router, fit_router
 
     y = y.float()
     yt = y[split.train]
     n_train, n_pos = int(yt.numel()), float(yt.sum())
     info: dict[str, Any] = {"train_positive_rate": _r(n_pos / n_train if n_train else None, 4)}
-    if n_train == 0 or n_pos in (0.0, float(n_train)):
-        with torch.no_grad():
-            for prm in router.parameters():
-                prm.zero_()
-            router.up.bias.fill_(10.0 if n_train and n_pos == n_train else -10.0)
+    if constant_router(router, n_train, n_pos):
         info.update(epochs=0, constant=True)
         return info
     xt, xv = x_all[split.train], x_all[split.val] if split.val.numel() else x_all[split.train]
     yv = y[split.val] if split.val.numel() else yt
-    w_pos, w_neg = 0.5 * n_train / n_pos, 0.5 * n_train / (n_train - n_pos)
-
-    def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(logits, t, weight=t * w_pos + (1 - t) * w_neg)
-
-    opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
-    gen = torch.Generator().manual_seed(seed + 2)
-    best = (math.inf, copy.deepcopy(router.state_dict()), 0)
-    epoch = 0
-    for epoch in range(1, max_epochs + 1):
-        router.train()
-        perm = torch.randperm(n_train, generator=gen)
-        for i in range(0, n_train, batch_size):
-            b = perm[i : i + batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss_fn(router.forward_inputs(xt[b]), yt[b]).backward()
-            opt.step()
-        router.eval()
-        with torch.no_grad():
-            v = float(loss_fn(router.forward_inputs(xv), yv))
-        if v < best[0] - 1e-5:
-            best = (v, copy.deepcopy(router.state_dict()), epoch)
-        elif epoch - best[2] >= patience:
-            break
-    router.load_state_dict(best[1])
-    info.update(epochs=epoch, best_epoch=best[2], val_loss=_r(best[0], 5), constant=False)
+    fit = fit_router(router, router.forward_inputs, xt, yt, xv, yv, seed=seed,
+                     batch_size=batch_size, max_epochs=max_epochs, patience=patience, lr=lr,
+                     weight_decay=weight_decay)
+    info.update(epochs=fit["epochs"], best_epoch=fit["best_epoch"], val_loss=_r(fit["val_loss"], 5),
+                constant=False)
     return info
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ from torch import nn
 from ..model_probe import ModelProbe
 from ..routers import ExitProjection, TokenRouter
 
-__all__ = ["Split", "split_by_sample", "train_router", "train_projection", "PROJECTION_LOSSES"]
+__all__ = ["Split", "split_by_sample", "train_router", "fit_router", "constant_router",
+           "train_projection", "PROJECTION_LOSSES"]
 
 PROJECTION_LOSSES = ("kl", "ce")
 
@@ -110,11 +111,7 @@ def train_router(
     n_pos = float(y_train.sum())
     n_train = int(y_train.numel())
     info: dict[str, Any] = {"train_tokens": n_train, "train_positive_rate": n_pos / n_train if n_train else None}
-    if n_train == 0 or n_pos in (0.0, float(n_train)):
-        with torch.no_grad():
-            for p in router.parameters():
-                p.zero_()
-            router.up.bias.fill_(10.0 if n_train and n_pos == n_train else -10.0)
+    if constant_router(router, n_train, n_pos):
         info.update(epochs=0, constant=True)
         return router.eval(), info
 
@@ -125,11 +122,41 @@ def train_router(
     has_val = split.val.numel() > 0
     x_val = features(split.val) if has_val else x_train
     t_val = y_all[split.val].to(device) if has_val else t_train
+    fit = fit_router(router, lambda x: _router_logits(router, x), x_train, t_train, x_val, t_val,
+                     seed=seed, batch_size=batch_size, max_epochs=max_epochs, patience=patience,
+                     lr=lr, weight_decay=weight_decay)
+    info.update(epochs=fit["epochs"], best_epoch=fit["best_epoch"],
+                val_loss=round(fit["val_loss"], 6), constant=False)
+    return router.eval(), info
+
+
+def constant_router(router: nn.Module, n_train: int, n_pos: float) -> bool:
+    """A training split with a single class (or none): make ``router`` constant (every
+    parameter 0, the output bias +-10: score that class) and return True."""
+    if n_train and 0.0 < n_pos < n_train:
+        return False
+    with torch.no_grad():
+        for p in router.parameters():
+            p.zero_()
+        router.up.bias.fill_(10.0 if n_train and n_pos == n_train else -10.0)
+    return True
+
+
+def fit_router(router: nn.Module, logits: Callable[[torch.Tensor], torch.Tensor],
+               x_train: torch.Tensor, t_train: torch.Tensor, x_val: torch.Tensor,
+               t_val: torch.Tensor, *, seed: int, batch_size: int = 512, max_epochs: int = 40,
+               patience: int = 4, lr: float = 2e-3, weight_decay: float = 1e-2) -> dict[str, Any]:
+    """The routers' training recipe on prepared inputs: class-balanced BCE (each class
+    half of the loss, weights from the training targets, which hold both classes), AdamW,
+    seeded shuffled batches, early stop after ``patience`` epochs without a better
+    validation loss, and the best validation epoch's weights kept. ``logits(x)``: the
+    router's scores for inputs ``x``. Returns ``epochs``, ``best_epoch``, ``val_loss``."""
+    n_train, n_pos = int(t_train.numel()), float(t_train.sum())
     w_pos, w_neg = 0.5 * n_train / n_pos, 0.5 * n_train / (n_train - n_pos)
 
-    def loss_fn(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         weight = t * w_pos + (1.0 - t) * w_neg
-        return nn.functional.binary_cross_entropy_with_logits(logits, t, weight=weight)
+        return nn.functional.binary_cross_entropy_with_logits(out, t, weight=weight)
 
     opt = torch.optim.AdamW(router.parameters(), lr=lr, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed + 2)
@@ -138,20 +165,19 @@ def train_router(
     for epoch in range(1, max_epochs + 1):
         router.train()
         for b in _batches(n_train, batch_size, gen):
-            b = b.to(device)
+            b = b.to(x_train.device)
             opt.zero_grad(set_to_none=True)
-            loss_fn(_router_logits(router, x_train[b]), t_train[b]).backward()
+            loss_fn(logits(x_train[b]), t_train[b]).backward()
             opt.step()
         router.eval()
         with torch.no_grad():
-            val_loss = float(loss_fn(_router_logits(router, x_val), t_val))
+            val_loss = float(loss_fn(logits(x_val), t_val))
         if val_loss < best[0] - 1e-5:
             best = (val_loss, copy.deepcopy(router.state_dict()), epoch)
         elif epoch - best[2] >= patience:
             break
     router.load_state_dict(best[1])
-    info.update(epochs=epoch, best_epoch=best[2], val_loss=round(best[0], 6), constant=False)
-    return router.eval(), info
+    return {"epochs": epoch, "best_epoch": best[2], "val_loss": best[0]}
 
 
 def train_projection(
