@@ -47,6 +47,8 @@ Usage: python benchmarks/bench_decode.py [--tiny] [--steps 64] [--pairs 6] [--ou
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import statistics
@@ -60,6 +62,58 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tide_compile  # noqa: E402
 from tide_compile import ExitStats, RouterSet, TIDEConfig  # noqa: E402
 from tide_compile.model_probe import probe  # noqa: E402
+
+
+class TimingGate:
+    """Several benchmark processes on one GPU: they compile in parallel, they time one at a time.
+
+    ``spec`` is ``"DIR:N"`` (a ``--gate`` argument): ``N`` processes share the folder
+    ``DIR``. :meth:`exclusive` holds an exclusive lock on ``DIR/lock`` (model construction,
+    whose float32 peak would not fit ``N`` times; every timed section). :meth:`arrive`
+    marks this process warm (every compile done) and waits until all ``N`` have arrived,
+    so no process times while another compiles. Only the first call waits: give each
+    process one timed role (its compiles first, then its timing). ``spec=None``: both are
+    no-ops (one process).
+    """
+
+    def __init__(self, spec: str | None, timeout_s: float = 1800.0) -> None:
+        self.folder = self.count = None
+        if spec:
+            folder, _, count = spec.rpartition(":")
+            if not folder or not count.isdigit() or int(count) < 1:
+                raise SystemExit(f"--gate: expected DIR:N, got {spec!r}")
+            self.folder, self.count = folder, int(count)
+            os.makedirs(folder, exist_ok=True)
+        self.timeout_s = timeout_s
+        self.arrived = False
+        self.waited_s = 0.0
+
+    def arrive(self) -> None:
+        """Mark this process warm; wait for the others (once)."""
+        if self.folder is None or self.arrived:
+            return
+        self.arrived = True
+        open(os.path.join(self.folder, f"ready.{os.getpid()}"), "w").close()
+        t0 = time.time()
+        while sum(n.startswith("ready.") for n in os.listdir(self.folder)) < self.count:
+            if time.time() - t0 > self.timeout_s:
+                raise SystemExit(f"--gate: {self.count} processes did not all arrive "
+                                 f"within {self.timeout_s:.0f} s")
+            time.sleep(0.5)
+        self.waited_s = round(time.time() - t0, 1)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the gate's lock (no other gated process is inside its own block)."""
+        if self.folder is None:
+            yield
+            return
+        with open(os.path.join(self.folder, "lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype):

@@ -60,6 +60,7 @@ Usage: python benchmarks/bench_deferred.py [--out deferred.json]
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib.util
 import json
@@ -229,6 +230,13 @@ def build_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU only: torch threads (1: a shared machine's other load does not "
                          "show up as spinning worker threads in the CPU time)")
+    ap.add_argument("--gate", default=None,
+                    help="DIR:N: one of N processes on one GPU that compile in parallel and "
+                         "time one at a time (bench_decode.TimingGate); give each process one "
+                         "role: --rows inductor, or --rows exits with one depth")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="JSON files of gated processes: one result (x_inductor filled in "
+                         "from the inductor row), written to --out, and its table")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -250,8 +258,34 @@ def build_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merge(paths: list[str], out: str | None) -> dict:
+    """One result from gated processes' files: their rows and pairs in file order, every
+    tide row's ``x_inductor`` from the inductor row of its prompt length (measured in the
+    same call, timed while no other process ran)."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    result = {"env": {"merged_from": [os.path.basename(p) for p in paths],
+                      "parts": [part["env"] for part in parts],
+                      "clock": parts[0]["env"]["clock"]},
+              "rows": [r for part in parts for r in part["rows"]],
+              "pairs": [q for part in parts for q in part["pairs"]]}
+    inductor_ms = {r["prompt"]: r["ms_per_token"] for r in result["rows"] if r["kv"] is None}
+    for r in result["rows"]:
+        if r["kv"] is not None and r["prompt"] in inductor_ms and r["ms_per_token"] > 0:
+            r["x_inductor"] = round(inductor_ms[r["prompt"]] / r["ms_per_token"], 3)
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    print_table(result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inductor = not args.no_inductor
     threads = torch.get_num_threads()
@@ -266,7 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
 def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     start = time.time()
-    model = bench_decode.build_model(args.tiny, device, dtype)
+    gate = bench_decode.TimingGate(args.gate)
+    with gate.exclusive():
+        model = bench_decode.build_model(args.tiny, device, dtype)
     num_layers = model.config.num_hidden_layers
     cfg = TIDEConfig(checkpoint_interval=args.interval)
     checkpoints = cfg.checkpoint_layers(num_layers)
@@ -286,7 +322,8 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
            "depths": args.depths, "ks": args.ks, "prompts": args.prompts, "new": args.new,
            "pairs": args.pairs, "max_pending": args.max_pending, "inductor": inductor,
            "cache_len": cache_len, "tiny": args.tiny,
-           "threads": torch.get_num_threads() if device == "cpu" else None}
+           "threads": torch.get_num_threads() if device == "cpu" else None,
+           "gate": args.gate}
     try:
         import transformers
         env["transformers"] = transformers.__version__
@@ -361,6 +398,16 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
             fasts[kv] = tide_compile.optimize(model, routers, kv=kv,
                                               max_pending=args.max_pending, inductor=inductor)
             warmup[kv] = warm(fasts[kv], kv)
+        gate.arrive()
+        with gate.exclusive():
+            timed_ks(label, depth, ks, fasts, warmup)
+        del fasts
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    def timed_ks(label: str, depth: int | None, ks: list[int | None], fasts: dict,
+                 warmup: dict) -> None:
         for k in ks:
             deep.k = k
             for p, ids in prompts.items():
@@ -400,10 +447,6 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
                     row(r)
                 result["pairs"].append({"label": label, **where, **ratio,
                                         "within_5pct": paired["ratio_median"] <= 1.05})
-        del fasts
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
 
     def inductor_rows() -> None:
         """The plain model, one compiled forward for every prompt length."""
@@ -415,31 +458,37 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
             fn = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
         mark = device == "cuda" and inductor
         loops = {p: FixedLoop(model, fn, device, mark, cache_len[p]) for p in prompts}
-        for p, ids in prompts.items():
-            loop = loops[p]
 
-            def run(n: int) -> float:
-                t0 = clock(device)
-                loop.generate(ids, n)
-                return (clock(device) - t0) * 1e3
+        def run(p: int, n: int) -> float:
+            t0 = clock(device)
+            loops[p].generate(prompts[p], n)
+            return (clock(device) - t0) * 1e3
 
+        warm_s = {}
+        for p in prompts:
             t0 = time.time()
             for n in (args.new, 1, args.new, 1):
-                run(n)
-            warm_s = round(time.time() - t0, 2)
-            decode, prefill, e2e = [], [], []
-            for _ in range(args.pairs):
-                one, full = run(1), run(args.new)
-                decode.append((full - one) / (args.new - 1))
-                prefill.append(one)
-                e2e.append(full / args.new)
-            inductor_ms[p] = statistics.median(decode)
-            row({"name": "inductor", "kv": None, "depth": num_layers, "k": None, "prompt": p,
-                 "ms_per_token": round(inductor_ms[p], 4),
-                 "ms_range": [round(min(decode), 4), round(max(decode), 4)],
-                 "prefill_ms": round(statistics.median(prefill), 3),
-                 "e2e_ms_per_token": round(statistics.median(e2e), 4), "x_inductor": 1.0,
-                 "mean_layers_executed": num_layers, "warmup_s": warm_s})
+                run(p, n)
+            warm_s[p] = round(time.time() - t0, 2)
+        gate.arrive()
+        with gate.exclusive():
+            for p in prompts:
+                inductor_timed(p, functools.partial(run, p), warm_s[p])
+
+    def inductor_timed(p: int, run: Callable[[int], float], warm_s: float) -> None:
+        decode, prefill, e2e = [], [], []
+        for _ in range(args.pairs):
+            one, full = run(1), run(args.new)
+            decode.append((full - one) / (args.new - 1))
+            prefill.append(one)
+            e2e.append(full / args.new)
+        inductor_ms[p] = statistics.median(decode)
+        row({"name": "inductor", "kv": None, "depth": num_layers, "k": None, "prompt": p,
+             "ms_per_token": round(inductor_ms[p], 4),
+             "ms_range": [round(min(decode), 4), round(max(decode), 4)],
+             "prefill_ms": round(statistics.median(prefill), 3),
+             "e2e_ms_per_token": round(statistics.median(e2e), 4), "x_inductor": 1.0,
+             "mean_layers_executed": num_layers, "warmup_s": warm_s})
 
     with torch._dynamo.config.patch(recompile_limit=64), deep:
         if "inductor" in args.rows:
@@ -452,6 +501,7 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
                 continue
             tide_rows(f"exit@{d}", d, args.ks)
     env["total_s"] = round(time.time() - start, 1)
+    env["gate_waited_s"] = gate.waited_s
     save()
     print_table(result)
     return result

@@ -92,6 +92,7 @@ def _load_bench_decode():
 bench_decode = _load_bench_decode()
 
 ACCEPTANCES = (0.6, 0.8, 0.9)
+CEILING_ROWS = {"plain", "never", "never_fixed", "ceiling"}
 
 
 def clock(device: str) -> float:
@@ -166,6 +167,17 @@ def build_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model-rows", default="plain,lossless,lossless_fixed,speculative",
                     help="which rows per model")
     ap.add_argument("--depths", default=None, help="ceiling exit depths (8,16,24)")
+    ap.add_argument("--ceiling-rows", default="plain,never,never_fixed,ceiling",
+                    help="which ceiling rows: plain, never (lossless_never_exit), never_fixed, "
+                         "ceiling (lossless_ceiling@d for every --depths)")
+    ap.add_argument("--gate", default=None,
+                    help="DIR:N: one of N processes on one GPU that compile in parallel and "
+                         "time one at a time (bench_decode.TimingGate); give each process one "
+                         "ceiling row (--rows ceiling --ceiling-rows R, one depth), then "
+                         "--merge their files")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="JSON files of gated processes: one result (x_plain and the "
+                         "projections computed across them), written to --out, and its table")
     ap.add_argument("--interval", type=int, default=None,
                     help="ceiling checkpoint_interval (8)")
     ap.add_argument("--new", type=int, default=None, help="new tokens per generate (128)")
@@ -186,6 +198,9 @@ def build_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.rows = set(args.rows.split(","))
+    args.ceiling_rows = set(args.ceiling_rows.split(","))
+    if not args.ceiling_rows <= CEILING_ROWS:
+        ap.error(f"--ceiling-rows: unknown {sorted(args.ceiling_rows - CEILING_ROWS)}")
     if not args.rows <= {"models", "ceiling"}:
         ap.error(f"--rows: unknown {sorted(args.rows - {'models', 'ceiling'})}")
     args.depths = sorted(parse_ints(args.depths), reverse=True)
@@ -198,6 +213,8 @@ def build_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     threads = torch.get_num_threads()
     if device == "cpu":
@@ -235,14 +252,58 @@ def project(t_plain: float, t_deep: float, t_stop: float, pending: int) -> dict:
     return out
 
 
+def projection_row(depth: int, t_plain: float, t_deep: float, ms_ceiling: float,
+                   pending: int) -> dict:
+    """The projection at exit depth ``depth`` (not a measurement): ``t_stop`` from the
+    ceiling row's ms/token (``W * ms_ceiling = pending * t_stop + t_deep``)."""
+    t_stop = max(0.0, ((pending + 1) * ms_ceiling - t_deep) / pending)
+    return {"name": f"projection@{depth}", "depth": depth,
+            "kind": "projection, not a measurement", "t_plain_ms": t_plain, "t_deep_ms": t_deep,
+            "t_stop_ms": round(t_stop, 4), "max_pending": pending,
+            "at_acceptance": project(t_plain, t_deep, t_stop, pending)}
+
+
+def merge(paths: list[str], out: str | None) -> dict:
+    """One result from gated processes' ceiling files: rows in file order, ``x_plain`` from
+    the plain row (timed in the same call while no other process ran), and the
+    projections from the never-exit fixed row and each ceiling row."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    result = {"env": {"merged_from": [os.path.basename(p) for p in paths],
+                      "parts": [part["env"] for part in parts],
+                      "clock": parts[0]["env"]["clock"]},
+              "rows": [r for part in parts for r in part["rows"]], "projection": []}
+    ms = {r["name"]: r["ms_per_token"] for r in result["rows"] if "ms_per_token" in r}
+    if "plain" in ms:
+        for r in result["rows"]:
+            if "ms_per_token" in r:
+                r["x_plain"] = round(ms["plain"] / r["ms_per_token"], 3)
+    pending = {part["env"].get("max_pending") for part in parts}
+    if "plain" in ms and "lossless_never_exit_fixed" in ms and len(pending) == 1:
+        for r in result["rows"]:
+            if r["name"].startswith("lossless_ceiling@"):
+                result["projection"].append(projection_row(
+                    r["depth"], ms["plain"], ms["lossless_never_exit_fixed"],
+                    r["ms_per_token"], next(iter(pending))))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+    print_table(result)
+    return result
+
+
 def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
     start = time.time()
+    gate = bench_decode.TimingGate(args.gate)
     env = {"torch": torch.__version__,
            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
            "clock": "wall, CUDA-synced" if device == "cuda" else "process CPU time",
            "new": args.new, "max_pending": args.max_pending, "inductor": inductor,
            "rows": sorted(args.rows), "tiny": args.tiny, "repeats": args.repeats,
-           "threads": torch.get_num_threads() if device == "cpu" else None}
+           "threads": torch.get_num_threads() if device == "cpu" else None,
+           "gate": args.gate}
     try:
         import transformers
         env["transformers"] = transformers.__version__
@@ -262,8 +323,10 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
         save()
         return r
 
-    def measure(generate: Callable, prompts: list[torch.Tensor], cache_len: int) -> dict:
-        """Warm-up, then per prompt ``repeats`` x (generate(1), generate(new)); medians."""
+    def measure(generate: Callable, prompts: list[torch.Tensor], cache_len: int,
+                then: Callable[[], None] | None = None) -> dict:
+        """Warm-up, then per prompt ``repeats`` x (generate(1), generate(new)); medians.
+        ``then`` runs after the timing, inside the gate's block (GPU work of the row)."""
         def run(ids, n):
             t0 = clock(device)
             out = generate(ids, max_new_tokens=n, eos_token_id=-1, max_cache_len=cache_len)
@@ -275,13 +338,17 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
                 run(ids, n)
         warm = round(time.time() - t0, 2)
         decode, e2e, outs = [], [], []
-        for ids in prompts:
-            for _ in range(args.repeats):
-                one, _ = run(ids, 1)
-                full, out = run(ids, args.new)
-                decode.append((full - one) / (args.new - 1))
-                e2e.append(full)
-            outs.append(out)
+        gate.arrive()
+        with gate.exclusive():
+            for ids in prompts:
+                for _ in range(args.repeats):
+                    one, _ = run(ids, 1)
+                    full, out = run(ids, args.new)
+                    decode.append((full - one) / (args.new - 1))
+                    e2e.append(full)
+                outs.append(out)
+            if then is not None:
+                then()
         ms = statistics.median(decode)
         return {"ms_per_token": round(ms, 4), "tokens_per_s": round(1e3 / ms, 1),
                 "ms_range": [round(min(decode), 4), round(max(decode), 4)],
@@ -300,8 +367,9 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
         for name in args.models:
             model_rows(name, args, device, inductor, measure, row, first_mismatch)
     if "ceiling" in args.rows:
-        ceiling_rows(args, device, inductor, measure, row, result)
+        ceiling_rows(args, device, inductor, measure, row, result, gate)
     env["total_s"] = round(time.time() - start, 1)
+    env["gate_waited_s"] = gate.waited_s
     save()
     print_table(result)
     return result
@@ -371,9 +439,10 @@ def model_rows(name, args, device, inductor, measure, row, first_mismatch) -> No
     del model
 
 
-def ceiling_rows(args, device, inductor, measure, row, result) -> None:
+def ceiling_rows(args, device, inductor, measure, row, result, gate) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = bench_decode.build_model(args.tiny, device, dtype)
+    with gate.exclusive():
+        model = bench_decode.build_model(args.tiny, device, dtype)
     num_layers = model.config.num_hidden_layers
     cfg = TIDEConfig(checkpoint_interval=args.interval)
     checkpoints = cfg.checkpoint_layers(num_layers)
@@ -385,7 +454,6 @@ def ceiling_rows(args, device, inductor, measure, row, result) -> None:
     prompts = [torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens),
                              generator=g).to(device) for _ in range(args.prompts)]
     cache_len = cache_bucket(args.prompt_tokens + args.new + args.max_pending)
-    width = args.max_pending + 1
     where = {"model": "8B-shape" if not args.tiny else "tiny", "num_layers": num_layers,
              "checkpoints": checkpoints, "prompt_tokens": args.prompt_tokens}
     ms: dict[str, float] = {}
@@ -395,40 +463,45 @@ def ceiling_rows(args, device, inductor, measure, row, result) -> None:
         routers = RouterSet.forced(model, exit_at=exit_at, config=cfg)
         fast = tide_compile.optimize(model, routers, mode="lossless", inductor=inductor,
                                      max_pending=args.max_pending, adaptive=adaptive)
-        m = measure(fast.generate, prompts, cache_len)
+        def stats_pass() -> None:  # stats over exactly one (warm) run per prompt
+            fast.lossless_stats.reset()
+            for ids in prompts:
+                fast.generate(ids, max_new_tokens=args.new, eos_token_id=-1,
+                              max_cache_len=cache_len)
+
+        m = measure(fast.generate, prompts, cache_len, then=stats_pass)
         m.pop("outs")
-        fast.lossless_stats.reset()
-        for ids in prompts:
-            fast.generate(ids, max_new_tokens=args.new, eos_token_id=-1, max_cache_len=cache_len)
         ms[name] = m["ms_per_token"]
         r = row({"name": name, **where, "depth": depth, **m,
-                 "x_plain": round(ms["plain"] / m["ms_per_token"], 3), **lossless_stats(fast)})
+                 "x_plain": round(ms["plain"] / m["ms_per_token"], 3) if "plain" in ms else None,
+                 **lossless_stats(fast)})
         del fast
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
         return r
 
-    torch._dynamo.reset()
-    plain = PlainLoop(model, inductor, device, cache_len)
-    m = measure(plain.generate, prompts, cache_len)
-    m.pop("outs")
-    ms["plain"] = m["ms_per_token"]
-    row({"name": "plain", **where, "depth": num_layers, **m, "x_plain": 1.0})
-    del plain
-    tide("lossless_never_exit", None, True, num_layers)
-    tide("lossless_never_exit_fixed", None, False, num_layers)
-    t_deep = ms["lossless_never_exit_fixed"]
-    for d in args.depths:  # deepest first: the zeroing only grows
+    which = args.ceiling_rows
+    if "plain" in which:
+        torch._dynamo.reset()
+        plain = PlainLoop(model, inductor, device, cache_len)
+        m = measure(plain.generate, prompts, cache_len)
+        m.pop("outs")
+        ms["plain"] = m["ms_per_token"]
+        row({"name": "plain", **where, "depth": num_layers, **m, "x_plain": 1.0})
+        del plain
+    if "never" in which:
+        tide("lossless_never_exit", None, True, num_layers)
+    if "never_fixed" in which:
+        tide("lossless_never_exit_fixed", None, False, num_layers)
+    for d in args.depths if "ceiling" in which else []:  # deepest first: zeroing only grows
         zero_layers_after(model, d)
         r = tide(f"lossless_ceiling@{d}", d - 1, True, d)
-        t_stop = max(0.0, (width * r["ms_per_token"] - t_deep) / args.max_pending)
-        p = {"name": f"projection@{d}", "depth": d, "kind": "projection, not a measurement",
-             "t_plain_ms": ms["plain"], "t_deep_ms": t_deep, "t_stop_ms": round(t_stop, 4),
-             "max_pending": args.max_pending,
-             "at_acceptance": project(ms["plain"], t_deep, t_stop, args.max_pending)}
-        result["projection"].append(p)
-        print(json.dumps(p), flush=True)
+        if "plain" in ms and "lossless_never_exit_fixed" in ms:
+            p = projection_row(d, ms["plain"], ms["lossless_never_exit_fixed"],
+                               r["ms_per_token"], args.max_pending)
+            result["projection"].append(p)
+            print(json.dumps(p), flush=True)
 
 
 def print_table(result: dict) -> None:
