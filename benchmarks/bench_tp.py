@@ -206,10 +206,16 @@ def main() -> None:
                 "bound_ms": round(by / (args.hbm_gbps * 1e9) * 1e3, 4),
                 "bound_speedup": round(full_bytes / by, 3)}
 
+    def save() -> None:  # after every row: a call cut short keeps what it measured
+        if rank == 0 and args.out:
+            with open(args.out, "w") as f:
+                json.dump({"env": env, "bytes_per_gpu": b, "rows": rows}, f, indent=1)
+
     def row(name, ms, **extra):
         r = {"name": name, "ms_per_token": round(ms, 4), **extra}
         rows.append(r)
         say(json.dumps(r))
+        save()
 
     # The baseline, compiled once and kept: every tide row is paired with it.
     torch._dynamo.reset()
@@ -272,6 +278,7 @@ def main() -> None:
         r = broadcast_flag_us(device)
         rows.append({"name": "broadcast_flag", **r})
         say(json.dumps(rows[-1]))
+        save()
 
     if rank == 0:
         print(f"\nTP={world}; bytes per GPU per step; ratios: median of interleaved pairs")
@@ -294,9 +301,6 @@ def main() -> None:
             if r["name"] == "broadcast_flag":
                 print(f"\nbroadcast of a flag from rank 0 + host read: median {r['median_us']} us, "
                       f"p90 {r['p90_us']} us")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"env": env, "bytes_per_gpu": b, "rows": rows}, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
 
