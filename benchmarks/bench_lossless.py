@@ -264,9 +264,11 @@ def projection_row(depth: int, t_plain: float, t_deep: float, ms_ceiling: float,
 
 
 def merge(paths: list[str], out: str | None) -> dict:
-    """One result from gated processes' ceiling files: rows in file order, ``x_plain`` from
-    the plain row (timed in the same call while no other process ran), and the
-    projections from the never-exit fixed row and each ceiling row."""
+    """One result from gated processes' files: rows in file order, ``x_plain`` from the
+    same model's plain row (timed in the same call while no other process ran), and the
+    ceiling's projections from the never-exit fixed row and each ceiling row. Model rows'
+    ``first_mismatch`` needs the plain row's tokens in the same process: a row timed in
+    another process has none."""
     parts = []
     for path in paths:
         with open(path) as f:
@@ -276,10 +278,11 @@ def merge(paths: list[str], out: str | None) -> dict:
                       "clock": parts[0]["env"]["clock"]},
               "rows": [r for part in parts for r in part["rows"]], "projection": []}
     ms = {r["name"]: r["ms_per_token"] for r in result["rows"] if "ms_per_token" in r}
-    if "plain" in ms:
-        for r in result["rows"]:
-            if "ms_per_token" in r:
-                r["x_plain"] = round(ms["plain"] / r["ms_per_token"], 3)
+    plain = {r.get("model"): r["ms_per_token"] for r in result["rows"]
+             if "ms_per_token" in r and r["name"] in ("plain", f"{r.get('model')}:plain")}
+    for r in result["rows"]:  # x_plain against the same model's plain row
+        if "ms_per_token" in r and r.get("model") in plain:
+            r["x_plain"] = round(plain[r["model"]] / r["ms_per_token"], 3)
     pending = {part["env"].get("max_pending") for part in parts}
     if "plain" in ms and "lossless_never_exit_fixed" in ms and len(pending) == 1:
         for r in result["rows"]:
