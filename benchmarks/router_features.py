@@ -9,7 +9,11 @@ runs on the plain model's states (collected once with
 semantics against ``tide_compile.reference.forward(..., kv="deferred")`` with the shipped
 routers.
 
-Per token ``t`` and checkpoint ``c`` (every ``--interval`` layers, identity exit heads):
+Per token ``t`` and checkpoint ``c`` (every ``--interval`` layers), with the exit head of
+``--heads``: ``identity`` (``lm_head(final_norm(h_c))``) or ``projection`` (the rank-64
+exit projection ``E_c`` that ``calibrate(..., exit_strategy="projection")`` trains,
+trained here by ``calibration.train.train_projection`` on the calibration train split and
+read out the way the runtime reads it, ``lm_head(final_norm(E_c(h_c)))``):
 
 * the full model's top-1, the exit head's top-1 at ``c`` (full vocabulary);
 * labels: ``agree`` (exit head top-1 == full top-1 at ``c``) and ``stable`` (agrees at
@@ -18,7 +22,7 @@ Per token ``t`` and checkpoint ``c`` (every ``--interval`` layers, identity exit
 
   - ``rms``: ``rms(h_c)`` (what the current routers read: ``TokenRouter``);
   - ``conf:<source><k>``: the exit head's confidence over a candidate set of ``k`` tokens,
-    from logits ``lm_head[S] @ final_norm(h_c)`` (a gather-matmul over k rows of
+    from logits ``lm_head[S] @ final_norm(E_c(h_c))`` (a gather-matmul over k rows of
     ``lm_head``, O(k*H); computed here by gathering the full logits, which is the same
     number, see :func:`candidate_logits`): max prob, margin p1 - p2, entropy / log k,
     top logit z1, logit margin z1 - z2, whether the candidate top-1 equals the previous
@@ -50,6 +54,8 @@ run's own held-out split ("calibrated t"), the oracle (first agreeing checkpoint
 agreement) and never exiting. Also the candidate sets' recall (full top-1 in the set).
 
     python benchmarks/router_features.py --out benchmarks/results/router_features      # SmolLM2, CPU
+    python benchmarks/router_features.py --heads projection --interval 4 --samples 160 \
+        --projection-tokens 3072 --out benchmarks/results/router_features_projection    # exit projections
     python benchmarks/router_features.py --tiny --out /tmp/rf                          # smoke test
 """
 
@@ -146,9 +152,24 @@ def heldout_domains(name: str) -> dict[str, str]:
 def candidate_logits(lm_weight: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The runtime op: logits of ``k`` candidate tokens per row, ``[n, k]``, reading only
     ``k`` rows of ``lm_head``: ``(lm_weight[idx] * x[:, None]).sum(-1)``, ``x`` = the
-    final-normed exit state ``[n, H]``, ``idx`` ``[n, k]``. O(k*H) per token instead of
-    O(V*H). (The study gathers the same numbers from the full logits it needs anyway.)"""
+    final-normed exit state ``[n, H]`` (:func:`head_input`), ``idx`` ``[n, k]``. O(k*H) per
+    token instead of O(V*H). (The study gathers the same numbers from the full logits it
+    needs anyway; :func:`check_candidate_logits` compares the two.)"""
     return torch.einsum("nkh,nh->nk", lm_weight[idx].float(), x.float())
+
+
+def exit_logits(p: Any, h: torch.Tensor, proj: nn.Module | None) -> torch.Tensor:
+    """Full-vocabulary logits of the exit head at a checkpoint: ``head(h_c)`` (identity)
+    or ``head(E_c(h_c))`` (exit projection), as ``RouterSet.exit_state`` feeds the final
+    norm at run time."""
+    return p.head(h if proj is None else proj(h))
+
+
+def head_input(p: Any, h: torch.Tensor, proj: nn.Module | None) -> torch.Tensor:
+    """What ``lm_head`` reads in :func:`exit_logits`: ``final_norm(E_c(h_c))`` (then
+    ``project_out`` where the model has one), the ``x`` of :func:`candidate_logits`."""
+    x = p.final_norm(h if proj is None else proj(h))
+    return x if p.project_out is None else p.project_out(x)
 
 
 def confidence(z: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,6 +244,7 @@ class TokenSet:
     final_topk: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     head_top1: torch.Tensor = field(default_factory=lambda: torch.empty(0))     # [C, n]
     feats: dict[str, torch.Tensor] = field(default_factory=dict)                 # set -> [C, n, F]
+    final_states: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [n, H] final layer
     cands: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
@@ -251,7 +273,7 @@ def collect(model: Any, p: Any, rows: list[list[int]], layers: list[int], name: 
     flat = torch.tensor([t for r in rows for t in r], dtype=torch.long)
     order = torch.tensor([i for i, r in enumerate(rows) for _ in r])
     assert torch.equal(col.sample_index, order), "collect_states kept tokens out of (sample, position) order"
-    ts = TokenSet(name, flat, col.sample_index, col.position, col.states)
+    ts = TokenSet(name, flat, col.sample_index, col.position, col.states, final_states=col.final)
     ts.final_top1, ts.final_topk = _final(p, col.final)
     return ts
 
@@ -295,9 +317,12 @@ def candidate_sets(ts: TokenSet, table: torch.Tensor, ks: list[int], sources: li
 
 
 @torch.no_grad()
-def compute_features(p: Any, ts: TokenSet, layers: list[int], chunk: int, progress: bool) -> None:
+def compute_features(p: Any, ts: TokenSet, layers: list[int], chunk: int, progress: bool,
+                     projections: dict[int, nn.Module] | None = None) -> None:
     """Exit-head top-1 at every checkpoint and the confidence sets (``full`` and every
-    candidate set of ``ts.cands``), chunked over tokens."""
+    candidate set of ``ts.cands``), chunked over tokens; the exit head at ``c`` reads
+    ``projections[c](h_c)`` where given (:func:`exit_logits`)."""
+    projections = projections or {}
     C, n = len(layers), ts.n
     names = ["full", *ts.cands]
     ts.head_top1 = torch.empty(C, n, dtype=torch.long)
@@ -306,7 +331,7 @@ def compute_features(p: Any, ts: TokenSet, layers: list[int], chunk: int, progre
     for ci, c in enumerate(layers):
         for i in range(0, n, chunk):
             sl = slice(i, min(i + chunk, n))
-            z = p.head(ts.states[c][sl]).float()
+            z = exit_logits(p, ts.states[c][sl], projections.get(c)).float()
             f, t = confidence(z, None)
             ts.head_top1[ci, sl] = t
             feats["full"][ci, sl, :5], ctop["full"][ci, sl] = f, t
@@ -327,11 +352,63 @@ def compute_features(p: Any, ts: TokenSet, layers: list[int], chunk: int, progre
     ts.feats = feats
 
 
-def labels(ts: TokenSet) -> dict[str, torch.Tensor]:
-    """``[C, n]`` bool: agree, and stable (agrees here and at every later checkpoint)."""
-    agree = ts.head_top1 == ts.final_top1[None]
+def labels(ts: TokenSet, head_top1: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``[C, n]`` bool: agree, and stable (agrees here and at every later checkpoint), for
+    ``ts.head_top1`` or the given ``[C, n]`` exit-head top-1."""
+    agree = (ts.head_top1 if head_top1 is None else head_top1) == ts.final_top1[None]
     stable = agree.flip(0).to(torch.int64).cummin(0).values.flip(0).bool()
     return {"agree": agree, "stable": stable}
+
+
+def subset(idx: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A seeded random ``n`` of the token indices ``idx`` (all of them when ``n`` <= 0 or
+    ``n`` >= their number), in ascending order."""
+    if n <= 0 or n >= idx.numel():
+        return idx
+    gen = torch.Generator().manual_seed(seed)
+    return idx[torch.randperm(idx.numel(), generator=gen)[:n]].sort().values
+
+
+def train_exit_projections(p: Any, cal: TokenSet, split: Any, layers: list[int], *, rank: int, loss: str,
+                           seed: int, train_tokens: int, val_tokens: int, progress: bool
+                           ) -> tuple[dict[int, nn.Module], dict[str, Any]]:
+    """One exit projection per checkpoint, ``calibrate(..., exit_strategy="projection")``'s
+    way: ``calibration.train.train_projection`` (its defaults, seed ``seed + 100 * c``) on
+    the calibration train split, early-stopped on the validation split; the held-out split
+    is never seen. ``train_tokens`` / ``val_tokens`` (> 0): a seeded subset of those splits,
+    the size a slow machine can afford (the KL over the whole vocabulary dominates)."""
+    from tide_compile.calibration.train import Split, train_projection
+
+    sub = Split(subset(split.train, train_tokens, seed + 11), subset(split.val, val_tokens, seed + 12),
+                split.heldout)
+    projections, info = {}, {"split_tokens": sub.sizes()}
+    for c in layers:
+        t0 = time.perf_counter()
+        proj, inf = train_projection(p, cal.states[c], cal.final_states, cal.final_top1, sub, rank=rank,
+                                     device="cpu", seed=seed + 100 * c, loss=loss)
+        projections[c] = proj
+        info[str(c)] = {**inf, "seconds": round(time.perf_counter() - t0, 1)}
+        if progress:
+            log(f"  exit projection at {c}: {info[str(c)]}")
+    return projections, info
+
+
+@torch.no_grad()
+def check_candidate_logits(p: Any, ts: TokenSet, layers: list[int], projections: dict[int, nn.Module],
+                           tokens: int = 256) -> float:
+    """Largest ``|candidate_logits - gathered full exit logits|`` over the first ``tokens``
+    tokens, every checkpoint and every candidate set of ``ts``: the runtime op over ``k``
+    rows of ``lm_head`` gives the numbers the study gathers."""
+    worst = 0.0
+    n = min(tokens, ts.n)
+    for c in layers:
+        h = ts.states[c][:n]
+        z = exit_logits(p, h, projections.get(c)).float()
+        x = head_input(p, h, projections.get(c))
+        for idx, _ in ts.cands.values():
+            got = candidate_logits(p.lm_head.weight, x, idx[:n])
+            worst = max(worst, float((got - z.gather(1, idx[:n])).abs().max()))
+    return worst
 
 
 def recall(ts: TokenSet, agree: torch.Tensor, only: torch.Tensor | None = None) -> dict[str, dict[str, float | None]]:
@@ -622,7 +699,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"Calibration: {meta['calibration_tokens']} tokens ({meta['samples']} samples of <= "
              f"{meta['max_length']}); held-out: " + ", ".join(f"{d} {result['domains'][d]['tokens']} tokens"
                                                             for d in doms)
-             + f"; checkpoints {meta['checkpoints']} (identity heads); {meta['threads']} thread(s); "
+             + f"; checkpoints {meta['checkpoints']} ({meta.get('heads', 'identity')} heads); "
+             f"{meta['threads']} thread(s); "
              f"wall {meta.get('wall_s')} s.", "",
              "Mean depth (fraction of the " + str(L) + " layers) at >= 99% / >= 95% all-token top-1 agreement "
              "with the full model, independent exits (exact K/V). *frontier*: best threshold on the held-out "
@@ -658,6 +736,21 @@ def markdown(result: dict[str, Any]) -> str:
               "bootstrap over the same resampled windows."]
     lines += ["", "Oracle with the stable label (first checkpoint from which every later one agrees): "
               + ", ".join(f"{d} {_pct(o[d]['oracle_depth']['stable'] / L)}" for d in doms) + ".", ""]
+    pr = meta.get("projection")
+    if pr:
+        ep = [pr[str(c)]["best_epoch"] for c in meta["checkpoints"]]
+        lines += [f"Exit projections: rank {pr['rank']}, loss {pr['loss']}, {pr['trainer']}, on "
+                  f"{pr['split_tokens']['train']} train / {pr['split_tokens']['val']} validation tokens of the "
+                  f"calibration split; best epochs {ep}; validation loss vs identity per checkpoint: "
+                  + ", ".join(f"{c}: {pr[str(c)]['val_loss']:.3g} vs {pr[str(c)]['identity_val_loss']:.3g}"
+                              for c in meta["checkpoints"]) + ".", ""]
+    if all("identity_heads" in o[d] for d in doms):
+        lines += ["Identity heads at the same checkpoints, for reference: oracle "
+                  + ", ".join(f"{d} {_pct(o[d]['identity_heads']['oracle_depth']['agree'] / L)} (stable label "
+                              f"{_pct(o[d]['identity_heads']['oracle_depth']['stable'] / L)})" for d in doms)
+                  + "; head agreement " + "; ".join(
+                      f"{d}: " + ", ".join(f"{c}: {_pct(a, 0)}" for c, a in o[d]["identity_heads"]["head_agreement"].items())
+                      for d in doms) + ".", ""]
     lines += ["Candidate-set recall (full-model top-1 in the set; tokens after a window's first; "
               "in brackets: among tokens the oracle exits):", "",
               "| set | " + " | ".join(doms) + " | calibration held-out split |", "|---|" + "---|" * (len(doms) + 1)]
@@ -681,15 +774,20 @@ def markdown(result: dict[str, Any]) -> str:
                 e = v["domains"][d]["exit_at_99_precision"]
                 lines.append(f"| {v['name']} | {d} | " + " | ".join(_pct(e[c], 1) for c in cks) + " |")
         lines.append("")
-        lines.append("Exit-head agreement per checkpoint (identity heads): " + "; ".join(
+        lines.append(f"Exit-head agreement per checkpoint ({meta.get('heads', 'identity')} heads): " + "; ".join(
             f"{d}: " + ", ".join(f"{c}: {_pct(a, 0)}" for c, a in o[d]["head_agreement"].items()) for d in doms) + ".")
         lines.append("")
     chk = result.get("reference_check") or {}
     if chk:
-        lines.append("Check, `reference.forward(kv='deferred')` vs this study's rule on states (shipped routers): "
+        lines.append("Check, `reference.forward(kv='deferred')` vs this study's rule on states "
+                     f"({result.get('reference_check_routers', 'shipped routers')}): "
                      + "; ".join(f"{d}: {c['tokens']} tokens, exit rate {_pct(c['exit_rate'])}, "
                                  f"{c['exit_layer_mismatches']} exit / {c['top1_mismatches']} top-1 mismatches"
                                  for d, c in chk.items()) + ".")
+    diffs = {d: o[d]["candidate_logits_max_abs_diff"] for d in doms if "candidate_logits_max_abs_diff" in o[d]}
+    if diffs:
+        lines += ["", "`candidate_logits` (k rows of `lm_head`) vs the gathered full exit logits, largest absolute "
+                  "difference: " + ", ".join(f"{d} {x:.2g}" for d, x in diffs.items()) + "."]
     return "\n".join(lines)
 
 
@@ -736,7 +834,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(f"router_features: {result['meta']['model_name']}, checkpoints every "
-                 f"{result['meta']['interval']} layers, identity heads")
+                 f"{result['meta']['interval']} layers, {result['meta'].get('heads', 'identity')} heads")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -752,6 +850,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--windows", type=int, default=32, help="held-out windows per domain")
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--interval", type=int, default=2, help="checkpoint every this many layers")
+    ap.add_argument("--heads", choices=("identity", "projection"), default="identity",
+                    help="exit head at each checkpoint: lm_head(final_norm(h_c)), or through the exit "
+                         "projection E_c trained here (train_projection) on the calibration train split")
+    ap.add_argument("--projection-rank", type=int, default=64, help="rank of each exit projection")
+    ap.add_argument("--projection-loss", choices=("kl", "ce"), default="kl")
+    ap.add_argument("--projection-tokens", type=int, default=0,
+                    help="train the exit projections on a seeded subset of this many train-split tokens "
+                         "(0: all of them)")
+    ap.add_argument("--projection-val-tokens", type=int, default=0,
+                    help="early-stop them on this many validation-split tokens (0: all of them)")
     ap.add_argument("--ks", type=_ints, default=[8, 32, 64])
     ap.add_argument("--sources", type=_strs, default=list(SOURCES))
     ap.add_argument("--combo-sets", type=_strs, default=["prev64", "succ64", "mix64", "succ8", "full"],
@@ -803,6 +911,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from tide_compile import demo
     from tide_compile.calibration.data import build_samples
+    from tide_compile.calibration.labels import head_top1
     from tide_compile.calibration.train import split_by_sample
     from tide_compile.cli_demo import calibration_texts
     from tide_compile.config import TIDEConfig, checkpoint_layers
@@ -832,11 +941,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"collected states ({timing['collect_s']} s)")
 
     split = split_by_sample(cal.sample, len(samples.input_ids), seed=args.seed)
+    projections: dict[int, nn.Module] = {}
+    projection_info: dict[str, Any] | None = None
+    if args.heads == "projection":
+        t0 = time.perf_counter()
+        projections, projection_info = train_exit_projections(
+            p, cal, split, layers, rank=args.projection_rank, loss=args.projection_loss, seed=args.seed,
+            train_tokens=args.projection_tokens, val_tokens=args.projection_val_tokens, progress=args.progress)
+        timing["projection_s"] = round(time.perf_counter() - t0, 1)
+        log(f"trained {len(projections)} exit projections ({timing['projection_s']} s)")
     table = successor_table(cal.ids[split.train], cal.final_top1[split.train], V, max(args.ks))
     t0 = time.perf_counter()
     for ts in [cal, *helds.values()]:
         ts.cands = candidate_sets(ts, table, args.ks, args.sources)
-        compute_features(p, ts, layers, args.chunk, args.progress)
+        compute_features(p, ts, layers, args.chunk, args.progress, projections)
         log(f"features {ts.name}: {ts.n} tokens")
     timing["features_s"] = round(time.perf_counter() - t0, 1)
     lab_cal = labels(cal)
@@ -882,7 +1000,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (
             sys.argv[1:] if argv is None else list(argv))),
         "successor_table": f"[{V}, {max(args.ks)}] from the calibration train split's {int(split.train.numel())} tokens",
+        "heads": args.heads,
     }
+    if projection_info is not None:
+        meta["projection"] = {"rank": args.projection_rank, "loss": args.projection_loss,
+                              "trainer": "tide_compile.calibration.train.train_projection (its defaults)",
+                              **projection_info}
     result: dict[str, Any] = {"complete": False, "meta": meta, "timing": timing, "domains": {}, "calibration": {},
                               "variants": []}
     # the successor table was built on the train split: recall on the held-out split
@@ -895,6 +1018,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "head_agreement": {str(c): _r(float(lh["agree"][i].float().mean())) for i, c in enumerate(layers)},
             "recall": recall(ts, lh["agree"]),
         }
+        if projections:  # the same checkpoints' identity heads, for reference
+            ident = torch.stack([head_top1(p, ts.states[c]) for c in layers])
+            li = labels(ts, ident)
+            result["domains"][d]["identity_heads"] = {
+                "oracle_depth": oracle(li["agree"], li["stable"], layers, L),
+                "head_agreement": {str(c): _r(float(li["agree"][i].float().mean())) for i, c in enumerate(layers)}}
+        result["domains"][d]["candidate_logits_max_abs_diff"] = check_candidate_logits(p, ts, layers, projections)
     held_idx = split.heldout
     agree_calheld = lab_cal["agree"][:, held_idx]
     boot_w = {d: bootstrap_weights(args.windows, args.bootstrap, args.seed + 7) for d in helds}
@@ -950,9 +1080,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     entry["domains"][d]["frontier"][str(tgt)]["minus_rms_bootstrap_90"] = [
                         _r(float(x)) for x in diff.quantile(torch.tensor([0.05, 0.95], dtype=torch.float64))]
     timing["eval_s"] = round(time.perf_counter() - t0, 1)
-    if shipped is not None and args.check_batches > 0:
+    checked = shipped
+    if projections:  # the runtime's read-out of the exit projections: this study's rms routers + E_c
+        rms = next(v for v in variants if (v.name, v.label) == ("rms", "agree"))
+        checked = RouterSet(rms.routers, model_info=RouterSet.describe(p),
+                            config=TIDEConfig(checkpoint_interval=args.interval, exit_strategy="projection"),
+                            exit_projections=projections)
+        result["reference_check_routers"] = "this study's rms routers with its exit projections"
+    if checked is not None and args.check_batches > 0:
         t0 = time.perf_counter()
-        result["reference_check"] = {d: check_against_reference(model, shipped, ts, held_rows[d], layers,
+        result["reference_check"] = {d: check_against_reference(model, checked, ts, held_rows[d], layers,
                                                                 args.check_batches, args.batch)
                                      for d, ts in helds.items()}
         timing["check_s"] = round(time.perf_counter() - t0, 1)

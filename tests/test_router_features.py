@@ -6,7 +6,10 @@ independent-exit rule on the plain model's states must equal
 ``reference.forward(kv="deferred")`` exactly. The pieces the numbers rest on are checked
 on their own: the candidate logits of the runtime op (k rows of ``lm_head``) equal the
 full logits gathered, the full-vocabulary fast path of ``confidence`` equals the general
-one, labels, the successor table and the threshold sweep.
+one, labels, the successor table and the threshold sweep. ``--tiny --heads projection``
+trains exit projections and must read them out as the runtime does: the candidate logits
+through the projection equal its full logits gathered, and ``reference.forward`` with the
+study's routers and projections gives the study's exits and tokens.
 """
 
 from __future__ import annotations
@@ -31,14 +34,24 @@ def rf():
     return runpy.run_path(str(SCRIPT), run_name="router_features")
 
 
+def _run_tiny(out: Path, *extra: str) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out), *extra], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "router_features.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("router_features")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, json.loads((out / "router_features.json").read_text())
+    return out, _run_tiny(out)
+
+
+@pytest.fixture(scope="module")
+def tiny_projection_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("router_features_projection")
+    return out, _run_tiny(out, "--heads", "projection")
 
 
 def test_tiny_run(tiny_run):
@@ -67,6 +80,59 @@ def test_tiny_run(tiny_run):
     for d, c in result["reference_check"].items():
         assert c["exit_rate"] > 0
         assert c["exit_layer_mismatches"] == 0 and c["top1_mismatches"] == 0
+
+
+def test_tiny_projection_run(tiny_run, tiny_projection_run):
+    out, result = tiny_projection_run
+    _, ident = tiny_run
+    meta = result["meta"]
+    assert result["complete"] is True and meta["heads"] == "projection" and ident["meta"]["heads"] == "identity"
+    assert "(projection heads)" in (out / "router_features.md").read_text()
+    L, layers = meta["num_layers"], meta["checkpoints"]
+    pr = meta["projection"]
+    assert pr["rank"] == 64 and pr["split_tokens"]["heldout"] == meta["split_tokens"]["heldout"]
+    for c in layers:  # train_projection keeps its best validation epoch: never worse than the identity
+        assert pr[str(c)]["val_loss"] <= pr[str(c)]["identity_val_loss"]
+    for d, dom in result["domains"].items():
+        # the runtime op through the projection head gives the logits the study gathers
+        assert dom["candidate_logits_max_abs_diff"] < 1e-3
+        # labels and oracle are over the projection heads, not the identity heads
+        assert dom["head_agreement"] != ident["domains"][d]["head_agreement"]
+        assert dom["identity_heads"]["head_agreement"] == ident["domains"][d]["head_agreement"]
+        assert dom["identity_heads"]["oracle_depth"] == ident["domains"][d]["oracle_depth"]
+        assert 1 <= dom["oracle_depth"]["agree"] <= dom["oracle_depth"]["stable"] <= L
+    for v in result["variants"]:
+        for d, r in v["domains"].items():
+            for tgt in ("0.99", "0.95"):
+                f = r["frontier"][tgt]
+                assert 0.0 <= f["depth_frac"] <= 1.0 and f["agreement"] >= float(tgt) - 1e-9
+    # reference.forward(kv="deferred") with the study's rms routers and exit projections
+    assert result["reference_check_routers"].endswith("exit projections")
+    for d, c in result["reference_check"].items():
+        assert c["exit_rate"] > 0
+        assert c["exit_layer_mismatches"] == 0 and c["top1_mismatches"] == 0
+
+
+def test_projection_head_readout(rf):
+    from tide_compile import demo
+    from tide_compile.model_probe import probe
+    from tide_compile.routers import ExitProjection
+
+    model, _ = demo.load("demo")
+    p = probe(model)
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(6, p.hidden_size, generator=gen) * 3
+    proj = ExitProjection(p.hidden_size, 8)
+    with torch.no_grad():
+        for w in proj.parameters():
+            w.copy_(torch.randn(w.shape, generator=gen) * 0.5)
+        full = rf["exit_logits"](p, h, proj).float()
+        assert torch.equal(rf["exit_logits"](p, h, None), p.head(h))       # identity: the plain head
+        assert not torch.allclose(full, p.head(h).float(), atol=1e-2)       # the projection is applied
+        torch.testing.assert_close(full, p.head(proj(h)).float())
+        idx = torch.randint(0, p.vocab_size, (6, 16), generator=gen)
+        got = rf["candidate_logits"](p.lm_head.weight, rf["head_input"](p, h, proj), idx)
+    torch.testing.assert_close(got, full.gather(1, idx), rtol=1e-4, atol=1e-4)
 
 
 def test_candidate_logits_and_confidence(rf):
