@@ -217,6 +217,23 @@ def main() -> None:
         say(json.dumps(r))
         save()
 
+    # What ran as CUDA graphs: Inductor counts the graphs it declined to capture
+    # (cudagraph_skips; TORCH_LOGS=cudagraphs prints why), tide's runners say whether
+    # they captured their pieces (CUDA only).
+    from torch._dynamo.utils import counters
+
+    runners: list = []
+    if cuda:
+        from tide_compile.runtime.cudagraphs import GraphedSkipRunner
+
+        init = GraphedSkipRunner.__init__
+
+        def recording_init(self, *a, **k):  # benchmark-only: the rows' runners
+            init(self, *a, **k)
+            runners.append(self)
+
+        GraphedSkipRunner.__init__ = recording_init
+
     # The baseline, compiled once and kept: every tide row is paired with it.
     torch._dynamo.reset()
     t0 = time.time()
@@ -230,9 +247,11 @@ def main() -> None:
     def run_inductor() -> list[float]:
         return decode_loop(ind, model, prompt, args.steps, ind_cache, device.type, mark)
 
+    skips0 = counters["inductor"]["cudagraph_skips"]
     base = summarize(run_inductor(), args.warmup)
     row("inductor_tp" if not args.no_inductor else "eager_backend_tp", base,
-        compile_and_first_s=round(time.time() - t0, 1), **bytes_fields(b["num_layers"]))
+        compile_and_first_s=round(time.time() - t0, 1), **bytes_fields(b["num_layers"]),
+        cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips0)
 
     def tide_row(name: str, exit_at: int | None) -> None:
         if not rank0_says(time.time() - start <= args.time_budget):
@@ -249,6 +268,7 @@ def main() -> None:
         def run_tide() -> list[float]:
             return decode_loop(fn, model, prompt, args.steps, cache, device.type, False)
 
+        runners.clear()
         run_tide()  # compiles, captures
         compiled_s = round(time.time() - t0, 1)
         stats.reset()
@@ -262,7 +282,9 @@ def main() -> None:
         row(name, ms, **fields, speedup_vs_inductor=round(speedup, 3),
             fraction_of_bound=round(speedup / fields["bound_speedup"], 3),
             mean_layers_executed=round(stats.mean_layers_executed, 2), lockstep=lockstep,
-            compile_and_first_s=compiled_s, **paired)
+            compile_and_first_s=compiled_s, graphed_runners=len(runners),
+            captured_runners=sum(bool(getattr(r, "captured", False)) for r in runners),
+            **paired)
 
     wanted = set(args.rows.split(","))
     if "never" in wanted:
@@ -301,8 +323,13 @@ def main() -> None:
             if r["name"] == "broadcast_flag":
                 print(f"\nbroadcast of a flag from rank 0 + host read: median {r['median_us']} us, "
                       f"p90 {r['p90_us']} us")
+    # The eighth device session's run hung after the table until the call's timeout;
+    # these lines say where, next time.
+    say("# final barrier")
     dist.barrier()
+    say("# barrier passed; destroying the process group")
     dist.destroy_process_group()
+    say("# done")
 
 
 if __name__ == "__main__":
