@@ -1080,13 +1080,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     entry["domains"][d]["frontier"][str(tgt)]["minus_rms_bootstrap_90"] = [
                         _r(float(x)) for x in diff.quantile(torch.tensor([0.05, 0.95], dtype=torch.float64))]
     timing["eval_s"] = round(time.perf_counter() - t0, 1)
-    checked = shipped
-    if projections:  # the runtime's read-out of the exit projections: this study's rms routers + E_c
-        rms = next(v for v in variants if (v.name, v.label) == ("rms", "agree"))
+    # the shipped routers where they fit these checkpoints and heads; else this study's rms
+    # routers (with its exit projections: the runtime's read-out of E_c is checked too)
+    checked = shipped if shipped is not None and shipped.checkpoint_layers == layers and not projections else None
+    rms = next((v for v in variants if (v.name, v.label) == ("rms", "agree")), None)
+    if checked is None and rms is not None:
         checked = RouterSet(rms.routers, model_info=RouterSet.describe(p),
-                            config=TIDEConfig(checkpoint_interval=args.interval, exit_strategy="projection"),
-                            exit_projections=projections)
-        result["reference_check_routers"] = "this study's rms routers with its exit projections"
+                            config=TIDEConfig(checkpoint_interval=args.interval, exit_strategy=args.heads),
+                            exit_projections=projections or None)
+        result["reference_check_routers"] = "this study's rms routers" + (
+            " with its exit projections" if projections else "")
     if checked is not None and args.check_batches > 0:
         t0 = time.perf_counter()
         result["reference_check"] = {d: check_against_reference(model, checked, ts, held_rows[d], layers,
