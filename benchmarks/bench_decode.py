@@ -324,6 +324,11 @@ def main() -> None:
     ap.add_argument("--no-inductor", action="store_true",
                     help="compile without Inductor (baseline: Dynamo's eager backend; tide: "
                          "FX graphs): a quick CPU smoke run of the loops, not a measurement")
+    ap.add_argument("--kv", choices=("propagate", "deferred"), default="propagate",
+                    help="K/V semantics of the tide rows run through optimize(...).generate "
+                         "(--loop generate, --traffic); propagate (the default here, as in "
+                         "every recorded run) although optimize's own default is deferred: "
+                         "bench_deferred.py compares the two")
     ap.add_argument("--traffic", action="store_true", help="mixed traffic (module docstring)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-range", default="16,1024")
@@ -375,6 +380,7 @@ def main() -> None:
     stack_kv = {"default": None, "on": True, "off": False}[args.stack_kv]
     env["stack_kv"] = args.stack_kv
     env["kernels"] = args.kernels
+    env["kv"] = args.kv
     if "eager" in wanted:
         row("hf_eager_generate", hf_eager_ms(model, prompt, device))
 
@@ -426,7 +432,7 @@ def main() -> None:
         graphed.clear()
         if gen_loop:
             options = {"kernels": args.kernels, "inductor_config": patches,
-                       "inductor": not args.no_inductor}
+                       "inductor": not args.no_inductor, "kv": args.kv}
             if stack_kv is not None:
                 options["stack_kv"] = stack_kv
             fast = tide_compile.optimize(model, routers, **options)
@@ -593,7 +599,7 @@ def traffic(args) -> None:
            else "cpu", "dtype": str(dtype), "requests": args.requests,
            "prompt_range": args.prompt_range, "new_range": args.new_range, "seed": args.seed,
            "tokens": sum(n for _, n in requests), "inductor": inductor,
-           "exit_depth": args.exit_depth, "interval": args.interval}
+           "exit_depth": args.exit_depth, "interval": args.interval, "kv": args.kv}
     env["max_cache_len"] = args.max_cache_len
     if args.max_cache_len and args.max_cache_len < max(ids.shape[1] + n for ids, n in requests):
         raise SystemExit("--max-cache-len is shorter than the longest request")
@@ -659,7 +665,7 @@ def traffic(args) -> None:
             continue
         torch._dynamo.reset()
         routers = RouterSet.forced(model, exit_at=exit_at, config=cfg)
-        fast = tide_compile.optimize(model, routers, inductor=inductor)
+        fast = tide_compile.optimize(model, routers, inductor=inductor, kv=args.kv)
         run_row(name, lambda ids, n: fast.generate(ids, max_new_tokens=n, eos_token_id=-1,
                                                    max_cache_len=args.max_cache_len)
                 .shape[1] - ids.shape[1])

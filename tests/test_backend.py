@@ -137,7 +137,7 @@ def test_optimize_generate_equals_reference_generate(arch):
     model = model_for(arch)
     routers = random_routers(model, 5)
     torch._dynamo.reset()
-    fast = tide_compile.optimize(model, routers, exit_threshold=0.5, inductor=False)
+    fast = tide_compile.optimize(model, routers, kv="propagate", exit_threshold=0.5, inductor=False)
     ids = torch.randint(2, 97, (3, 6))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
@@ -157,7 +157,7 @@ def test_optimize_never_exit_generate_equals_hf_generate():
     model = model_for("llama")
     routers = RouterSet.forced(model, exit_at=None, config=CFG)
     torch._dynamo.reset()
-    fast = tide_compile.optimize(model, routers, inductor=False)
+    fast = tide_compile.optimize(model, routers, kv="propagate", inductor=False)
     ids = torch.randint(2, 97, (1, 5))
     expected = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(fast.generate(ids, max_new_tokens=8, pad_token_id=0), expected)
@@ -218,7 +218,7 @@ def test_routers_from_path(tmp_path):
     routers = RouterSet.forced(model, exit_at=1, config=CFG)
     routers.save(tmp_path / "r.tide")
     torch._dynamo.reset()
-    fast = tide_compile.optimize(model, str(tmp_path / "r.tide"), inductor=False)
+    fast = tide_compile.optimize(model, str(tmp_path / "r.tide"), kv="propagate", inductor=False)
     ids = torch.randint(2, 97, (1, 4))
     torch.testing.assert_close(fast(input_ids=ids).logits, R.forward(model, routers, ids).logits,
                                rtol=1e-5, atol=1e-5)
@@ -267,7 +267,7 @@ def test_generate_twice_does_not_recompile():
     model = model_for("llama")
     routers = random_routers(model, 2)
     torch._dynamo.reset()
-    fast = tide_compile.optimize(model, routers, exit_threshold=0.5, inductor=False)
+    fast = tide_compile.optimize(model, routers, kv="propagate", exit_threshold=0.5, inductor=False)
     ids = torch.randint(2, 97, (2, 5))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0

@@ -20,7 +20,7 @@ import torch
 from tide_compile import RouterSet, TIDEConfig, demo
 from tide_compile.cli import main
 from tide_compile.cli_demo import DEMO_ROUTERS, demo_calibration_texts
-from tide_compile.tune import TuneResult, TuneRow, parse_thresholds
+from tide_compile.tune import TuneResult, TuneRow, parse_thresholds, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,10 @@ def test_generate_strategy_options(tmp_path, capsys) -> None:
     base = ["generate", "--model", str(demo.DEMO_DIR), "--routers", str(path), "--prompt",
             "ROMEO.\nWhat light", "--max-new-tokens", "4", "--threshold", "0.5", "--dtype",
             "fp32", "--device", "cpu"]
+    # Strategies are kv="propagate" settings; under the default kv="deferred" they are refused.
+    rc, _, err = run(base + ["--strategy", "compact"], capsys)
+    assert rc == 1 and "applies to kv='propagate' only" in err
+    base += ["--kv", "propagate"]
     # Compacting prefill (every token exits at layer 1: the prompt stops there too).
     rc, out, _ = run(base + ["--strategy", "compact", "--compaction-threshold", "1"], capsys)
     assert rc == 0 and "Layers executed per token: 2.00 / 8" in out
@@ -138,6 +142,7 @@ def test_tune_writes_table_and_png(tmp_path, capsys) -> None:
     assert [float(r["threshold"]) for r in rows] == [0.9, 1.0]
     result = json.loads((out_dir / "tune.json").read_text())
     assert result["scored_tokens"] == 256
+    assert result["settings"]["kv"] == "deferred"  # the semantics optimize runs by default
     never = result["rows"][1]
     # threshold 1.0 never exits: tide's logits are the full model's
     assert never["exit_rate"] == 0.0 and never["mean_depth"] == 8.0 and never["agreement"] == 1.0
@@ -170,6 +175,10 @@ def test_tune_bad_input(tmp_path, capsys) -> None:
     assert rc == 1 and "outside [0, 1]" in err
     rc, _, err = run(["tune", "--model", str(tmp_path), "--routers", "r.tide", "--out", str(tmp_path)], capsys)
     assert rc == 1 and "--data" in err
+    model, tokenizer = demo.load()
+    routers = RouterSet.load(DEMO_ROUTERS, model=model)
+    with pytest.raises(ValueError, match="kv must be one of"):
+        sweep(model, tokenizer, routers, ["text"], [0.5], kv="exact")
 
 
 def test_parse_thresholds_and_smallest() -> None:

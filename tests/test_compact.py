@@ -137,8 +137,8 @@ def test_compact_generate_with_padding_equals_reference_generate(compactions):
     mask[2, :7] = 0
     for threshold in (0.1, 0.3, 0.5, 0.7):
         torch._dynamo.reset()
-        fast = tide_compile.optimize(model, routers, exit_threshold=threshold, inductor=False,
-                                     strategy="compact", compaction_threshold=1.0)
+        fast = tide_compile.optimize(model, routers, kv="propagate", exit_threshold=threshold,
+                                     inductor=False, strategy="compact", compaction_threshold=1.0)
         got = fast.generate(ids, max_new_tokens=5, attention_mask=mask, pad_token_id=0)
         ref = R.generate(model, routers, ids, 5, attention_mask=mask, pad_token_id=0,
                          exit_threshold=threshold, cache="static")
@@ -152,8 +152,9 @@ def test_compiled_graphs_stay_bounded_over_lengths(compactions):
     routers = random_routers(model, 5)
     torch._dynamo.reset()
     B.COMPILE_COUNTS.clear()
-    fast = tide_compile.optimize(model, routers, exit_threshold=0.3, inductor=False,
-                                 compaction_threshold=1.0, compact_min_length=0)  # auto
+    fast = tide_compile.optimize(model, routers, kv="propagate", exit_threshold=0.3,
+                                 inductor=False, compaction_threshold=1.0,
+                                 compact_min_length=0)  # auto
     sizes = set()
     for prompt in (5, 9, 14, 23, 31):
         # one cache length: a new length is a new cache shape (as for Inductor)

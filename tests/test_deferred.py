@@ -112,6 +112,29 @@ def test_forced_exits_stop_early_and_the_cache_ends_exact(batch, pending, stoppe
                                        rtol=1e-5, atol=1e-5)
 
 
+def test_optimize_defaults_to_deferred(stopped_steps):
+    """optimize() without ``kv`` runs exact K/V (its generate defers, as kv="deferred"
+    does: the deferred reference's tokens, decode steps that stop early), while the
+    backend's own option default stays "propagate"."""
+    from tide_compile.options import parse_options
+
+    torch._dynamo.reset()
+    model = model_for("llama", LAYERS)
+    routers = RouterSet.forced(model, exit_at=1, config=CFG)
+    ids, _ = left_padded(1, 5, 0)
+    fast = tide_compile.optimize(model, routers, inductor=False, max_pending=2)
+    assert fast.options.kv == "deferred"
+    got = fast.generate(ids, max_new_tokens=7, eos_token_id=-1, pad_token_id=0)
+    ref = R.generate(model, routers, ids, 7, eos_token_id=-1, pad_token_id=0, kv="deferred")
+    assert torch.equal(got, ref.sequences)
+    assert fast.tide_stats.steps_by_strategy.get("deferred", 0) == 6
+    assert any(stopped_steps)  # steps really stopped at the exit
+    assert fast.tide_stats.layers_executed < LAYERS * fast.tide_stats.total_tokens
+    assert parse_options({"routers": routers}).kv == "propagate"
+    assert tide_compile.optimize(model, routers, inductor=False,
+                                 kv="propagate").options.kv == "propagate"
+
+
 def regret_case():
     """A batch-1 case whose exited tokens' top-1 sometimes differs from the full model's."""
     model = model_for("llama", LAYERS)
@@ -232,7 +255,12 @@ def test_bad_input():
         with pytest.raises(ValueError, match="max_pending"):
             tide_compile.optimize(model, routers, kv="deferred", max_pending=bad)
     with pytest.raises(ValueError, match="target_agreement needs kv='deferred'"):
-        tide_compile.optimize(model, routers, target_agreement=0.99)
+        tide_compile.optimize(model, routers, kv="propagate", target_agreement=0.99)
+    for propagate_only in ({"strategy": "compact"}, {"compaction_threshold": 0.5},
+                           {"compact_min_length": 0}):
+        with pytest.raises(ValueError, match="applies to kv='propagate' only"):
+            tide_compile.optimize(model, routers, **propagate_only)  # the default: deferred
+        tide_compile.optimize(model, routers, kv="propagate", **propagate_only)
     with pytest.raises(ValueError, match="target_agreement must be in"):
         tide_compile.optimize(model, routers, kv="deferred", target_agreement=1.0)
     with pytest.raises(ValueError, match="drop dynamic=True"):

@@ -118,7 +118,7 @@ def test_optimize_generate_cuda_matches_reference():
     torch._dynamo.reset()
     model = make_model("llama", num_layers=6).cuda()
     routers = _routers(model, 5)
-    fast = tide_compile.optimize(model, routers, exit_threshold=0.5)
+    fast = tide_compile.optimize(model, routers, exit_threshold=0.5, kv="propagate")
     ids = torch.randint(2, 97, (1, 6), device="cuda")
     for _ in range(2):  # the second call reuses the cache and the captured graphs
         got = fast.generate(ids, max_new_tokens=10, pad_token_id=0)
@@ -137,7 +137,7 @@ def test_generate_traffic_on_cuda():
     torch._dynamo.reset()
     model = make_model("llama", num_layers=6).cuda()
     routers = RouterSet.forced(model, exit_at=1, config=CFG)
-    fast = tide_compile.optimize(model, routers)
+    fast = tide_compile.optimize(model, routers, kv="propagate")
     compiles = sum(B.COMPILE_COUNTS.values())
     g = torch.Generator().manual_seed(0)
     for prompt in (3, 6, 11):
@@ -225,7 +225,7 @@ def test_optimize_generate_compacts_on_cuda(monkeypatch):
     for threshold in (0.1, 0.3, 0.5, 0.7):
         torch._dynamo.reset()
         # compact_min_length 0: auto compacts this 20-token prompt too
-        fast = tide_compile.optimize(model, routers, exit_threshold=threshold,
+        fast = tide_compile.optimize(model, routers, exit_threshold=threshold, kv="propagate",
                                      compaction_threshold=1.0, compact_min_length=0)
         got = fast.generate(ids, max_new_tokens=6, attention_mask=mask, pad_token_id=0)
         ref = R.generate(model, routers, ids, 6, attention_mask=mask, pad_token_id=0,

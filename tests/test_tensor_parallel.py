@@ -367,7 +367,7 @@ def case_optimize_generate(tp, ref, out_dir):
     torch._dynamo.reset()
     cfg = _cfg()
     routers = RouterSet.forced(ref, exit_at=1, config=cfg)
-    fast = optimize(tp, routers, inductor=False, stack_kv=True)
+    fast = optimize(tp, routers, kv="propagate", inductor=False, stack_kv=True)
     ids = torch.tensor([[3, 14, 15, 92, 65], [2, 71, 82, 81, 82]])
     new = 5
     out = fast.generate(ids, max_new_tokens=new)

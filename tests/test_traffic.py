@@ -51,7 +51,7 @@ def test_generate_keeps_skipping_for_every_shape(setup, dynamic):
     model, routers = setup
     torch._dynamo.reset()
     compiles = sum(B.COMPILE_COUNTS.values())
-    fast = tide_compile.optimize(model, routers, inductor=False, dynamic=dynamic)
+    fast = tide_compile.optimize(model, routers, kv="propagate", inductor=False, dynamic=dynamic)
     stats = fast.tide_stats
     for prompt, new, ids, mask in requests():
         before = ExitStats(LAYERS)
@@ -186,7 +186,7 @@ def test_finished_and_padding_rows_mirror_a_live_row(setup):
             break
     else:
         pytest.fail("no seed gives a row that stops alone")
-    fast = tide_compile.optimize(model, routers, inductor=False)
+    fast = tide_compile.optimize(model, routers, kv="propagate", inductor=False)
     got = fast.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=eos,
                         pad_token_id=0)
     ref = R.generate(model, routers, ids, 6, attention_mask=mask, eos_token_id=eos,
@@ -219,7 +219,7 @@ def test_batch1_eos_read_one_step_late(setup):
     else:
         pytest.fail("no seed gives three distinct first tokens")
     eos, stop = free[2], 3  # the row stops at its third new token
-    fast = tide_compile.optimize(model, routers, inductor=False)
+    fast = tide_compile.optimize(model, routers, kv="propagate", inductor=False)
     got = fast.generate(ids, max_new_tokens=8, eos_token_id=eos, pad_token_id=0)
     ref = R.generate(model, routers, ids, 8, eos_token_id=eos, pad_token_id=0,
                      cache="static")
@@ -247,7 +247,7 @@ def test_batch2_row_ends_first(setup):
             break
     else:
         pytest.fail("no seed gives a row that stops alone")
-    fast = tide_compile.optimize(model, routers, inductor=False)
+    fast = tide_compile.optimize(model, routers, kv="propagate", inductor=False)
     got = fast.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
     ref = R.generate(model, routers, ids, 6, eos_token_id=eos, pad_token_id=0,
                      cache="static")

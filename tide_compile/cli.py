@@ -273,9 +273,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_kv(p: argparse.ArgumentParser) -> None:
-    from .options import DEFAULT_MAX_PENDING, KV_MODES
+    from .options import DEFAULT_MAX_PENDING, DEFAULT_OPTIMIZE_KV, KV_MODES
 
-    p.add_argument("--kv", choices=KV_MODES, default="propagate",
+    p.add_argument("--kv", choices=KV_MODES, default=DEFAULT_OPTIMIZE_KV,
                    help="K/V of exited tokens at the layers they skip: propagate (from the "
                         "frozen state, cheap) or deferred (exact: run later, batched; "
                         "docs/deferred.md) (default: %(default)s)")
@@ -318,14 +318,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inductor", action=argparse.BooleanOptionalAction, default=None,
                    help="compile tide's graphs with Inductor (default: on for CUDA, off on CPU)")
     p.add_argument("--strategy", choices=("auto", "frozen", "skip", "compact"), default="auto",
-                   help="backend strategy (default: %(default)s: a prompt of at least "
+                   help="with --kv propagate: backend strategy (default: %(default)s: a prompt of at least "
                         "--compact-min-length tokens compacts, a shorter one runs frozen, "
                         "decode steps skip)")
     p.add_argument("--compaction-threshold", type=_probability, default=None, metavar="FRACTION",
-                   help="compact the prompt when fewer than this fraction of its tokens "
+                   help="with --kv propagate: compact the prompt when fewer than this fraction of its tokens "
                         "continue after a checkpoint (default: the routers' saved one)")
     p.add_argument("--compact-min-length", type=int, default=None, metavar="TOKENS",
-                   help="strategy auto: compact prompts of at least this many tokens, run "
+                   help="with --kv propagate, strategy auto: compact prompts of at least this many tokens, run "
                         "shorter ones frozen (default: 2048, where compaction measured a win "
                         "on the H200)")
     _add_sampling(p)
@@ -380,6 +380,11 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="model dtype (default: as saved)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    from .options import DEFAULT_OPTIMIZE_KV, KV_MODES
+
+    p.add_argument("--kv", choices=KV_MODES, default=DEFAULT_OPTIMIZE_KV,
+                   help="K/V semantics of the quality rows and the speed runs, as in "
+                        "`generate --kv` (default: %(default)s)")
     p.set_defaults(func=_run_tune)
 
 
@@ -422,13 +427,13 @@ def _tune(args: argparse.Namespace) -> int:
     result = tune.sweep(
         model, tokenizer, routers, texts, thresholds, window=args.window, max_tokens=args.max_tokens,
         batch_size=args.batch_size, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-        repeats=args.repeats, inductor=inductor, progress=say,
+        repeats=args.repeats, inductor=inductor, kv=args.kv, progress=say,
     )
     paths = tune.write_tables(result, args.out, overwrite=args.force)
     print()
     print(f"{result.scored_tokens} held-out tokens in windows of {result.window}; checkpoints "
           f"{result.checkpoint_layers} of {result.num_layers} layers; speed: {device}, Inductor "
-          f"{'on' if inductor else 'off'}, {args.new_tokens} new tokens after a "
+          f"{'on' if inductor else 'off'}, kv {args.kv}, {args.new_tokens} new tokens after a "
           f"{args.prompt_tokens}-token prompt")
     print(result.markdown())
     if args.target is not None:

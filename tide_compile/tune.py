@@ -1,18 +1,19 @@
 """Threshold sweep: what each ``exit_threshold`` buys and costs on held-out text.
 
 For each threshold, teacher-forced on non-overlapping windows of held-out text with
-:func:`tide_compile.reference.forward` (per-token exits with state propagation, logits
-at every position), against the full model's logits on the same windows:
+:func:`tide_compile.reference.forward` (per-token exits under the K/V semantics ``kv``,
+the one ``optimize`` runs: ``"deferred"`` by default, exact K/V; logits at every
+position), against the full model's logits on the same windows:
 
 * ``exit_rate``: fraction of scored positions that exited at a checkpoint;
 * ``mean_depth``: mean number of layers a position's output was computed from;
 * ``agreement``: fraction of positions where tide's top-1 equals the full model's
-  (over all positions: a token that did not exit can still differ, since it attends to
-  K/V that exited tokens propagated from their frozen states);
+  (over all positions; under ``kv="propagate"`` a token that did not exit can still
+  differ, since it attends to K/V that exited tokens propagated from their frozen states);
 * ``perplexity`` of tide's logits on the text, and its change against the full model's;
 
 and, unless ``new_tokens=0``, decode speed: ``optimize(model, routers,
-exit_threshold=t).generate`` on a prompt (greedy, a fixed number of new tokens, after
+exit_threshold=t, kv=kv).generate`` on a prompt (greedy, a fixed number of new tokens, after
 warm-up calls that compile), against plain ``model.generate`` on the same prompt and
 length, timed right after it in the same process.
 
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .options import DEFAULT_OPTIMIZE_KV, KV_MODES
 from .outputs import atomic_write, check_output_dir, check_output_file
 from .routers import RouterSet
 from .validation import TIDEError
@@ -176,7 +178,8 @@ def token_windows(tokenizer: Any, texts: Sequence[str], window: int, max_tokens:
 @torch.no_grad()
 def _quality(model: nn.Module, routers: RouterSet, windows: torch.Tensor,
              thresholds: Sequence[float], batch_size: int,
-             progress: Callable[[str], None] | None) -> tuple[list[dict[str, float]], float, int]:
+             progress: Callable[[str], None] | None,
+             kv: str) -> tuple[list[dict[str, float]], float, int]:
     from . import reference
     from .model_probe import probe
 
@@ -194,7 +197,7 @@ def _quality(model: nn.Module, routers: RouterSet, windows: torch.Tensor,
         full_top1 = full.argmax(-1)
         count += target.numel()
         for i, t in enumerate(thresholds):
-            out = reference.forward(model, routers, x, exit_threshold=t, _probe=p)
+            out = reference.forward(model, routers, x, exit_threshold=t, kv=kv, _probe=p)
             logits = out.logits[:, :-1].float()
             exits = out.exit_layers[:, :-1]
             depth = torch.where(exits >= 0, exits + 1, torch.full_like(exits, p.num_layers))
@@ -293,6 +296,7 @@ def sweep(
     new_tokens: int = 32,
     repeats: int = 3,
     inductor: bool = False,
+    kv: str = DEFAULT_OPTIMIZE_KV,
     progress: Callable[[str], None] | None = None,
 ) -> TuneResult:
     """Measure each threshold on ``texts`` (see the module docstring).
@@ -309,6 +313,8 @@ def sweep(
             skips the speed measurement.
         repeats: timed runs per threshold (the median is reported).
         inductor: compile tide's graphs with Inductor (slow to compile on CPU).
+        kv: the K/V semantics of both the quality rows and the speed runs
+            (``optimize``'s default, ``"deferred"``, or ``"propagate"``).
         progress: called with a line of progress text.
 
     Speed runs call ``torch._dynamo.reset()`` before each threshold: every
@@ -317,6 +323,8 @@ def sweep(
     """
     from .runtime.model import optimize
 
+    if kv not in KV_MODES:
+        raise TIDEError(f"kv must be one of {KV_MODES}, got {kv!r}")
     thresholds = [float(t) for t in thresholds]
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
@@ -325,7 +333,8 @@ def sweep(
     windows = token_windows(tokenizer, texts, window, max_tokens)
     say = progress or (lambda _line: None)
     say(f"quality: {windows.shape[0]} windows of {window} tokens, {len(thresholds)} thresholds")
-    quality_rows, ppl_full, count = _quality(model, routers, windows, thresholds, batch_size, progress)
+    quality_rows, ppl_full, count = _quality(model, routers, windows, thresholds, batch_size,
+                                             progress, kv)
 
     rows = [TuneRow(threshold=t, **q) for t, q in zip(thresholds, quality_rows)]
     plain = None
@@ -335,7 +344,7 @@ def sweep(
         plains = []
         for row in rows:
             torch._dynamo.reset()
-            fast = optimize(model, routers, exit_threshold=row.threshold, inductor=inductor)
+            fast = optimize(model, routers, exit_threshold=row.threshold, inductor=inductor, kv=kv)
             rate, compile_s, _ = time_tide_generate(fast, prompt, new_tokens, repeats)
             # The plain baseline is timed beside each row: on a shared machine the
             # speed drifts over a sweep, and a ratio of neighbours drifts less.
@@ -363,6 +372,7 @@ def sweep(
             "new_tokens": new_tokens,
             "repeats": repeats if new_tokens else None,
             "inductor": inductor,
+            "kv": kv,
             "device": str(next(model.parameters()).device),
             "dtype": str(next(model.parameters()).dtype),
             "threads": torch.get_num_threads(),

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..options import DEFERRED_DECODE, TideOptions, parse_options
+from ..options import DEFAULT_OPTIMIZE_KV, DEFERRED_DECODE, TideOptions, parse_options
 from ..routers import RouterSet
 from ..sampling import eos_and_pad, position_ids_from_mask, sample_next
 from ..stats import ExitStats
@@ -560,7 +560,12 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
             ``strategy``, ``compaction_threshold``, ``compact_min_length``, ``stack_kv``,
             ``inductor``, ``inductor_config``, ``cuda_graphs``, ``kernels``), with the
             Inductor mode as ``inductor_mode``, and ``kv`` / ``max_pending``: the K/V
-            semantics (``kv="deferred"``: exact, docs/deferred.md).
+            semantics. ``optimize`` defaults to ``kv="deferred"`` (exact K/V: ``generate``
+            runs an exited token's skipped layers later, batched; docs/deferred.md), where
+            the backend used directly defaults to ``"propagate"`` (only ``generate``'s loop
+            can defer). Under ``"deferred"`` a direct call ``fast(...)`` runs every layer;
+            pass ``kv="propagate"`` for skipping in your own loop or for long prompts
+            (compaction).
         target_agreement: ``kv="deferred"`` only: turn on the
             :class:`~.deferred.RegretController`, which raises the exit threshold while
             the measured exit regret exceeds ``1 - target_agreement`` (off by default).
@@ -595,5 +600,6 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
                         "(read fast.tide_stats)")
     if isinstance(routers, RouterSet):
         options["stats"] = ExitStats(num_layers=routers.num_layers)
+    options.setdefault("kv", DEFAULT_OPTIMIZE_KV)
     return TIDEModel(model, parse_options({**options, "routers": routers}),
                      fullgraph=fullgraph, dynamic=dynamic, target_agreement=target_agreement)
