@@ -63,6 +63,7 @@ def test_demo(capsys) -> None:
     assert out.count("tokens/s") >= 2
     assert "plain model.generate (eager)" in out and "tide, threshold" in out
     assert "tide / plain:" in out
+    assert "Note: with a 4M-parameter model on a CPU" in out  # the demo model on a CPU
     assert "Is this a dagger" in out  # the prompt, echoed in the generated text
     assert torch.get_num_threads() == before  # --threads is restored
 

@@ -282,9 +282,9 @@ def _demo(args: argparse.Namespace) -> int:
     if never_rate is not None:
         lines.append(("tide, threshold 1.00 (never exits)", never_rate))
     lines.append((f"tide, threshold {threshold:g} (Inductor {'on' if args.inductor else 'off'})", tide_rate))
-    width = max(len(name) for name, _ in lines)
-    for name, rate in lines:
-        print(f"  {name:<{width}}  {rate:8.1f} tokens/s")
+    width = max(len(label) for label, _ in lines)
+    for label, rate in lines:
+        print(f"  {label:<{width}}  {rate:8.1f} tokens/s")
     print(f"  tide / plain: {tide_rate / plain_rate:.2f}x")
     print(f"Text: tide's first {same} of {n} new tokens equal the plain model's greedy tokens"
           + ("." if same == n else
