@@ -116,6 +116,21 @@ class TimingGate:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def merge_parts(paths: list[str], lists: tuple[str, ...]) -> tuple[list[dict], dict]:
+    """The JSON results of gated processes (``TimingGate``) read back: the parts, and one
+    result whose ``lists`` are the parts' lists concatenated in file order (``env`` names
+    the files and keeps each part's ``env``). The callers fill in the cross-file fields."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    result = {"env": {"merged_from": [os.path.basename(p) for p in paths],
+                      "parts": [part["env"] for part in parts],
+                      "clock": parts[0]["env"]["clock"]},
+              **{key: [x for part in parts for x in part.get(key, [])] for key in lists}}
+    return parts, result
+
+
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 

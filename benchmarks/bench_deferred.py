@@ -262,15 +262,7 @@ def merge(paths: list[str], out: str | None) -> dict:
     """One result from gated processes' files: their rows and pairs in file order, every
     tide row's ``x_inductor`` from the inductor row of its prompt length (measured in the
     same call, timed while no other process ran)."""
-    parts = []
-    for path in paths:
-        with open(path) as f:
-            parts.append(json.load(f))
-    result = {"env": {"merged_from": [os.path.basename(p) for p in paths],
-                      "parts": [part["env"] for part in parts],
-                      "clock": parts[0]["env"]["clock"]},
-              "rows": [r for part in parts for r in part["rows"]],
-              "pairs": [q for part in parts for q in part["pairs"]]}
+    _, result = bench_decode.merge_parts(paths, ("rows", "pairs"))
     inductor_ms = {r["prompt"]: r["ms_per_token"] for r in result["rows"] if r["kv"] is None}
     for r in result["rows"]:
         if r["kv"] is not None and r["prompt"] in inductor_ms and r["ms_per_token"] > 0:

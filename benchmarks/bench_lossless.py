@@ -269,14 +269,8 @@ def merge(paths: list[str], out: str | None) -> dict:
     ceiling's projections from the never-exit fixed row and each ceiling row. Model rows'
     ``first_mismatch`` needs the plain row's tokens in the same process: a row timed in
     another process has none."""
-    parts = []
-    for path in paths:
-        with open(path) as f:
-            parts.append(json.load(f))
-    result = {"env": {"merged_from": [os.path.basename(p) for p in paths],
-                      "parts": [part["env"] for part in parts],
-                      "clock": parts[0]["env"]["clock"]},
-              "rows": [r for part in parts for r in part["rows"]], "projection": []}
+    parts, result = bench_decode.merge_parts(paths, ("rows",))
+    result["projection"] = []
     ms = {r["name"]: r["ms_per_token"] for r in result["rows"] if "ms_per_token" in r}
     plain = {r.get("model"): r["ms_per_token"] for r in result["rows"]
              if "ms_per_token" in r and r["name"] in ("plain", f"{r.get('model')}:plain")}
