@@ -131,6 +131,22 @@ def merge_parts(paths: list[str], lists: tuple[str, ...]) -> tuple[list[dict], d
     return parts, result
 
 
+def record_graphed_runners() -> list:
+    """Benchmark-only: from now on every ``GraphedSkipRunner`` this process creates is
+    appended to the returned list (its ``__init__`` is patched for the process's life)."""
+    from tide_compile.runtime.cudagraphs import GraphedSkipRunner
+
+    made: list = []
+    init = GraphedSkipRunner.__init__
+
+    def recording_init(self, *a, **k):
+        init(self, *a, **k)
+        made.append(self)
+
+    GraphedSkipRunner.__init__ = recording_init
+    return made
+
+
 def build_model(tiny: bool, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -426,17 +442,7 @@ def main() -> None:
     base = summarize(run_inductor(), skip)
     row("inductor", base, compile_and_first_s=round(time.time() - t0, 1))
 
-    graphed: list = []
-    if args.breakdown and device == "cuda":
-        from tide_compile.runtime.cudagraphs import GraphedSkipRunner
-
-        init = GraphedSkipRunner.__init__
-
-        def recording_init(self, *a, **k):  # benchmark-only: find the runner to time
-            init(self, *a, **k)
-            graphed.append(self)
-
-        GraphedSkipRunner.__init__ = recording_init
+    graphed = record_graphed_runners() if args.breakdown and device == "cuda" else []
 
     def tide_row(name, exit_at):
         if time.time() - start > args.time_budget:

@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_decode import (build_model, decode_loop, interleaved_pairs, new_cache,  # noqa: E402
-                          summarize, sync)
+                          record_graphed_runners, summarize, sync)
 
 import tide_compile  # noqa: E402,F401  (registers the backend)
 from tide_compile import ExitStats, RouterSet, TIDEConfig  # noqa: E402
@@ -222,17 +222,7 @@ def main() -> None:
     # they captured their pieces (CUDA only).
     from torch._dynamo.utils import counters
 
-    runners: list = []
-    if cuda:
-        from tide_compile.runtime.cudagraphs import GraphedSkipRunner
-
-        init = GraphedSkipRunner.__init__
-
-        def recording_init(self, *a, **k):  # benchmark-only: the rows' runners
-            init(self, *a, **k)
-            runners.append(self)
-
-        GraphedSkipRunner.__init__ = recording_init
+    runners = record_graphed_runners() if cuda else []
 
     # The baseline, compiled once and kept: every tide row is paired with it.
     torch._dynamo.reset()

@@ -272,16 +272,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def _add_kv(p: argparse.ArgumentParser) -> None:
+def _add_kv(p: argparse.ArgumentParser, pending: bool = True) -> None:
+    """``--kv`` and, with ``pending``, ``--max-pending``."""
     from .options import DEFAULT_MAX_PENDING, DEFAULT_OPTIMIZE_KV, KV_MODES
 
     p.add_argument("--kv", choices=KV_MODES, default=DEFAULT_OPTIMIZE_KV,
                    help="K/V of exited tokens at the layers they skip: propagate (from the "
                         "frozen state, cheap) or deferred (exact: run later, batched; "
                         "docs/deferred.md) (default: %(default)s)")
-    p.add_argument("--max-pending", type=_positive_int, default=DEFAULT_MAX_PENDING,
-                   help="with --kv deferred: exited tokens per row that may wait for their "
-                        "skipped layers (default: %(default)s)")
+    if pending:
+        p.add_argument("--max-pending", type=_positive_int, default=DEFAULT_MAX_PENDING,
+                       help="with --kv deferred: exited tokens per row that may wait for "
+                            "their skipped layers (default: %(default)s)")
 
 
 # ---------------------------------------------------------------------------- generate
@@ -380,11 +382,7 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="model dtype (default: as saved)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
-    from .options import DEFAULT_OPTIMIZE_KV, KV_MODES
-
-    p.add_argument("--kv", choices=KV_MODES, default=DEFAULT_OPTIMIZE_KV,
-                   help="K/V semantics of the quality rows and the speed runs, as in "
-                        "`generate --kv` (default: %(default)s)")
+    _add_kv(p, pending=False)
     p.set_defaults(func=_run_tune)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .options import DEFAULT_OPTIMIZE_KV, KV_MODES
+from .options import DEFAULT_OPTIMIZE_KV
 from .outputs import atomic_write, check_output_dir, check_output_file
 from .routers import RouterSet
 from .validation import TIDEError
@@ -323,8 +323,9 @@ def sweep(
     """
     from .runtime.model import optimize
 
-    if kv not in KV_MODES:
-        raise TIDEError(f"kv must be one of {KV_MODES}, got {kv!r}")
+    from .reference import check_kv
+
+    check_kv(kv)
     thresholds = [float(t) for t in thresholds]
     for t in thresholds:
         if not 0.0 <= t <= 1.0:
