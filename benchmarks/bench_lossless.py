@@ -265,18 +265,23 @@ def projection_row(depth: int, t_plain: float, t_deep: float, ms_ceiling: float,
 
 def merge(paths: list[str], out: str | None) -> dict:
     """One result from gated processes' files: rows in file order, ``x_plain`` from the
-    same model's plain row (timed in the same call while no other process ran), and the
-    ceiling's projections from the never-exit fixed row and each ceiling row. Model rows'
-    ``first_mismatch`` needs the plain row's tokens in the same process: a row timed in
-    another process has none."""
+    same model's plain row (timed in the same call while no other process ran), model
+    rows' ``first_mismatch`` from their recorded ``tokens`` and the same model's plain
+    row's (the prompts are the same in every process), and the ceiling's projections from
+    the never-exit fixed row and each ceiling row."""
     parts, result = bench_decode.merge_parts(paths, ("rows",))
     result["projection"] = []
     ms = {r["name"]: r["ms_per_token"] for r in result["rows"] if "ms_per_token" in r}
     plain = {r.get("model"): r["ms_per_token"] for r in result["rows"]
              if "ms_per_token" in r and r["name"] in ("plain", f"{r.get('model')}:plain")}
-    for r in result["rows"]:  # x_plain against the same model's plain row
+    plain_tokens = {r.get("model"): r["tokens"] for r in result["rows"]
+                    if "tokens" in r and r["name"] == f"{r.get('model')}:plain"}
+    for r in result["rows"]:  # x_plain (and first_mismatch) against the same model's plain row
         if "ms_per_token" in r and r.get("model") in plain:
             r["x_plain"] = round(plain[r["model"]] / r["ms_per_token"], 3)
+        if ("tokens" in r and r.get("model") in plain_tokens
+                and not r["name"].endswith(":plain")):
+            r["first_mismatch"] = first_mismatch(r["tokens"], plain_tokens[r["model"]])
     pending = {part["env"].get("max_pending") for part in parts}
     if "plain" in ms and "lossless_never_exit_fixed" in ms and len(pending) == 1:
         for r in result["rows"]:
@@ -316,7 +321,7 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
 
     def row(r: dict) -> dict:
         result["rows"].append(r)
-        print(json.dumps(r), flush=True)
+        print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
         save()
         return r
 
@@ -352,17 +357,9 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
                 "e2e_tokens_per_s": round(args.new * 1e3 / statistics.median(e2e), 1),
                 "warmup_s": warm, "outs": outs}
 
-    def first_mismatch(outs, ref_outs, prompts) -> list:
-        found = []
-        for out, ref, ids in zip(outs, ref_outs, prompts):
-            n = min(out.shape[1], ref.shape[1])
-            diff = (out[0, :n] != ref[0, :n]).nonzero()
-            found.append(None if diff.numel() == 0 else int(diff[0, 0]) - ids.shape[1])
-        return found
-
     if "models" in args.rows:
         for name in args.models:
-            model_rows(name, args, device, inductor, measure, row, first_mismatch)
+            model_rows(name, args, device, inductor, measure, row)
     if "ceiling" in args.rows:
         ceiling_rows(args, device, inductor, measure, row, result, gate)
     env["total_s"] = round(time.time() - start, 1)
@@ -372,7 +369,18 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
     return result
 
 
-def model_rows(name, args, device, inductor, measure, row, first_mismatch) -> None:
+def first_mismatch(tokens: list[list[int]], ref: list[list[int]]) -> list[int | None]:
+    """Per prompt, the index of the first new token that differs from ``ref``'s (None:
+    identical)."""
+    found: list[int | None] = []
+    for out, want in zip(tokens, ref):
+        diff = [i for i, (a, b) in enumerate(zip(out, want)) if a != b]
+        found.append(diff[0] if diff else (None if len(out) == len(want)
+                                           else min(len(out), len(want))))
+    return found
+
+
+def model_rows(name, args, device, inductor, measure, row) -> None:
     from tide_compile import cli_demo, demo
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -413,9 +421,9 @@ def model_rows(name, args, device, inductor, measure, row, first_mismatch) -> No
         else:
             raise SystemExit(f"--model-rows: unknown {kind!r}")
         m = measure(generate, prompts, cache_len)
-        outs = m.pop("outs")
+        tokens = [out[0, ids.shape[1]:].tolist() for out, ids in zip(m.pop("outs"), prompts)]
         if kind == "plain":
-            plain_ms, ref_outs = m["ms_per_token"], outs
+            plain_ms, ref_outs = m["ms_per_token"], tokens
         if kind.startswith("lossless"):
             fast.lossless_stats.reset()
             for ids in prompts:  # stats over exactly one (warm) run per prompt
@@ -428,9 +436,10 @@ def model_rows(name, args, device, inductor, measure, row, first_mismatch) -> No
                      "mean_draft_depth": round(s.mean_draft_depth, 3),
                      "tokens_per_verify": round(s.tokens_per_verify, 3)}
         if ref_outs is not None and kind != "plain":
-            extra["first_mismatch"] = first_mismatch(outs, ref_outs, prompts)
+            extra["first_mismatch"] = first_mismatch(tokens, ref_outs)
         row({"name": f"{name}:{kind}", **where, **m,
-             "x_plain": round(plain_ms / m["ms_per_token"], 3) if plain_ms else None, **extra})
+             "x_plain": round(plain_ms / m["ms_per_token"], 3) if plain_ms else None, **extra,
+             "tokens": tokens})
         del fast
         gc.collect()
     del model

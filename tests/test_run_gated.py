@@ -116,3 +116,31 @@ def test_lossless_merge_fills_x_plain_and_the_projection(tmp_path):
     (p,) = merged["projection"]
     assert p == bench_lossless.projection_row(16, 5.0, 6.0, 2.5, 7)
     assert p["t_stop_ms"] == round((8 * 2.5 - 6.0) / 7, 4)
+
+
+def test_lossless_merge_compares_tokens_across_processes(tmp_path):
+    """Model rows timed in separate processes: first_mismatch comes from their recorded
+    tokens against the same model's plain row, per prompt (None: identical)."""
+    bench_lossless = load("bench_lossless")
+    env = {"clock": "wall, CUDA-synced", "max_pending": 7}
+    plain = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    parts = {
+        "plain": {"name": "demo:plain", "model": "demo", "ms_per_token": 1.0, "tokens": plain},
+        "same": {"name": "demo:lossless", "model": "demo", "ms_per_token": 0.9,
+                 "tokens": [[1, 2, 3, 4], [5, 6, 7, 8]]},
+        "differs": {"name": "demo:speculative", "model": "demo", "ms_per_token": 2.0,
+                    "tokens": [[1, 2, 9, 4], [5, 6, 7]]},
+        "other": {"name": "smollm2:lossless", "model": "smollm2", "ms_per_token": 1.0,
+                  "tokens": [[0, 0, 0, 0]]},
+    }
+    paths = []
+    for name, r in parts.items():
+        r["tokens_per_s"] = round(1e3 / r["ms_per_token"], 1)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"env": env, "rows": [r], "projection": []}))
+        paths.append(str(path))
+    rows = {r["name"]: r for r in bench_lossless.merge(paths, None)["rows"]}
+    assert rows["demo:lossless"]["first_mismatch"] == [None, None]
+    assert rows["demo:speculative"]["first_mismatch"] == [2, 3]  # a change, a short row
+    assert "first_mismatch" not in rows["demo:plain"]
+    assert "first_mismatch" not in rows["smollm2:lossless"]  # no plain row of its model
