@@ -3,7 +3,8 @@
 # Usage (on a CUDA machine, repo root): bash benchmarks/gpu_session.sh [OUTDIR]
 # STEPS selects what runs (default: "tests calibration router speculative decode compact";
 # also: "traffic" (bench_decode --traffic), "deferred" (bench_deferred), "lossless" (bench_lossless)).
-# GPU tests run in TEST_SHARDS parallel pytest processes (default 6), each under TEST_TIMEOUT.
+# GPU tests run in TEST_SHARDS parallel pytest processes (default 6), each under TEST_TIMEOUT
+# (TEST_GPUS=N spreads the shards over N GPUs).
 # Each step has a *_TIMEOUT; DECODE_ARGS / COMPACT_ARGS add script arguments
 # (e.g. DECODE_ARGS="--rows exits --kernels triton --stack-kv off --breakdown").
 set -u
@@ -23,7 +24,8 @@ if has tests; then
     ${TEST_K:+-k "$TEST_K"} -p no:cacheprovider 2>/dev/null | grep '::' >"$OUT/gpu_test_ids.txt"
   for i in $(seq 0 $((${TEST_SHARDS:-6} - 1))); do
     awk -v n=${TEST_SHARDS:-6} -v i=$i 'NR % n == i' "$OUT/gpu_test_ids.txt" >"$OUT/gpu_tests_$i.ids"
-    [ -s "$OUT/gpu_tests_$i.ids" ] && (timeout ${TEST_TIMEOUT:-240} xargs -a "$OUT/gpu_tests_$i.ids" \
+    # TEST_GPUS=N (a machine of N GPUs): shard i runs on GPU i % N.
+    [ -s "$OUT/gpu_tests_$i.ids" ] && ([ -n "${TEST_GPUS:-}" ] && export CUDA_VISIBLE_DEVICES=$((i % TEST_GPUS)); timeout ${TEST_TIMEOUT:-240} xargs -a "$OUT/gpu_tests_$i.ids" \
       python3 -m pytest -q -m gpu -p no:cacheprovider -p no:logging -rfE \
       >"$OUT/gpu_tests_$i.log" 2>&1; echo "gpu tests shard $i rc=$?") &
   done
