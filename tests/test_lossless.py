@@ -329,7 +329,7 @@ def test_controller_decisions():
     interval after each failed probe), drafting kept at or above it."""
     s = LosslessStats(num_layers=8)
     c = DraftController(probe_every=4, max_probe_every=8, min_rounds=2, decay=0.0, warmup=0,
-                        min_samples=1)
+                        min_samples=1, plain_window=1)
     for kind, t in (("stop", 0.5), ("deep", 1.0)):
         c.observe(kind, t)
     c.end_round(stops=3, tokens=1, stats=s)
@@ -356,6 +356,41 @@ def test_controller_decisions():
     assert c._interval == 4  # a probe that paid resets the interval
     with pytest.raises(ValueError, match="probe_every"):
         DraftController(probe_every=0)
+
+
+def test_controller_times_plain_steps_in_windows(monkeypatch):
+    """A plain step's cost is a window's throughput: one sample per ``plain_window``
+    consecutive plain steps (their mean), after ``warmup`` steps; a window that the phase
+    or the generate ends early counts the steps it held."""
+    clock = iter(float(t) for t in range(1000))
+    import tide_compile.runtime.lossless as lossless_mod
+
+    monkeypatch.setattr(lossless_mod.time, "perf_counter", lambda: next(clock))
+    s = LosslessStats(num_layers=8)
+    c = DraftController(plain_window=4, warmup=2, min_samples=1, min_rounds=1, decay=0.0)
+    c._enter_plain(2 + 4 + 3, fallback=False)
+    for _ in range(2):  # warm-up steps: no window
+        c.begin_plain_step(cuda=False)
+        assert c._window_t0 is None
+        c.end_plain_step(s)
+    for _ in range(4):  # one full window: clock 0 at its start, 1 at its end
+        c.begin_plain_step(cuda=False)
+        c.end_plain_step(s)
+    assert list(c._times["plain"]) == [pytest.approx(1 / 4)]
+    for _ in range(3):  # the phase ends after 3 steps: the window closes with 3
+        c.begin_plain_step(cuda=False)
+        c.end_plain_step(s)
+    assert list(c._times["plain"]) == [pytest.approx(1 / 4), pytest.approx(1 / 3)]
+    assert c.phase == "draft" and c._window_t0 is None
+    c._enter_plain(10, fallback=False)
+    c.begin_plain_step(cuda=False)
+    c.end_plain_step(s)
+    c.close_window(cuda=False)  # the generate ended mid-window
+    assert len(c._times["plain"]) == 3 and c._window_t0 is None
+    c.close_window(cuda=False)  # nothing open: no sample
+    assert len(c._times["plain"]) == 3
+    with pytest.raises(ValueError, match="plain_window"):
+        DraftController(plain_window=0)
 
 
 def test_stats_summary():

@@ -41,7 +41,14 @@ keeps decayed counts of rounds, stopped steps and tokens, and the measured host 
 of stopped, deep and plain steps (``time.perf_counter``; on CUDA a synchronize before and
 after, only on the steps it samples: every step while a kind has too few samples, then
 about one in ``sample_every``; the first ``warmup`` steps of each kind are compiles and
-captures and are not used). Expected gain = ``tokens * t_plain / (stopped * t_stopped +
+captures and are not used). A plain step's cost is its throughput: the time of a window
+of ``plain_window`` consecutive plain steps between two synchronizes, over their number.
+Timed alone, a plain step would also pay the launch latency that a run of them hides
+behind the GPU (the host queues the next step while the GPU runs this one), and drafting
+would look better than it is: on the H200 the demo model's compiled plain step runs at
+0.34 ms in a loop, and a controller that timed single steps kept drafting at 0.55x plain
+(ninth device session). Stopped and deep steps read exit decisions on the host inside the
+step, so the queue drains in every one of them anyway: timed one at a time. Expected gain = ``tokens * t_plain / (stopped * t_stopped +
 rounds * t_deep)``. Below 1, drafting stops: every step is a plain one-token full-depth
 step until ``probe_every`` of them ran (doubled after each failed probe, up to
 ``max_probe_every``); then drafting is probed again.
@@ -186,7 +193,9 @@ class DraftController:
         min_rounds: rounds of a drafting phase before a decision.
         decay: per round, the weight of the earlier rounds in the counts.
         sample_every: once every kind has ``min_samples``, about one step in this many is
-            timed (CUDA; on a CPU every step is, timing needs no synchronize there).
+            timed, or opens a window of plain steps (CUDA; on a CPU every step is timed,
+            timing needs no synchronize there).
+        plain_window: consecutive plain steps timed together (one sample: their mean).
         warmup: the first steps of each kind are not used (compiles, captures).
         min_samples: timed steps of a kind before its cost is used.
         history: the cost of a kind is the median of its last ``history`` samples.
@@ -197,6 +206,7 @@ class DraftController:
     min_rounds: int = 3
     decay: float = 0.9
     sample_every: int = 16
+    plain_window: int = 8
     warmup: int = 3
     min_samples: int = 3
     history: int = 15
@@ -207,6 +217,9 @@ class DraftController:
                              f"{self.probe_every}, {self.max_probe_every}")
         if not 0.0 <= self.decay < 1.0 or self.min_rounds < 1 or self.min_samples < 1:
             raise ValueError("need 0 <= decay < 1, min_rounds >= 1, min_samples >= 1")
+        if self.plain_window < 1 or self.sample_every < 1:
+            raise ValueError(f"need plain_window >= 1 and sample_every >= 1, got "
+                             f"{self.plain_window}, {self.sample_every}")
         self.phase = "draft"
         self.remaining = 0
         self._interval = self.probe_every
@@ -219,6 +232,8 @@ class DraftController:
         self._median: dict[str, float | None] = {}
         self._steps = 0
         self._probing = False  # the drafting phase is a probe after a fallback
+        self._window_t0: float | None = None  # an open window of plain steps: its start
+        self._window_n = 0
         #: the last gain computed (None: none yet)
         self.gain: float | None = None
 
@@ -247,8 +262,42 @@ class DraftController:
         """A step of ``kind`` ran; ``seconds`` if it was timed."""
         self._seen[kind] += 1
         if seconds is not None and self._seen[kind] > self.warmup:
-            self._times[kind].append(seconds)
-            self._median.pop(kind, None)
+            self._add_sample(kind, seconds)
+
+    def _add_sample(self, kind: str, seconds: float) -> None:
+        self._times[kind].append(seconds)
+        self._median.pop(kind, None)
+
+    # -------------------------------------------------------------- plain windows
+    def begin_plain_step(self, cuda: bool) -> None:
+        """Before a plain step of a plain phase: open a window of timed plain steps if one
+        is due (after ``warmup`` plain steps; every step on a CPU; on CUDA while the plain
+        cost lacks samples, else at about one step in ``sample_every``): on CUDA a
+        synchronize, then the clock starts."""
+        if self._window_t0 is not None or self._seen["plain"] < self.warmup:
+            return
+        self._steps += 1
+        if cuda and self.cost("plain") is not None \
+                and (self._steps * _GOLDEN) % 1.0 >= 1.0 / self.sample_every:
+            return
+        if cuda:
+            torch.cuda.synchronize()
+        self._window_t0 = time.perf_counter()
+        self._window_n = 0
+
+    def close_window(self, cuda: bool) -> None:
+        """End the open window of plain steps, if any (on CUDA after a synchronize): one
+        sample of the plain cost, its seconds over its steps. The lossless loop calls it
+        when a generate ends; :meth:`end_plain_step` when the window is full or the plain
+        phase ends."""
+        if self._window_t0 is None:
+            return
+        if self._window_n:
+            if cuda:
+                torch.cuda.synchronize()
+            self._add_sample("plain", (time.perf_counter() - self._window_t0) / self._window_n)
+        self._window_t0 = None
+        self._window_n = 0
 
     # -------------------------------------------------------------- decisions
     def end_round(self, stops: int, tokens: int, stats: LosslessStats) -> None:
@@ -267,7 +316,7 @@ class DraftController:
         if plain is None:
             # Measure the plain step first: a short plain phase, not a fallback.
             steps = (max(0, self.warmup - self._seen["plain"])
-                     + self.min_samples - len(self._times["plain"]))
+                     + (self.min_samples - len(self._times["plain"])) * self.plain_window)
             self._enter_plain(max(1, steps), fallback=False)
             return
         spent = self._stops * (stop or 0.0) + self._rounds * deep
@@ -280,9 +329,15 @@ class DraftController:
             self._interval = self.probe_every  # a probe that paid: back to the base interval
             self._probing = False
 
-    def end_plain_step(self, stats: LosslessStats) -> None:
-        """A plain step of a plain phase ran."""
+    def end_plain_step(self, stats: LosslessStats, cuda: bool = False) -> None:
+        """A plain step of a plain phase ran (counted; the open window, if any, closes when
+        it holds ``plain_window`` steps or the phase ends)."""
+        self._seen["plain"] += 1
         self.remaining -= 1
+        if self._window_t0 is not None:
+            self._window_n += 1
+            if self._window_n >= self.plain_window or self.remaining <= 0:
+                self.close_window(cuda)
         if self.remaining <= 0:
             self.phase = "draft"
             if self._fallback:
@@ -532,13 +587,9 @@ def generate_lossless(
     draft_flag = _LaggedFlag(device) if eos_set else None
     eos_t = torch.tensor(sorted(eos_set), device=device, dtype=torch.long)
     while not done and produced < max_new_tokens:
-        timed = ctl is not None and ctl.want_sample(cuda)
-        if timed:
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
         if ctl is not None and ctl.phase == "plain" and m == 0:
             # ------------------------------------------------------------ fallback step
+            ctl.begin_plain_step(cuda)
             logits = plain_step(current, start)
             fast.tide_stats.record_uniform(-1, 1, num_layers, strategy="plain")
             token = pick(logits)
@@ -550,15 +601,14 @@ def generate_lossless(
             current = token
             if eos_set and int(token) in eos_set:
                 done = True
-            if timed:
-                if cuda:
-                    torch.cuda.synchronize()
-                ctl.observe("plain", time.perf_counter() - t0)
-            elif ctl is not None:
-                ctl.observe("plain", None)
-            ctl.end_plain_step(stats)
+            ctl.end_plain_step(stats, cuda)
             continue
         # ---------------------------------------------------------------- wide step
+        timed = ctl is not None and ctl.want_sample(cuda)
+        if timed:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
         verify = m == width - 1 or produced + m + 1 >= max_new_tokens or last_draft_eos
         if m == 0:
             ids.fill_(current)
@@ -643,6 +693,8 @@ def generate_lossless(
                 ctl.observe(kind, None)
             if kind == "deep":
                 ctl.end_round(*rounds, stats)
+    if ctl is not None:
+        ctl.close_window(cuda)
     runner.force_deep = False
     bucket.complete = start
     return seq[:, :prompt_len + produced]
