@@ -21,8 +21,15 @@ Rows (``--rows``, comma list):
   - ``lossless``: ``optimize(model, routers, mode="lossless")`` (adaptive);
   - ``lossless_fixed``: the same with ``adaptive=False`` (always drafts: what the
     fallback saves);
-  - ``speculative``: ``optimize(model, routers, mode="speculative")`` (the separate-verify
-    mode, ``--max-draft``), for the "one lossless mode" decision.
+
+  The rows of a model are built and compiled first, then timed **interleaved** in one
+  process (per round, per prompt, every row in turn; the order rotates per round): a
+  tiny model's step is launch-bound and its speed drifts with the GPU's clocks and the
+  host's load by up to 2x between calls (ninth device session), so rows timed one after
+  another are not comparable. ``x_plain`` is the ratio of the medians,
+  ``x_plain_paired`` the median of the per-measurement ratios (same prompt, same round)
+  and ``x_plain_paired_range`` their range. (The separate-verify ``mode="speculative"``
+  had a row here until it was removed: it measured 0.49-0.71x plain on these models.)
 
   Lossless rows report ``acceptance``, ``mean_draft_depth``, ``fallbacks`` (rounds of the
   adaptive fallback), ``probes``, ``plain_step_fraction``, ``tokens_per_deep_step``, and
@@ -164,8 +171,9 @@ def build_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="no Inductor (plain: Dynamo's eager backend; tide: inductor=False)")
     ap.add_argument("--rows", default=None, help="comma list of: models, ceiling")
     ap.add_argument("--models", default="demo,smollm2", help="model rows: demo, smollm2")
-    ap.add_argument("--model-rows", default="plain,lossless,lossless_fixed,speculative",
-                    help="which rows per model")
+    ap.add_argument("--model-rows", default="plain,lossless,lossless_fixed",
+                    help="which rows per model (plain, lossless, lossless_fixed), timed "
+                         "interleaved in one process")
     ap.add_argument("--depths", default=None, help="ceiling exit depths (8,16,24)")
     ap.add_argument("--ceiling-rows", default="plain,never,never_fixed,ceiling",
                     help="which ceiling rows: plain, never (lossless_never_exit), never_fixed, "
@@ -185,7 +193,6 @@ def build_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=None, help="tokens per prompt (64)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per prompt (3)")
     ap.add_argument("--max-pending", type=int, default=7)
-    ap.add_argument("--max-draft", type=int, default=4, help="speculative rows' max_draft")
     ap.add_argument("--threads", type=int, default=1, help="CPU only: torch threads")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", default=None)
@@ -325,14 +332,24 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
         save()
         return r
 
+    def timed(generate: Callable, ids: torch.Tensor, n: int, cache_len: int):
+        """One ``generate(ids, n)``: (milliseconds, output)."""
+        t0 = clock(device)
+        out = generate(ids, max_new_tokens=n, eos_token_id=-1, max_cache_len=cache_len)
+        return (clock(device) - t0) * 1e3, out
+
+    def summary(decode: list[float], e2e: list[float]) -> dict:
+        ms = statistics.median(decode)
+        return {"ms_per_token": round(ms, 4), "tokens_per_s": round(1e3 / ms, 1),
+                "ms_range": [round(min(decode), 4), round(max(decode), 4)],
+                "e2e_tokens_per_s": round(args.new * 1e3 / statistics.median(e2e), 1)}
+
     def measure(generate: Callable, prompts: list[torch.Tensor], cache_len: int,
                 then: Callable[[], None] | None = None) -> dict:
         """Warm-up, then per prompt ``repeats`` x (generate(1), generate(new)); medians.
         ``then`` runs after the timing, inside the gate's block (GPU work of the row)."""
         def run(ids, n):
-            t0 = clock(device)
-            out = generate(ids, max_new_tokens=n, eos_token_id=-1, max_cache_len=cache_len)
-            return (clock(device) - t0) * 1e3, out
+            return timed(generate, ids, n, cache_len)
 
         t0 = time.time()
         for ids in prompts:
@@ -351,15 +368,47 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
                 outs.append(out)
             if then is not None:
                 then()
-        ms = statistics.median(decode)
-        return {"ms_per_token": round(ms, 4), "tokens_per_s": round(1e3 / ms, 1),
-                "ms_range": [round(min(decode), 4), round(max(decode), 4)],
-                "e2e_tokens_per_s": round(args.new * 1e3 / statistics.median(e2e), 1),
-                "warmup_s": warm, "outs": outs}
+        return {**summary(decode, e2e), "warmup_s": warm, "outs": outs}
+
+    def measure_interleaved(generates: dict[str, Callable], prompts: list[torch.Tensor],
+                            cache_len: int, then: Callable[[], None] | None = None) -> dict:
+        """Several rows of one model timed side by side: each warmed up, then ``repeats``
+        rounds, each over the prompts, each prompt through every row (generate(1), then
+        generate(new); the rows' order rotates from round to round), so a drift of the
+        machine (clocks, other load) reaches every row alike. Per row its medians and its
+        per-measurement decode milliseconds (``decode_ms``, in a shared order: sample ``i``
+        of two rows is the same prompt and round)."""
+        warm = {}
+        for kind, generate in generates.items():
+            t0 = time.time()
+            for ids in prompts:
+                for n in (args.new, 1, args.new):
+                    timed(generate, ids, n, cache_len)
+            warm[kind] = round(time.time() - t0, 2)
+        kinds = list(generates)
+        decode = {k: [] for k in kinds}
+        e2e = {k: [] for k in kinds}
+        outs = {k: [] for k in kinds}
+        gate.arrive()
+        with gate.exclusive():
+            for rnd in range(args.repeats):
+                order = kinds[rnd % len(kinds):] + kinds[:rnd % len(kinds)]
+                for ids in prompts:
+                    for kind in order:
+                        one, _ = timed(generates[kind], ids, 1, cache_len)
+                        full, out = timed(generates[kind], ids, args.new, cache_len)
+                        decode[kind].append((full - one) / (args.new - 1))
+                        e2e[kind].append(full)
+                        if rnd == 0:
+                            outs[kind].append(out)
+            if then is not None:
+                then()
+        return {k: {**summary(decode[k], e2e[k]), "warmup_s": warm[k], "outs": outs[k],
+                    "decode_ms": [round(x, 4) for x in decode[k]]} for k in kinds}
 
     if "models" in args.rows:
         for name in args.models:
-            model_rows(name, args, device, inductor, measure, row)
+            model_rows(name, args, device, inductor, measure_interleaved, row)
     if "ceiling" in args.rows:
         ceiling_rows(args, device, inductor, measure, row, result, gate)
     env["total_s"] = round(time.time() - start, 1)
@@ -380,7 +429,11 @@ def first_mismatch(tokens: list[list[int]], ref: list[list[int]]) -> list[int | 
     return found
 
 
-def model_rows(name, args, device, inductor, measure, row) -> None:
+def model_rows(name, args, device, inductor, measure_interleaved, row) -> None:
+    """The model's rows (``--model-rows``), built and compiled first, then timed
+    interleaved in this process (``measure_interleaved``): ``x_plain`` is the ratio of
+    medians, ``x_plain_paired`` the median (and range) of the per-measurement ratios to
+    the plain row (the same prompt, the same round)."""
     from tide_compile import cli_demo, demo
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -400,48 +453,50 @@ def model_rows(name, args, device, inductor, measure, row) -> None:
              "checkpoints": routers.checkpoint_layers,
              "exit_threshold": routers.config.exit_threshold,
              "prompt_tokens": [p.shape[1] for p in prompts]}
-    plain_ms = ref_outs = None
+    torch._dynamo.reset()
+    built: dict[str, Any] = {}
+    generates: dict[str, Callable] = {}
     for kind in args.model_rows:
-        torch._dynamo.reset()
-        extra: dict = {}
         if kind == "plain":
-            fast = PlainLoop(model, inductor, device, cache_len)
-            generate = fast.generate
-        elif kind in ("lossless", "lossless_fixed"):
-            fast = tide_compile.optimize(model, routers, mode="lossless", inductor=inductor,
-                                         max_pending=args.max_pending,
-                                         adaptive=kind == "lossless")
-            generate = fast.generate
-        elif kind == "speculative":
-            fast = tide_compile.optimize(model, routers, mode="speculative", inductor=inductor,
-                                         max_draft=args.max_draft)
-
-            def generate(ids, max_cache_len=None, _fast=fast, **kw):  # its own cache
-                return _fast.generate(ids, **kw)
+            built[kind] = PlainLoop(model, inductor, device, cache_len)
         else:
-            raise SystemExit(f"--model-rows: unknown {kind!r}")
-        m = measure(generate, prompts, cache_len)
+            built[kind] = tide_compile.optimize(model, routers, mode="lossless",
+                                                inductor=inductor, max_pending=args.max_pending,
+                                                adaptive=kind == "lossless")
+        generates[kind] = built[kind].generate
+
+    def stats_pass() -> None:  # lossless stats over exactly one (warm) run per prompt
+        for kind, fast in built.items():
+            if kind != "plain":
+                fast.lossless_stats.reset()
+                for ids in prompts:
+                    fast.generate(ids, max_new_tokens=args.new, eos_token_id=-1,
+                                  max_cache_len=cache_len)
+
+    measured = measure_interleaved(generates, prompts, cache_len, then=stats_pass)
+    ref = None
+    if "plain" in measured:
+        ref = [out[0, ids.shape[1]:].tolist() for out, ids in zip(measured["plain"]["outs"],
+                                                                  prompts)]
+    for kind in args.model_rows:
+        m = measured[kind]
         tokens = [out[0, ids.shape[1]:].tolist() for out, ids in zip(m.pop("outs"), prompts)]
-        if kind == "plain":
-            plain_ms, ref_outs = m["ms_per_token"], tokens
-        if kind.startswith("lossless"):
-            fast.lossless_stats.reset()
-            for ids in prompts:  # stats over exactly one (warm) run per prompt
-                fast.generate(ids, max_new_tokens=args.new, eos_token_id=-1,
-                              max_cache_len=cache_len)
-            extra = lossless_stats(fast)
-        if kind == "speculative":
-            s = fast.spec_stats
-            extra = {"acceptance": round(s.acceptance_rate, 4),
-                     "mean_draft_depth": round(s.mean_draft_depth, 3),
-                     "tokens_per_verify": round(s.tokens_per_verify, 3)}
-        if ref_outs is not None and kind != "plain":
-            extra["first_mismatch"] = first_mismatch(tokens, ref_outs)
-        row({"name": f"{name}:{kind}", **where, **m,
-             "x_plain": round(plain_ms / m["ms_per_token"], 3) if plain_ms else None, **extra,
-             "tokens": tokens})
-        del fast
-        gc.collect()
+        extra: dict = {}
+        if kind != "plain":
+            extra = lossless_stats(built[kind])
+            if ref is not None:
+                plain_ms = measured["plain"]
+                ratios = [p / t for p, t in zip(plain_ms["decode_ms"], m["decode_ms"])]
+                extra["x_plain_paired"] = round(statistics.median(ratios), 3)
+                extra["x_plain_paired_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+                extra["first_mismatch"] = first_mismatch(tokens, ref)
+        x = (round(measured["plain"]["ms_per_token"] / m["ms_per_token"], 3)
+             if "plain" in measured else None)
+        row({"name": f"{name}:{kind}", **where, **m, "x_plain": x, **extra, "tokens": tokens})
+    del built, generates
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     del model
 
 
@@ -512,15 +567,19 @@ def ceiling_rows(args, device, inductor, measure, row, result, gate) -> None:
 
 def print_table(result: dict) -> None:
     unit = "CPU ms" if result["env"]["clock"] == "process CPU time" else "ms"
-    print(f"\n| row | {unit}/token | tokens/s | x plain | acceptance | draft depth | "
-          "fallbacks | first mismatch |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n| row | {unit}/token | tokens/s | x plain | x plain, paired [range] | "
+          "acceptance | draft depth | fallbacks | first mismatch |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         if "ms_per_token" not in r:
-            print(f"| {r['name']} | {r.get('error', '')} | | | | | | |")
+            print(f"| {r['name']} | {r.get('error', '')} | | | | | | | |")
             continue
+        paired = ""
+        if "x_plain_paired" in r:
+            lo, hi = r["x_plain_paired_range"]
+            paired = f"{r['x_plain_paired']} [{lo}-{hi}]"
         print(f"| {r['name']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']} | "
-              f"{r.get('x_plain')} | {r.get('acceptance', '')} | "
+              f"{r.get('x_plain')} | {paired} | {r.get('acceptance', '')} | "
               f"{r.get('mean_draft_depth', '')} | {r.get('fallbacks', '')} | "
               f"{r.get('first_mismatch', '')} |")
     for p in result["projection"]:

@@ -47,3 +47,29 @@ def test_bench_lossless_smoke(tmp_path):
     for v in p["at_acceptance"].values():
         assert 1 <= v["best_pending"] <= 3 and v["best_speedup"] >= v["speedup"]
         assert v["with_fallback"] >= 1.0
+
+
+def test_bench_lossless_model_rows_interleaved(tmp_path):
+    """The demo model's rows (real weights, shipped routers) are timed interleaved in one
+    process: per-measurement ratios to the plain row, the same prompts' tokens, and
+    greedy lossless output equal to the plain loop's (fp32 CPU)."""
+    bench = load_bench()
+    out = tmp_path / "models.json"
+    new, repeats = 6, 2
+    bench.main(["--rows", "models", "--models", "demo", "--no-inductor", "--new", str(new),
+                "--prompts", "1", "--prompt-tokens", "16", "--repeats", str(repeats),
+                "--max-pending", "3", "--out", str(out)])
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"demo:plain", "demo:lossless", "demo:lossless_fixed"}
+    plain = rows["demo:plain"]
+    assert len(plain["decode_ms"]) == repeats and len(plain["tokens"][0]) == new
+    for kind in ("lossless", "lossless_fixed"):
+        r = rows[f"demo:{kind}"]
+        assert len(r["decode_ms"]) == repeats
+        ratios = [p / t for p, t in zip(plain["decode_ms"], r["decode_ms"])]
+        lo, hi = r["x_plain_paired_range"]
+        assert lo == round(min(ratios), 3) and hi == round(max(ratios), 3)
+        assert lo <= r["x_plain_paired"] <= hi
+        assert r["tokens"] == plain["tokens"] and r["first_mismatch"] == [None]
+    fixed = rows["demo:lossless_fixed"]  # always drafts: every step a stop or a deep step
+    assert fixed["plain_step_fraction"] == 0.0 and fixed["fallbacks"] == 0
