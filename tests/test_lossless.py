@@ -417,7 +417,7 @@ def test_errors():
         fast.generate(torch.ones(1, 3, dtype=torch.long), 4, attention_mask=mask)
     with pytest.raises(TypeError, match="num_beams"):
         fast.generate(torch.ones(1, 3, dtype=torch.long), 4, num_beams=2)
-    with pytest.raises(ValueError, match="mode must be 'exit', 'lossless' or 'speculative'"):
+    with pytest.raises(ValueError, match="mode must be 'exit' or 'lossless'"):
         tide_compile.optimize(model, routers, mode="losless")
     with pytest.raises(ValueError, match="kv='deferred'"):
         tide_compile.optimize(model, routers, mode="lossless", kv="propagate")

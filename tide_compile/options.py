@@ -5,7 +5,7 @@
 where they are checked: unknown keys and bad values raise a clear error naming the fix.
 It returns a :class:`TideOptions`, which also carries what follows from the routers (the
 threshold, the checkpoints at or after ``min_layers``, the compaction threshold), so the
-backend, the runners and the speculative model never resolve them again.
+backend, the runners and lossless mode never resolve them again.
 
 This module sits below the backend and the runtime: both import it, it imports neither.
 """

@@ -1,4 +1,4 @@
-"""Sampling helpers shared by the reference, the compiled model and the speculative model.
+"""Sampling helpers shared by the reference, the compiled model and lossless mode.
 
 How the next token is picked from logits (greedy, or temperature / top-k / top-p as HF
 does), the EOS and pad ids as ``model.generate`` resolves them, and the position ids

@@ -551,11 +551,9 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
             outputs approximate), ``"lossless"`` (a :class:`TIDEModel` on
             ``kv="deferred"`` whose ``generate`` verifies the exited tokens' drafts in
             the deep steps, outputs those of the plain model, :mod:`.lossless`; takes
-            ``adaptive``; batch 1) or ``"speculative"`` (a
-            :class:`~.speculative.SpeculativeModel`: early-exit drafts verified by a
-            separate full-depth forward, outputs those of the plain model; takes
-            ``max_draft``, ``max_draft_depth``, ``cap_drafts``, ``verify_mode``; batch 1).
-            docs/lossless.md says which lossless mode to use when.
+            ``adaptive``; batch 1). ``"speculative"`` (drafts verified by a separate
+            full-depth forward) was removed: ``"lossless"`` gives the same output and
+            measured faster on every row (docs/lossless.md); it raises a ``ValueError``.
         **options: the ``tide`` backend options (``exit_threshold``, ``min_layers``,
             ``strategy``, ``compaction_threshold``, ``compact_min_length``, ``stack_kv``,
             ``inductor``, ``inductor_config``, ``cuda_graphs``, ``kernels``), with the
@@ -570,10 +568,13 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
             :class:`~.deferred.RegretController`, which raises the exit threshold while
             the measured exit regret exceeds ``1 - target_agreement`` (off by default).
     """
-    if mode not in ("exit", "lossless", "speculative"):
-        raise ValueError(f"mode must be 'exit', 'lossless' or 'speculative' (the decoding "
-                         f"mode), got {mode!r}; pass an Inductor mode as "
-                         f"inductor_mode={mode!r}")
+    if mode == "speculative":
+        raise ValueError("mode='speculative' was replaced by mode='lossless' (the same "
+                         "output, faster on every measured row: docs/lossless.md); use "
+                         "optimize(model, routers, mode='lossless')")
+    if mode not in ("exit", "lossless"):
+        raise ValueError(f"mode must be 'exit' or 'lossless' (the decoding mode), got "
+                         f"{mode!r}; pass an Inductor mode as inductor_mode={mode!r}")
     if "mode" in options:
         raise TypeError("the Inductor mode is optimize(..., inductor_mode=...)")
     if "inductor_mode" in options:
@@ -587,14 +588,6 @@ def optimize(model: nn.Module, routers: RouterSet | str, *, fullgraph: bool = Tr
             raise ValueError("target_agreement is a kv='deferred' option of mode='exit' "
                              "(mode='lossless' output does not depend on the threshold)")
         return build_lossless(model, routers, fullgraph=fullgraph, dynamic=dynamic, **options)
-    if mode == "speculative":
-        from .speculative import SpeculativeModel
-
-        if target_agreement is not None:
-            raise ValueError("target_agreement is a kv='deferred' option of mode='exit'")
-        if dynamic:
-            raise ValueError("mode='speculative' compiles static shapes; drop dynamic=True")
-        return SpeculativeModel(model, routers, fullgraph=fullgraph, **options)
     if "routers" in options or "stats" in options:
         raise TypeError("pass routers positionally; optimize() keeps its own stats "
                         "(read fast.tide_stats)")
