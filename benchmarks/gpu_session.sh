@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install, GPU tests, benchmarks. Prints short tables at the end.
 # Usage (on a CUDA machine, repo root): bash benchmarks/gpu_session.sh [OUTDIR]
-# STEPS selects what runs (default: "tests calibration router speculative decode compact";
+# STEPS selects what runs (default: "tests calibration router decode compact";
 # also: "traffic" (bench_decode --traffic), "deferred" (bench_deferred), "lossless" (bench_lossless)).
 # GPU tests run in TEST_SHARDS parallel pytest processes (default 6), each under TEST_TIMEOUT
 # (TEST_GPUS=N spreads the shards over N GPUs).
@@ -9,7 +9,7 @@
 # (e.g. DECODE_ARGS="--rows exits --kernels triton --stack-kv off --breakdown").
 set -u
 OUT=${1:-${OUT:-/tmp/tide_out}}
-STEPS=${STEPS:-"tests calibration router speculative decode compact"}
+STEPS=${STEPS:-"tests calibration router decode compact"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TORCHINDUCTOR_CACHE_DIR=/tmp/tide_inductor_cache
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || tail -5 "$OUT/install.log"
@@ -41,11 +41,6 @@ if has router; then
   echo "== router cost"
   timeout ${ROUTER_TIMEOUT:-90} python3 benchmarks/bench_router.py --out "$OUT/bench_router.json" \
     >"$OUT/bench_router.log" 2>&1; echo "router rc=$?"; tail -12 "$OUT/bench_router.log"
-fi
-if has speculative && [ -f benchmarks/bench_speculative.py ]; then
-  echo "== speculative (demo model)"
-  timeout ${SPEC_TIMEOUT:-150} python3 benchmarks/bench_speculative.py --out "$OUT/bench_speculative.json" ${SPEC_ARGS:-} \
-    >"$OUT/bench_speculative.log" 2>&1; echo "speculative rc=$?"; tail -15 "$OUT/bench_speculative.log"
 fi
 if has decode; then
   echo "== decode"
