@@ -481,3 +481,37 @@ def test_drafted_eos_is_read_one_step_late():
     s = fast.lossless_stats
     # drafts 1 and 2 (EOS), then one more before the flag is read, then the verify
     assert (s.drafted, s.deep_steps, s.accepted, s.tokens) == (3, 1, 2, 2), s.summary()
+
+
+def test_plain_step_eos_is_read_one_step_late():
+    """In the adaptive fallback (plain steps), whether a token is EOS is read one step
+    late: the plain step after the EOS runs, its token is dropped and not counted, and
+    the output stops at the EOS exactly as the plain model's does."""
+    model = model_for("llama", LAYERS)
+    controller = DraftController(probe_every=256, max_probe_every=256, warmup=1,
+                                 min_samples=1, min_rounds=1, plain_window=1)
+    fast = lossless(model, RouterSet.forced(model, exit_at=None, config=CFG), max_pending=3,
+                    adaptive=controller)
+    ids = prompt_ids(5, 3)
+    new = 24
+    free = plain_greedy(model, ids, new)
+    assert torch.equal(fast.generate(ids, max_new_tokens=new, eos_token_id=-1), free)
+    (ctl,) = [fast.lossless.controller(key) for key in fast.lossless.states]
+    assert ctl.phase == "plain" and ctl.remaining > new, "never-exit drafts should fall back"
+    tokens = free[0, 5:].tolist()
+    j = next(i for i in range(2, new) if tokens[i] not in tokens[:i])  # first occurrence
+    fast.lossless_stats.reset()
+    fast.tide_stats.reset()
+    got = fast.generate(ids, max_new_tokens=new, eos_token_id=tokens[j])
+    assert torch.equal(got, free[:, :5 + j + 1])
+    s = fast.lossless_stats
+    assert (s.plain_steps, s.tokens, s.drafted) == (j + 1, j + 1, 0), s.summary()
+    assert fast.tide_stats.steps_by_strategy["plain"] == j + 1
+    # The plain phase ends exactly at the EOS: the next (wide) step reads the flag first
+    # and the generate ends there, with no deep step.
+    ctl.remaining = j + 1
+    fast.lossless_stats.reset()
+    got = fast.generate(ids, max_new_tokens=new, eos_token_id=tokens[j])
+    assert torch.equal(got, free[:, :5 + j + 1])
+    assert ctl.phase == "draft"
+    assert (s.plain_steps, s.tokens, s.deep_steps) == (j + 1, j + 1, 0), s.summary()

@@ -33,7 +33,10 @@ slots after it are dead.
 A draft never ends a generate unverified: a drafted EOS and the last allowed token are
 verified by a deep step before ``generate`` returns. Whether a draft is EOS is read one
 step late (:class:`~.model._LaggedFlag`: the host never waits for the GPU between two
-steps), so the step after a drafted EOS drafts once more and the next one verifies.
+steps), so the step after a drafted EOS drafts once more and the next one verifies. A
+plain step's EOS is read one step late too: the plain step after it runs, and its token
+is dropped and not counted (a run of plain steps never waits for the GPU, as the compiled
+plain loop does not).
 
 **Adaptive, never slower** (:class:`DraftController`). Drafting pays only if the tokens a
 round yields (accepted drafts + 1) cost less than as many plain steps. The controller
@@ -585,12 +588,22 @@ def generate_lossless(
     # the GPU between two steps): the step after a drafted EOS drafts once more, the one
     # after that verifies. True in the flag: the draft is not EOS.
     draft_flag = _LaggedFlag(device) if eos_set else None
+    # Likewise whether the latest plain step's token is EOS: a run of plain steps never
+    # waits for the GPU either (as the compiled plain loop does not). The step after an
+    # EOS runs, and its token is dropped and not counted.
+    plain_flag = _LaggedFlag(device) if eos_set else None
     eos_t = torch.tensor(sorted(eos_set), device=device, dtype=torch.long)
     while not done and produced < max_new_tokens:
         if ctl is not None and ctl.phase == "plain" and m == 0:
             # ------------------------------------------------------------ fallback step
             ctl.begin_plain_step(cuda)
             logits = plain_step(current, start)
+            if plain_flag is not None and plain_flag.armed:
+                ended = plain_flag.done()  # the previous token was EOS: this one is dropped
+                plain_flag.armed = False
+                if ended:
+                    ctl.end_plain_step(stats, cuda)
+                    break
             fast.tide_stats.record_uniform(-1, 1, num_layers, strategy="plain")
             token = pick(logits)
             seq[0, prompt_len + produced] = token
@@ -599,11 +612,17 @@ def generate_lossless(
             stats.plain_steps += 1
             stats.tokens += 1
             current = token
-            if eos_set and int(token) in eos_set:
-                done = True
+            if plain_flag is not None:
+                plain_flag.record(~torch.isin(token.reshape(1), eos_t))
             ctl.end_plain_step(stats, cuda)
             continue
         # ---------------------------------------------------------------- wide step
+        if plain_flag is not None and plain_flag.armed:
+            # A run of plain steps ends here: its last token's flag is read now.
+            ended = plain_flag.done()
+            plain_flag.armed = False
+            if ended:
+                break
         timed = ctl is not None and ctl.want_sample(cuda)
         if timed:
             if cuda:
