@@ -97,10 +97,10 @@ class ExitStats:
         self.last_exit_layers = t
         self.last_layers_executed = int(layers_executed)
 
-    def _step(self, strategy: str | None) -> None:
+    def _step(self, strategy: str | None, steps: int = 1) -> None:
         self.last_strategy = strategy
         if strategy is not None:
-            self.steps_by_strategy[strategy] = self.steps_by_strategy.get(strategy, 0) + 1
+            self.steps_by_strategy[strategy] = self.steps_by_strategy.get(strategy, 0) + steps
 
     def _count(self, flat: torch.Tensor) -> None:
         exited = flat[flat >= 0]
@@ -115,14 +115,15 @@ class ExitStats:
             self._count(torch.cat([p.to(torch.int64) for p in pending]).cpu())
 
     def record_uniform(self, exit_layer: int, tokens: int, layers_executed: int,
-                       strategy: str | None = None) -> None:
+                       strategy: str | None = None, steps: int = 1) -> None:
         """Add ``tokens`` tokens that all exited at ``exit_layer`` (-1: none), without
-        reading any device tensor (the runner already knows)."""
+        reading any device tensor (the runner already knows); ``steps``: how many steps
+        of ``strategy`` they took (a run of steps counted at once)."""
         if exit_layer >= 0:
             self._exits[exit_layer] = self._exits.get(exit_layer, 0) + tokens
         self.total_tokens += tokens
         self.layers_executed += int(layers_executed)
-        self._step(strategy)
+        self._step(strategy, steps)
         self.last_exit_layers = torch.full((tokens,), exit_layer, dtype=torch.int64)
         self.last_layers_executed = int(layers_executed)
 
