@@ -105,6 +105,44 @@ def test_frozen_one_token_steps_as_one_piece_equal_reference(monkeypatch, arch, 
     assert stats.mean_layers_executed == 4.0
 
 
+def test_graphed_runner_falls_back_when_capture_fails(monkeypatch):
+    """GraphedSkipRunner's fallback logic (CPU; the CUDA path is tests/test_gpu.py): the
+    warm-up calls run the runner, a failing capture warns once with the reason, and every
+    later call runs the runner uncaptured, with no second attempt."""
+    from tide_compile.runtime.cudagraphs import GraphedSkipRunner
+
+    class Runner:
+        strategy, stats = "skip", None
+
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, x):
+            self.calls += 1
+            return x * 2
+
+    attempts = []
+
+    def refuse(self, args):
+        attempts.append(args)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(GraphedSkipRunner, "_capture", refuse)
+    inner = Runner()
+    graphed = GraphedSkipRunner(inner, set())
+    x = torch.ones(2)
+    for _ in range(graphed.warmup_calls - 1):
+        assert torch.equal(graphed(x), x * 2)
+    assert graphed.capture_error is None and not attempts
+    with pytest.warns(RuntimeWarning, match="not permitted when stream is capturing"):
+        assert torch.equal(graphed(x), x * 2)  # the warm-up call whose capture fails
+    assert len(attempts) == 1 and "RuntimeError" in graphed.capture_error
+    for _ in range(5):
+        assert torch.equal(graphed(x), x * 2)
+    assert len(attempts) == 1 and inner.calls == graphed.warmup_calls + 5
+    assert not graphed.captured
+
+
 @pytest.mark.parametrize("arch", ARCHS5)
 def test_never_exit_equals_plain_model(arch):
     model = model_for(arch)

@@ -158,6 +158,42 @@ def test_generate_traffic_on_cuda():
     assert all(b.direct is not None for b in fast._buckets.values())
 
 
+def test_failed_capture_falls_back_uncaptured(monkeypatch):
+    """A capture that fails (here: every torch.cuda.graph raises) gives one warning naming
+    why, restores what the warm-up wrote, and the steps run uncaptured, still equal to
+    the reference and still skipping (issue 21: "if capture fails, say why and fall
+    back")."""
+    torch._dynamo.reset()
+    model = make_model("llama", num_layers=4).cuda()
+    routers = RouterSet.forced(model, exit_at=1, config=TIDEConfig(checkpoint_interval=2))
+    runners = record_instances(monkeypatch, GraphedSkipRunner)
+
+    class Refused:
+        def __init__(self, *a, **k):
+            raise RuntimeError("capture refused by the test")
+
+    monkeypatch.setattr(torch.cuda, "graph", Refused)
+    fn = torch.compile(model.forward, backend="tide", options={"routers": routers})
+    cfg = TIDEConfig(checkpoint_interval=2)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    c_ref = StaticCache(config=model.config, max_cache_len=16)
+    ids = torch.tensor([[3, 4]], device="cuda")
+    fn(input_ids=ids, past_key_values=cache, use_cache=True)
+    R.forward(model, routers, ids, cfg, past_key_values=c_ref)
+    with pytest.warns(RuntimeWarning, match="capture refused by the test"):
+        for t in range(5):
+            nid = torch.tensor([[5 + t]], device="cuda")
+            out = fn(input_ids=nid, past_key_values=cache, use_cache=True)
+            ref = R.forward(model, routers, nid, cfg, past_key_values=c_ref)
+            torch.testing.assert_close(out.logits, ref.logits, rtol=2e-3, atol=2e-3)
+    (runner,) = [r for r in runners if r.strategy == "skip"]
+    assert not runner.captured and "capture refused" in runner.capture_error
+    assert runner.runner.last_segments_run == 1  # still skipping, uncaptured
+    for la, lb in zip(cache.layers, c_ref.layers):  # the warm-up's writes were undone
+        torch.testing.assert_close(la.keys, lb.keys, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(la.values, lb.values, rtol=2e-3, atol=2e-3)
+
+
 def test_runner_is_graphed_on_cuda(monkeypatch):
     torch._dynamo.reset()
     model = make_model("llama", num_layers=4).cuda()

@@ -21,10 +21,15 @@ Inputs whose address changes between calls (token ids, positions, masks) are cop
 into static buffers; inputs whose address stays (parameters, cache tensors, counters)
 are used in place. If one of the latter moves (a new cache), the graphs are captured
 again after a fresh warm-up.
+
+If capturing fails (an op that cannot be captured, a collective that refuses capture),
+the caches and counters the warm-up wrote are restored, one ``RuntimeWarning`` says why,
+and the runner's pieces run uncaptured from then on (``capture_error`` keeps the reason).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -70,6 +75,8 @@ class GraphedSkipRunner:
 
     # ------------------------------------------------------------------ state
     def _reset(self) -> None:
+        #: why capture failed (the pieces then run uncaptured), or None
+        self.capture_error: str | None = None
         self.calls = 0
         self.ptr_history: list[list[int | None]] = []
         self.captured = False
@@ -82,6 +89,8 @@ class GraphedSkipRunner:
 
     # ------------------------------------------------------------------ call
     def __call__(self, *args: Any) -> Any:
+        if self.capture_error is not None:
+            return self.runner(*args)
         if self.captured:
             if all(args[i].data_ptr() == p for i, p in self.static_ptrs):
                 return self._replay(args)
@@ -91,12 +100,27 @@ class GraphedSkipRunner:
                                  for a in args])
         self.calls += 1
         if self.calls >= self.warmup_calls:
-            self._capture(args)
+            try:
+                self._capture(args)
+            except Exception as e:  # noqa: BLE001 - any capture failure: run uncaptured
+                self._give_up(e)
         return out
+
+    def _give_up(self, error: Exception) -> None:
+        """Capture failed: say why (one warning) and run the pieces uncaptured from now on
+        (the runner's own loop: the same outputs, a host read per checkpoint without the
+        graphs' savings). The caches and counters were restored by :meth:`_capture`."""
+        self.capture_error = f"{type(error).__name__}: {error}"
+        self.captured = False
+        self.buffers, self.static_ptrs = {}, []
+        warnings.warn(
+            f"tide_compile: capturing the {self.strategy} runner's CUDA graphs failed "
+            f"({self.capture_error.splitlines()[0]}); running its pieces without CUDA graphs "
+            "(slower; pass cuda_graphs=False to skip the attempt)", RuntimeWarning,
+            stacklevel=3)
 
     # ------------------------------------------------------------------ capture
     def _capture(self, args: tuple) -> None:
-        r = self.runner
         # Parameters, tensors marked static (HF marks its StaticCache tensors and write
         # counters with torch._dynamo.mark_static_address, except when the cache was
         # created inside a compiled prefill) and inputs the graph writes in place are used
@@ -120,6 +144,21 @@ class GraphedSkipRunner:
         mutable = [a for i, a in enumerate(args) if isinstance(a, torch.Tensor)
                    and i not in dynamic and not isinstance(a, torch.nn.Parameter)]
         snapshot = [a.clone() for a in mutable]
+        try:
+            self._record(static_args, mutable, snapshot)
+        except BaseException:
+            # The warm-up may have written caches and counters: put them back, so that
+            # the caller can run the pieces uncaptured from the state it had.
+            torch.cuda.synchronize()
+            for a, s in zip(mutable, snapshot):
+                a.copy_(s)
+            self.graphs, self.exit_graphs, self.env, self.exit_env = [], {}, {}, {}
+            raise
+
+    def _record(self, static_args: list, mutable: list[torch.Tensor],
+                snapshot: list[torch.Tensor]) -> None:
+        """Warm every piece up on a side stream, then capture the graphs (``_capture``)."""
+        r = self.runner
         segs = r.split.segments
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
