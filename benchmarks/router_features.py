@@ -627,6 +627,339 @@ def at_threshold(scores: torch.Tensor, agree: torch.Tensor, layers: list[int], L
             "depth": float(depth.mean()), "exit_rate": float(exited.double().mean())}
 
 
+# ----------------------------------------------------------------------------- per-checkpoint thresholds
+def at_thresholds(scores: torch.Tensor, agree: torch.Tensor, layers: list[int], L: int,
+                  th: torch.Tensor) -> dict[str, float]:
+    """The first-exit rule with one threshold per checkpoint, ``th`` ``[C]``: a token exits
+    at the first checkpoint ``c`` whose score > ``th[c]`` and reads that checkpoint's exit
+    head; otherwise it runs all ``L`` layers (agreement 1). Written as a walk over the
+    checkpoints (as the runtime decides), not through :func:`sweep`'s argmax, so the test
+    can compare the two at equal thresholds."""
+    C, n = scores.shape
+    th = torch.as_tensor(th, dtype=scores.dtype).reshape(C)
+    depth = torch.full((n,), float(L), dtype=torch.float64)
+    ok = torch.ones(n, dtype=torch.float64)
+    done = torch.zeros(n, dtype=torch.bool)
+    for ci, c in enumerate(layers):
+        new = ~done & (scores[ci] > th[ci])
+        depth[new] = float(c + 1)
+        ok[new] = agree[ci][new].double()
+        done |= new
+    return {"agreement": float(ok.mean()), "depth": float(depth.mean()), "exit_rate": float(done.double().mean())}
+
+
+def _coordinate_curve(scores: torch.Tensor, agree: torch.Tensor, depth_c: torch.Tensor, L: int,
+                      th: torch.Tensor, ci: int, order: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every distinct outcome of moving ``th[ci]`` with the other thresholds fixed:
+    (thresholds ``[m]``, total depth ``[m]``, total agreeing tokens ``[m]``), the first entry
+    +inf (nobody exits at ``ci``). Exact: the tokens that reach ``ci`` and pass it take its
+    head, the others keep what the other checkpoints give them. ``order``: the tokens by
+    descending ``scores[ci]`` (precomputed by the caller; it does not change)."""
+    C, n = scores.shape
+    over = scores > th[:, None]
+    before = over[:ci].any(0)
+    first_b = over[:ci].to(torch.int8).argmax(0) if ci > 0 else torch.zeros(n, dtype=torch.long)
+    later = over[ci + 1:]
+    has_l = later.any(0)
+    first_l = ci + 1 + later.to(torch.int8).argmax(0) if ci + 1 < C else torch.full((n,), C - 1)
+    ar = torch.arange(n)
+    d_no = torch.where(before, depth_c[first_b], torch.where(has_l, depth_c[first_l], torch.tensor(float(L),
+                                                                                                  dtype=torch.float64)))
+    ok_no = torch.where(before, agree[first_b, ar], torch.where(has_l, agree[first_l, ar], torch.ones_like(has_l)))
+    ok_no = ok_no.double()
+    if order is None:
+        order = scores[ci].argsort(descending=True)
+    s = scores[ci][order]
+    cand = (~before)[order] & torch.isfinite(s)
+    dd = torch.where(cand, depth_c[ci] - d_no[order], 0.0).cumsum(0)
+    dok = torch.where(cand, agree[ci][order].double() - ok_no[order], 0.0).cumsum(0)
+    # cut only after a candidate and between distinct scores: prefix j exits the j highest
+    keep = cand.clone()
+    if s.numel() > 1:
+        keep[:-1] &= s[:-1] > s[1:]
+    s, dd, dok = s[keep], dd[keep], dok[keep]
+    zero = torch.zeros(1, dtype=torch.float64)
+    ths = torch.cat([torch.tensor([math.inf], dtype=scores.dtype), torch.nextafter(s, torch.tensor(-math.inf,
+                                                                                                  dtype=s.dtype))])
+    return ths, d_no.sum() + torch.cat([zero, dd]), ok_no.sum() + torch.cat([zero, dok])
+
+
+def fit_checkpoint_thresholds(scores: torch.Tensor, agree: torch.Tensor, layers: list[int], L: int,
+                              target: float, *, start: torch.Tensor | None = None, lambdas: int = 48,
+                              max_passes: int = 30, polish_top: int = 6, near: int = 4,
+                              coarse: int = 8, exchange_passes: int = 8) -> dict[str, Any]:
+    """One threshold per checkpoint that minimises mean depth subject to all-token
+    agreement >= ``target`` on (``scores``, ``agree``), under :func:`at_thresholds`' rule.
+
+    1. Lagrangian coordinate descent: for each ``lam`` of a log grid (layers of depth per
+       disagreeing token), minimise ``depth + lam * disagreements`` over one checkpoint's
+       threshold at a time, exactly (:func:`_coordinate_curve`), until no threshold moves.
+       A coordinate step may raise one threshold and lower another, so the depth budget
+       is moved between checkpoints (what a single global threshold cannot do).
+    2. The ``polish_top`` shallowest feasible solutions of the grid, and ``start`` (the global threshold chosen on
+       the same data, so the fit is never worse than it there), is then polished by
+       constrained coordinate descent (each threshold to its lowest-depth value that keeps
+       the constraint). The best one is improved by pairwise moves: for checkpoints
+       ``a != b`` and a few values of ``th[a]`` (its ``near`` neighbouring cut points and
+       ``coarse`` spread over all of them), the best feasible ``th[b]`` exactly; the first
+       strict improvement for each ``a`` is kept and polished, until a pass over every
+       ``a`` finds none (at most ``exchange_passes`` passes). A heuristic (the
+       problem is not convex): on small brute-forced cases it finds the optimum or comes
+       close (see the docs); it is always feasible on the data it is fitted on, and never
+       deeper there than ``start``."""
+    C, n = scores.shape
+    depth_c = torch.tensor([c + 1 for c in layers], dtype=torch.float64)
+    need = target * n - 1e-9
+    orders = [scores[ci].argsort(descending=True) for ci in range(C)]
+
+    def total(th: torch.Tensor) -> tuple[float, float]:
+        r = at_thresholds(scores, agree, layers, L, th)
+        return r["depth"] * n, r["agreement"] * n
+
+    def lagrange(lam: float, th: torch.Tensor) -> torch.Tensor:
+        th = th.clone()
+        for _ in range(max_passes):
+            moved = False
+            for ci in range(C):
+                ths, dep, okc = _coordinate_curve(scores, agree, depth_c, L, th, ci, orders[ci])
+                obj = dep + lam * (n - okc)
+                j = int(obj.argmin())
+                if ths[j] != th[ci]:
+                    # move only on a strict improvement over the current threshold
+                    now = total(th)
+                    if float(obj[j]) < now[0] + lam * (n - now[1]) - 1e-9:
+                        th[ci] = ths[j]
+                        moved = True
+            if not moved:
+                break
+        return th
+
+    def polish(th: torch.Tensor) -> torch.Tensor:
+        th = th.clone()
+        for _ in range(max_passes):
+            moved = False
+            for ci in range(C):
+                ths, dep, okc = _coordinate_curve(scores, agree, depth_c, L, th, ci, orders[ci])
+                dep = torch.where(okc >= need, dep, torch.full_like(dep, math.inf))
+                j = int(dep.argmin())
+                now = total(th)
+                if float(dep[j]) < now[0] - 1e-9:
+                    th[ci] = ths[j]
+                    moved = True
+            if not moved:
+                break
+        return th
+
+    never = torch.full((C,), math.inf, dtype=scores.dtype)
+    sols = [never]
+    if start is not None:
+        sols.append(torch.as_tensor(start, dtype=scores.dtype).reshape(C).clone())
+    th = never
+    for lam in torch.logspace(-1, 5, lambdas, dtype=torch.float64).tolist():   # warm-started, small to large
+        th = lagrange(lam, th)
+        sols.append(th.clone())
+    def exchange(th: torch.Tensor) -> torch.Tensor:
+        # pairwise moves: for each ordered pair (a, b) and each of a few values of th[a]
+        # (its ``near`` neighbouring distinct cut points and a coarse grid of all of them),
+        # the best feasible th[b] exactly; keep the best strict improvement, until none
+        best_d = total(th)[0]
+        for _ in range(exchange_passes):
+            improved = False
+            for a in range(C):
+                ths_a, _, _ = _coordinate_curve(scores, agree, depth_c, L, th, a, orders[a])
+                m = ths_a.numel()
+                cur = int(torch.argmin((ths_a - th[a]).abs().nan_to_num(0.0)))
+                grid = torch.cat([torch.arange(cur - near, cur + near + 1), torch.linspace(0, m - 1, coarse).round().long()])
+                grid = grid[(grid >= 0) & (grid < m)].unique()
+                for b in range(C):
+                    if b == a:
+                        continue
+                    for x in ths_a[grid]:
+                        if x == th[a]:
+                            continue
+                        trial = th.clone()
+                        trial[a] = x
+                        ths_b, dep, okc = _coordinate_curve(scores, agree, depth_c, L, trial, b, orders[b])
+                        dep = torch.where(okc >= need, dep, torch.full_like(dep, math.inf))
+                        j = int(dep.argmin())
+                        if float(dep[j]) < best_d - 1e-9:
+                            trial[b] = ths_b[j]
+                            th, improved = polish(trial), True
+                            best_d = total(th)[0]
+                            break
+                    if improved:   # th moved: next a (its cut points are recomputed)
+                        break
+            if not improved:
+                break
+        return th
+
+    feas = sorted((total(s)[0], i) for i, s in enumerate(sols) if total(s)[1] >= need)
+    pick = {i for _, i in feas[:polish_top]} | ({1} if start is not None else set())
+    best, best_d = never, float(L) * n
+    for i in sorted(pick):
+        s = polish(sols[i])
+        d, a = total(s)
+        if a >= need and d < best_d - 1e-9:
+            best, best_d = s, d
+    if near > 0 or coarse > 0:
+        best = exchange(best)
+    r = at_thresholds(scores, agree, layers, L, best)
+    return {"thresholds": best, **r}
+
+
+def _per_token(scores: torch.Tensor, agree: torch.Tensor, layers: list[int], L: int,
+               th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (agreement 0/1, depth) under :func:`at_thresholds`' rule."""
+    C, n = scores.shape
+    over = scores > torch.as_tensor(th, dtype=scores.dtype).reshape(C)[:, None]
+    exited = over.any(0)
+    first = over.to(torch.int8).argmax(0)
+    depth_c = torch.tensor([c + 1 for c in layers], dtype=torch.float64)
+    ok = torch.where(exited, agree[first, torch.arange(n)], torch.ones_like(exited)).double()
+    return ok, torch.where(exited, depth_c[first], torch.full_like(depth_c[first], float(L)))
+
+
+def pct_domain(sc: torch.Tensor, agree: torch.Tensor, layers: list[int], L: int, cal_t: dict[float, float],
+               pct_fit: dict[float, dict[str, Any]], frontier: dict[str, Any], group: torch.Tensor,
+               weights: torch.Tensor) -> dict[str, Any]:
+    """Held-out text, per target: (a) the global threshold chosen on the calibration
+    held-out split, delivered; (b) the per-checkpoint thresholds fitted there, delivered
+    (with the bootstrap spread over resampled windows, and the paired 90% interval of (b)
+    minus (a) in depth); (c) the global frontier (threshold chosen on this text); (d) the
+    per-checkpoint thresholds fitted on this text itself (in-sample, the best they can do)."""
+    C = len(layers)
+    W = int(group.max()) + 1
+    tok = weights @ torch.bincount(group, minlength=W).double()
+    out: dict[str, Any] = {}
+    for t, th in cal_t.items():
+        runs = {}
+        for key, thv in (("global", torch.full((C,), th, dtype=sc.dtype)), ("per_checkpoint", pct_fit[t]["thresholds"])):
+            ok, dep = _per_token(sc, agree, layers, L, thv)
+            g_ok = torch.zeros(W, dtype=torch.float64).index_add_(0, group, ok)
+            g_dep = torch.zeros(W, dtype=torch.float64).index_add_(0, group, dep)
+            runs[key] = ((weights @ g_ok) / tok, (weights @ g_dep) / tok / L)
+            r = at_thresholds(sc, agree, layers, L, thv)
+            out.setdefault(str(t), {})[key] = {**{k: _r(x) for k, x in r.items()}, "depth_frac": _r(r["depth"] / L),
+                                               "bootstrap_std_agreement": _r(float(runs[key][0].std())),
+                                               "bootstrap_std_depth_frac": _r(float(runs[key][1].std())),
+                                               "p_agreement_below_target": _r(float((runs[key][0] < t - 1e-12)
+                                                                                    .double().mean()))}
+        diff = runs["per_checkpoint"][1] - runs["global"][1]
+        out[str(t)]["per_checkpoint"]["minus_global_depth_90"] = [
+            _r(float(x)) for x in diff.quantile(torch.tensor([0.05, 0.95], dtype=torch.float64))]
+        f = frontier[str(t)]
+        out[str(t)]["frontier_global"] = {"depth_frac": f["depth_frac"], "agreement": f["agreement"]}
+        ins = fit_checkpoint_thresholds(sc, agree, layers, L, t,
+                                        start=torch.full((C,), f["threshold"], dtype=sc.dtype))
+        out[str(t)]["frontier_per_checkpoint"] = {"depth_frac": _r(ins["depth"] / L), "agreement": _r(ins["agreement"]),
+                                                  "thresholds": [float(x) for x in ins["thresholds"]]}
+    return out
+
+
+def pct_study(dump: dict[str, Any], args: argparse.Namespace, meta: dict[str, Any],
+              timing: dict[str, Any]) -> dict[str, Any]:
+    """Per-checkpoint thresholds for the routers in ``dump`` (their scores on the calibration
+    held-out split and the held-out text): fit on the calibration split for 99% and 95%,
+    deliver on the held-out text (:func:`pct_domain`); writes
+    ``OUT/per_checkpoint_thresholds.json`` / ``.md``."""
+    t0 = time.perf_counter()
+    layers, L = dump["layers"], dump["L"]
+    C = len(layers)
+    cal_agree = dump["calibration"]["agree"]
+    doms = dump.get("domains") or [k for k in dump if k not in ("layers", "L", "names", "calibration")]
+    routers = []
+    weights = {d: bootstrap_weights(int(dump[d]["sample"].max()) + 1, args.bootstrap, args.seed + 7) for d in doms}
+    for i, (name, label) in enumerate(dump["names"]):
+        cs = dump["calibration"]["scores"][i]
+        sw_cal = sweep(cs, cal_agree, layers, L)
+        cal_t = {t: float(sw_cal["threshold"][at_target(sw_cal, t)]) for t in (0.99, 0.95)}
+        fits = {t: fit_checkpoint_thresholds(cs, cal_agree, layers, L, t, start=torch.full((C,), th, dtype=cs.dtype))
+                for t, th in cal_t.items()}
+        entry = {"name": name, "label": label, "calibration_split": {
+            str(t): {"global_threshold": th,
+                     "global": {k: _r(x) for k, x in at_thresholds(cs, cal_agree, layers, L,
+                                                                   torch.full((C,), th)).items()},
+                     "per_checkpoint": {"thresholds": [float(x) for x in fits[t]["thresholds"]],
+                                        **{k: _r(fits[t][k]) for k in ("agreement", "depth", "exit_rate")}}}
+            for t, th in cal_t.items()}, "domains": {}}
+        for d in doms:
+            sc, ag = dump[d]["scores"][i], dump[d]["agree"]
+            sw = sweep(sc, ag, layers, L)
+            fr = {}
+            for t in (0.99, 0.95):
+                j = at_target(sw, t)
+                fr[str(t)] = {"depth_frac": _r(float(sw["depth"][j]) / L), "agreement": _r(float(sw["agreement"][j])),
+                              "threshold": float(sw["threshold"][j])}
+            entry["domains"][d] = pct_domain(sc, ag, layers, L, cal_t, fits, fr, dump[d]["sample"], weights[d])
+        routers.append(entry)
+        log(f"per-checkpoint thresholds: {name} ({label})")
+    timing = {**timing, "per_checkpoint_thresholds_s": round(time.perf_counter() - t0, 1)}
+    depth_c = torch.tensor([c + 1 for c in layers], dtype=torch.float64)
+
+    def oracle_depth(ag: torch.Tensor) -> float:
+        return float(torch.where(ag.any(0), depth_c[ag.to(torch.int8).argmax(0)], torch.tensor(float(L),
+                                                                                             dtype=torch.float64)).mean())
+
+    pres = {"meta": {k: meta.get(k) for k in ("model_name", "num_layers", "checkpoints", "heads", "samples",
+                                                 "calibration_tokens", "split_tokens", "windows", "window", "seed",
+                                                 "command", "date", "wall_s")},
+            "timing": timing,
+            "fit": "fit_checkpoint_thresholds: Lagrangian coordinate descent, polish, pairwise exchange",
+            "domains": {d: {"tokens": int(dump[d]["agree"].shape[1]),
+                            "oracle_depth": {"agree": _r(oracle_depth(dump[d]["agree"]))}} for d in doms},
+            "routers": routers}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "per_checkpoint_thresholds.json").write_text(json.dumps(pres, indent=1))
+    (args.out / "per_checkpoint_thresholds.md").write_text(pct_markdown(pres) + "\n")
+    return pres
+
+
+def pct_markdown(res: dict[str, Any]) -> str:
+    meta = res["meta"]
+    L = meta["num_layers"]
+    doms = list(res["domains"])
+    lines = [f"# Per-checkpoint thresholds: {meta['model_name']}, {meta['heads']} heads, checkpoints "
+             f"{meta['checkpoints']}, {meta['date']}", "",
+             "Mean depth (fraction of the " + str(L) + " layers) / all-token agreement on the held-out text, "
+             "independent exits. (a) *global, cal.*: one threshold chosen on the calibration held-out split "
+             f"({meta['split_tokens']['heldout']} tokens); (b) *per-ckpt, cal.*: one threshold per checkpoint "
+             "fitted there (min depth s.t. agreement >= target); (c) *global frontier*: one threshold chosen on "
+             "the held-out text itself; (d) *per-ckpt frontier*: per-checkpoint thresholds fitted on the held-out "
+             "text itself (in-sample). *(b)-(a)*: paired bootstrap 90% interval of the depth difference, points; "
+             "*P(<t)*: share of bootstrap resamples of the held-out windows whose delivered agreement is below the "
+             "target, for (a) and (b).", ""]
+    for t in ("0.99", "0.95"):
+        lines += [f"## target {float(t):.0%}", "",
+                  "| router | label | domain | (a) global, cal. | (b) per-ckpt, cal. | (b)-(a) | P(<t) (a) / (b) | "
+                  "(c) global frontier | (d) per-ckpt frontier | fit on cal. split: global / per-ckpt |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["routers"]:
+            cs = r["calibration_split"][t]
+            fit = (f"{_pct(cs['global']['depth'] / L)} @ {_pct(cs['global']['agreement'])} / "
+                   f"{_pct(cs['per_checkpoint']['depth'] / L)} @ {_pct(cs['per_checkpoint']['agreement'])}")
+            for d in doms:
+                x = r["domains"][d][t]
+                a, b = x["global"], x["per_checkpoint"]
+                ci = b["minus_global_depth_90"]
+                lines.append(
+                    f"| {r['name']} | {r['label']} | {d} | {_pct(a['depth_frac'])} / {_pct(a['agreement'])} | "
+                    f"{_pct(b['depth_frac'])} / {_pct(b['agreement'])} | [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] | "
+                    f"{_pct(a['p_agreement_below_target'], 0)} / {_pct(b['p_agreement_below_target'], 0)} | "
+                    f"{_pct(x['frontier_global']['depth_frac'])} / {_pct(x['frontier_global']['agreement'])} | "
+                    f"{_pct(x['frontier_per_checkpoint']['depth_frac'])} / "
+                    f"{_pct(x['frontier_per_checkpoint']['agreement'])} | {fit} |")
+        lines.append("")
+    lines.append("Oracle (first agreeing checkpoint): " + ", ".join(
+        f"{d} {_pct(res['domains'][d]['oracle_depth']['agree'] / L)}" for d in doms) + ".")
+    lines.append("")
+    lines.append("Per-checkpoint thresholds fitted on the calibration split (99%), per router: " + "; ".join(
+        f"{r['name']} ({r['label']}): " + ", ".join("inf" if x is None or x == math.inf else f"{x:.2f}"
+                                                   for x in r["calibration_split"]["0.99"]["per_checkpoint"]["thresholds"])
+        for r in res["routers"]) + ".")
+    return "\n".join(lines)
+
+
 def oracle(agree: torch.Tensor, stable: torch.Tensor, layers: list[int], L: int) -> dict[str, float]:
     depth_c = torch.tensor([c + 1 for c in layers], dtype=torch.float64)
     out = {}
@@ -871,6 +1204,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="reference.forward(kv='deferred') batches per domain to check the rule (0: none)")
     ap.add_argument("--bootstrap", type=int, default=1000,
                     help="resamples of the held-out windows for the frontier's spread (paired across routers)")
+    ap.add_argument("--per-checkpoint-thresholds", action="store_true",
+                    help="also fit one exit threshold per checkpoint (min mean depth s.t. agreement >= 99%% / "
+                         "95%%) on the calibration held-out split, for the routers of --pct-routers, and deliver "
+                         "them on the held-out text (writes per_checkpoint_thresholds.json / .md)")
+    ap.add_argument("--pct-routers", type=_strs, default=["rms", "rms+conf:succ8", "rms+conf:succ64",
+                                                          "rms+conf:mix64", "rms+conf:full", "conf:full"],
+                    help="router names (every label) that get per-checkpoint thresholds")
+    ap.add_argument("--pct-refit", action="store_true",
+                    help="only refit the per-checkpoint thresholds from OUT/pct_scores.pt (the routers' scores a "
+                         "--per-checkpoint-thresholds run saved) and rewrite OUT/per_checkpoint_thresholds.*")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("router_features_out"))
@@ -887,6 +1230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.bootstrap = 50
         args.ks, args.combo_sets, args.labels = [4, 8], ["succ8"], ["agree"]
         args.batch = 4
+        args.pct_routers = ["rms", "rms+conf:succ8", "conf:full"]
     for s in args.sources:
         if s not in SOURCES:
             ap.error(f"--sources: unknown {s!r} ({', '.join(SOURCES)})")
@@ -907,6 +1251,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return result
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    if args.pct_refit:
+        old = json.loads((args.out / "per_checkpoint_thresholds.json").read_text())
+        dump = torch.load(args.out / "pct_scores.pt")
+        pres = pct_study(dump, args, old["meta"], old["timing"])
+        print(pct_markdown(pres))
+        return pres
     import transformers
 
     from tide_compile import demo
@@ -1029,6 +1379,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     agree_calheld = lab_cal["agree"][:, held_idx]
     boot_w = {d: bootstrap_weights(args.windows, args.bootstrap, args.seed + 7) for d in helds}
     boot_depth: dict[tuple[str, str, str, float], torch.Tensor] = {}
+    dumped: dict[str, Any] = {"names": [], "calibration": [], **{d: [] for d in helds}}
     for v in variants:
         entry: dict[str, Any] = {"name": v.name, "label": v.label, "train_s": v.train_s, "training": v.info,
                                  "domains": {}}
@@ -1045,6 +1396,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         entry["calibration_split"] = {str(t): {"threshold": _r(th, 6),
                                                **{k: _r(x) for k, x in at_threshold(cs, agree_calheld, layers, L, th).items()}}
                                       for t, th in cal_t.items()}
+        dump_this = args.per_checkpoint_thresholds and v.name in args.pct_routers
+        if dump_this:
+            dumped["names"].append((v.name, v.label))
+            dumped["calibration"].append(cs)
         for d, ts in helds.items():
             sc = variant_scores(v, ts, layers)
             sw = sweep(sc, lab_held[d]["agree"], layers, L, group=ts.sample)
@@ -1061,6 +1416,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 boot_depth[(v.name, v.label, d, tgt)] = boot
             delivered = {str(t): {k: _r(x) for k, x in at_threshold(sc, lab_held[d]["agree"], layers, L, th).items()}
                          for t, th in cal_t.items()}
+            if dump_this:
+                dumped[d].append(sc)
             pick = torch.linspace(0, sw["depth"].numel() - 1, min(200, sw["depth"].numel())).round().long().unique()
             entry["domains"][d] = {"frontier": fr, "calibrated": delivered,
                                    "exit_at_99_precision": {str(c): _r(x) for c, x in
@@ -1103,6 +1460,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     md = markdown(result)
     (args.out / "router_features.md").write_text(md + "\n")
     plot(result, args.out / "router_features.png")
+    if args.per_checkpoint_thresholds:
+        dump = {"layers": layers, "L": L, "names": dumped["names"], "domains": list(helds),
+                "calibration": {"scores": dumped["calibration"], "agree": agree_calheld},
+                **{d: {"scores": dumped[d], "agree": lab_held[d]["agree"], "sample": helds[d].sample}
+                   for d in helds}}
+        # raw router scores and labels, to refit without retraining (--pct-refit; not for the repo)
+        torch.save(dump, args.out / "pct_scores.pt")
+        pres = pct_study(dump, args, meta, timing)
+        print()
+        print(pct_markdown(pres))
     print()
     print(md)
     print()

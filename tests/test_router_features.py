@@ -10,6 +10,10 @@ one, labels, the successor table and the threshold sweep. ``--tiny --heads proje
 trains exit projections and must read them out as the runtime does: the candidate logits
 through the projection equal its full logits gathered, and ``reference.forward`` with the
 study's routers and projections gives the study's exits and tokens.
+``--per-checkpoint-thresholds`` (on in the ``--tiny`` run): the thresholds fitted per
+checkpoint meet the target on the data they were fitted on, re-evaluated from the saved
+scores; the per-checkpoint rule with all thresholds equal is the study's sweep and
+``at_threshold``, and it matches a per-token loop at unequal thresholds.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ def _run_tiny(out: Path, *extra: str) -> dict:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("router_features")
-    return out, _run_tiny(out)
+    return out, _run_tiny(out, "--per-checkpoint-thresholds")
 
 
 @pytest.fixture(scope="module")
@@ -180,3 +184,70 @@ def test_labels_table_and_sweep(rf):
     oracle = rf["oracle"](agree, lab["stable"], layers, L)
     assert oracle == {"agree": 3.5, "stable": 5.0}  # first agreeing: 2, 6, 2, 4; stable: 2, 6, 8, 4
     assert float(sw["depth"][i]) == pytest.approx(oracle["agree"])
+
+
+def test_per_checkpoint_thresholds_tiny(rf, tiny_run):
+    out, result = tiny_run
+    pres = json.loads((out / "per_checkpoint_thresholds.json").read_text())
+    dump = torch.load(out / "pct_scores.pt")
+    layers, L = dump["layers"], dump["L"]
+    assert layers == result["meta"]["checkpoints"] and len(pres["routers"]) == len(dump["names"]) >= 2
+    variants = {(v["name"], v["label"]): v for v in result["variants"]}
+    for i, r in enumerate(pres["routers"]):
+        assert (r["name"], r["label"]) == tuple(dump["names"][i])
+        cs, ca = dump["calibration"]["scores"][i], dump["calibration"]["agree"]
+        for tgt in ("0.99", "0.95"):
+            fit = r["calibration_split"][tgt]
+            th = torch.tensor([math.inf if x is None else x for x in fit["per_checkpoint"]["thresholds"]])
+            # re-evaluated with the rule: meets the target where it was fitted, as reported,
+            # and never deeper there than the global threshold it started from
+            again = rf["at_thresholds"](cs, ca, layers, L, th)
+            assert again["agreement"] >= float(tgt) - 1e-9
+            assert again["depth"] == pytest.approx(fit["per_checkpoint"]["depth"], abs=1e-3)
+            assert again["depth"] <= fit["global"]["depth"] + 1e-3
+            for d in dump["domains"]:
+                x = r["domains"][d][tgt]
+                sc, ag = dump[d]["scores"][i], dump[d]["agree"]
+                got = rf["at_thresholds"](sc, ag, layers, L, th)
+                assert got["depth"] == pytest.approx(x["per_checkpoint"]["depth"], abs=1e-3)
+                assert got["agreement"] == pytest.approx(x["per_checkpoint"]["agreement"], abs=1e-4)
+                # (a) is the study's own "cal. t" delivery, (c) its frontier
+                study = variants[(r["name"], r["label"])]["domains"][d]
+                assert x["global"]["depth"] == pytest.approx(study["calibrated"][tgt]["depth"], abs=1e-3)
+                assert x["global"]["agreement"] == pytest.approx(study["calibrated"][tgt]["agreement"], abs=1e-4)
+                assert x["frontier_global"]["depth_frac"] == study["frontier"][tgt]["depth_frac"]
+                # in-sample per-checkpoint fit: at least as shallow as the global frontier
+                assert x["frontier_per_checkpoint"]["agreement"] >= float(tgt) - 1e-9
+                assert x["frontier_per_checkpoint"]["depth_frac"] <= x["frontier_global"]["depth_frac"] + 1e-3
+    assert (out / "per_checkpoint_thresholds.md").read_text().startswith("# Per-checkpoint thresholds")
+
+
+def test_per_checkpoint_rule_and_fit(rf):
+    gen = torch.Generator().manual_seed(3)
+    layers, L, C, n = [1, 3, 5, 7], 10, 4, 300
+    agree = torch.rand(C, n, generator=gen) < torch.tensor([0.3, 0.5, 0.7, 0.85])[:, None]
+    scores = agree.float() + torch.randn(C, n, generator=gen)
+    scores[:, ::25] = -math.inf                      # a window's first token: never exits
+    sw = rf["sweep"](scores, agree, layers, L)
+    for j in range(0, sw["threshold"].numel(), 7):   # all thresholds equal: the study's rule
+        t = float(sw["threshold"][j])
+        got = rf["at_thresholds"](scores, agree, layers, L, torch.full((C,), t))
+        assert got["depth"] == pytest.approx(float(sw["depth"][j]), abs=1e-9)
+        assert got["agreement"] == pytest.approx(float(sw["agreement"][j]), abs=1e-12)
+        assert got == pytest.approx(rf["at_threshold"](scores, agree, layers, L, t))
+    # unequal thresholds: a per-token loop
+    th = torch.tensor([1.5, 0.8, math.inf, -0.2])
+    ok = dep = 0.0
+    for k in range(n):
+        ci = next((i for i in range(C) if scores[i, k] > th[i]), None)
+        ok += 1.0 if ci is None else float(agree[ci, k])
+        dep += L if ci is None else layers[ci] + 1
+    got = rf["at_thresholds"](scores, agree, layers, L, th)
+    assert got["agreement"] == pytest.approx(ok / n) and got["depth"] == pytest.approx(dep / n)
+    # the fit: feasible, never deeper than the global threshold it starts from
+    for tgt in (0.99, 0.95):
+        t = float(sw["threshold"][rf["at_target"](sw, tgt)])
+        g = rf["at_thresholds"](scores, agree, layers, L, torch.full((C,), t))
+        fit = rf["fit_checkpoint_thresholds"](scores, agree, layers, L, tgt, start=torch.full((C,), t))
+        assert fit["agreement"] >= tgt - 1e-12 and fit["depth"] <= g["depth"] + 1e-12
+        assert rf["at_thresholds"](scores, agree, layers, L, fit["thresholds"])["depth"] == fit["depth"]
