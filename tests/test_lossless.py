@@ -25,7 +25,8 @@ from tide_compile.runtime.lossless import DraftController, LosslessStats
 from tide_compile.runtime.runner import SkipRunner
 from tide_compile.sampling import processed_probs
 from tiny_models import make_model
-from tide_testing import ARCHS5, CFG, model_for, random_routers
+from tide_testing import (ARCHS5, CFG, chi2_critical, chi2_statistic, model_for,
+                          random_routers)
 
 LAYERS = 4
 
@@ -197,30 +198,6 @@ def test_drafted_eos_is_verified():
 
 
 # ------------------------------------------------------------------ sampling
-def chi2_critical(df: int, z: float = 3.09) -> float:
-    """Upper chi-square quantile (Wilson-Hilferty); z = 3.09: tail probability 1e-3."""
-    a = 2.0 / (9.0 * df)
-    return df * (1.0 - a + z * math.sqrt(a)) ** 3
-
-
-def chi2_statistic(counts: Counter, probs: dict, n: int, min_expected: float = 5.0):
-    """Pearson's statistic over cells with expected count >= min_expected, the rest pooled."""
-    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
-    for cell, p in probs.items():
-        e = n * p
-        if e >= min_expected:
-            stat += (counts.get(cell, 0) - e) ** 2 / e
-            df += 1
-        else:
-            pooled_obs += counts.get(cell, 0)
-            pooled_exp += e
-    assert not set(counts) - set(probs), "sampled a token with probability 0"
-    if pooled_exp > 0:
-        stat += (pooled_obs - pooled_exp) ** 2 / max(pooled_exp, 1e-9)
-        df += 1
-    return stat, df
-
-
 def small_vocab_model():
     cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, vocab_size=6,

@@ -6,7 +6,6 @@ and at the room left as documented, and the removed ``mode="speculative"`` raise
 error pointing at ``mode="lossless"``. All on the CPU.
 """
 
-import math
 from collections import Counter
 
 import pytest
@@ -17,36 +16,10 @@ from tide_compile import RouterSet
 from tide_compile import sampling
 from tide_compile.runtime.speculative import speculative_accept, verify_drafts
 from tide_compile.sampling import processed_probs
-from tide_testing import CFG, random_routers
+from tide_testing import CFG, chi2_critical, chi2_statistic, random_routers
 from tiny_models import make_model
 
 VOCAB = 7
-
-
-def chi2_critical(df: int, z: float = 3.09) -> float:
-    """Upper chi-square quantile (Wilson-Hilferty); z = 3.09: tail probability 1e-3."""
-    a = 2.0 / (9.0 * df)
-    return df * (1.0 - a + z * math.sqrt(a)) ** 3
-
-
-def chi2_statistic(counts: Counter, probs: dict, n: int, min_expected: float = 5.0
-                   ) -> tuple[float, int]:
-    """Pearson's statistic over cells with expected count >= min_expected, the rest pooled."""
-    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
-    for cell, p in probs.items():
-        e = n * p
-        if e >= min_expected:
-            stat += (counts.get(cell, 0) - e) ** 2 / e
-            df += 1
-        else:
-            pooled_obs += counts.get(cell, 0)
-            pooled_exp += e
-    unknown = sum(c for cell, c in counts.items() if cell not in probs)
-    assert unknown == 0, "sampled a token with probability 0"
-    if pooled_exp > 0:
-        stat += (pooled_obs - pooled_exp) ** 2 / max(pooled_exp, 1e-9)
-        df += 1
-    return stat, df
 
 
 def logits_with_argmax(tops: list[int]) -> torch.Tensor:

@@ -7,6 +7,9 @@ assert that skipping (or compaction) really happened.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
@@ -211,3 +214,29 @@ def compacted_prefill_equals_reference(model, routers, ids, threshold, **options
     fn, stats = compile_prefill(model, routers, exit_threshold=threshold, strategy="compact",
                                 compaction_threshold=1.0, **options)
     return (stats, *prefill_equals_reference(fn, model, routers, ids, threshold))
+
+
+# ------------------------------------------------------------ sampling statistics
+def chi2_critical(df: int, z: float = 3.09) -> float:
+    """Upper chi-square quantile (Wilson-Hilferty); z = 3.09: tail probability 1e-3."""
+    a = 2.0 / (9.0 * df)
+    return df * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def chi2_statistic(counts: Counter, probs: dict, n: int, min_expected: float = 5.0
+                   ) -> tuple[float, int]:
+    """Pearson's statistic over cells with expected count >= min_expected, the rest pooled."""
+    stat, df, pooled_obs, pooled_exp = 0.0, -1, 0, 0.0
+    for cell, p in probs.items():
+        e = n * p
+        if e >= min_expected:
+            stat += (counts.get(cell, 0) - e) ** 2 / e
+            df += 1
+        else:
+            pooled_obs += counts.get(cell, 0)
+            pooled_exp += e
+    assert not set(counts) - set(probs), "sampled a token with probability 0"
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / max(pooled_exp, 1e-9)
+        df += 1
+    return stat, df
