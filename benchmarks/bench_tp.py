@@ -158,6 +158,11 @@ def main() -> None:
                     help="baseline with Dynamo's eager backend, tide with FX graphs (smoke check)")
     ap.add_argument("--time-budget", type=float, default=480.0,
                     help="stop starting new rows after this many seconds")
+    ap.add_argument("--profile", default="",
+                    help="comma list of row names (inductor_tp, tide_never_exit, tide_exit@16, "
+                         "...) to profile after timing: 8 decode steps under torch.profiler "
+                         "on every rank; rank 0 prints the ops by device time and by self "
+                         "CPU time and writes a Chrome trace beside --out")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -237,11 +242,38 @@ def main() -> None:
     def run_inductor() -> list[float]:
         return decode_loop(ind, model, prompt, args.steps, ind_cache, device.type, mark)
 
+    profiled = set(args.profile.split(",")) - {""}
+
+    def profile_steps(name: str, fn, cache, mark_step: bool, steps: int = 8) -> None:
+        """``steps`` decode steps of ``fn`` under torch.profiler on every rank (the
+        collectives need both); rank 0 prints the tables and writes the trace."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            decode_loop(fn, model, prompt, steps, cache, device.type, mark_step)
+        if rank != 0:
+            return
+        averages = prof.key_averages()
+        key = "cuda_time_total" if cuda else "cpu_time_total"
+        print(f"# profile of {name}: {steps} decode steps (+ an eager prefill), rank 0",
+              flush=True)
+        print(averages.table(sort_by=key, row_limit=25), flush=True)
+        print(f"# host side of {name}: ops by self CPU time", flush=True)
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        if args.out:
+            trace = f"{os.path.splitext(args.out)[0]}_{name.replace('@', '_')}.trace.json"
+            prof.export_chrome_trace(trace)
+            print(f"# trace: {trace}", flush=True)
+
     skips0 = counters["inductor"]["cudagraph_skips"]
     base = summarize(run_inductor(), args.warmup)
-    row("inductor_tp" if not args.no_inductor else "eager_backend_tp", base,
+    base_name = "inductor_tp" if not args.no_inductor else "eager_backend_tp"
+    row(base_name, base,
         compile_and_first_s=round(time.time() - t0, 1), **bytes_fields(b["num_layers"]),
         cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips0)
+    if base_name in profiled:
+        profile_steps(base_name, ind, ind_cache, mark)
 
     def tide_row(name: str, exit_at: int | None) -> None:
         if not rank0_says(time.time() - start <= args.time_budget):
@@ -275,6 +307,8 @@ def main() -> None:
             compile_and_first_s=compiled_s, graphed_runners=len(runners),
             captured_runners=sum(bool(getattr(r, "captured", False)) for r in runners),
             **paired)
+        if name in profiled:
+            profile_steps(name, fn, cache, False)
 
     wanted = set(args.rows.split(","))
     if "never" in wanted:
