@@ -850,6 +850,13 @@ def pct_domain(sc: torch.Tensor, agree: torch.Tensor, layers: list[int], L: int,
             _r(float(x)) for x in diff.quantile(torch.tensor([0.05, 0.95], dtype=torch.float64))]
         f = frontier[str(t)]
         out[str(t)]["frontier_global"] = {"depth_frac": f["depth_frac"], "agreement": f["agreement"]}
+        # the global threshold's frontier on this text at the agreement (b) delivers: (b)
+        # shallower than this = per-checkpoint thresholds beat any single threshold here
+        sw = frontier["_sweep"]
+        b_agr = out[str(t)]["per_checkpoint"]["agreement"]
+        j = at_target(sw, at_thresholds(sc, agree, layers, L, pct_fit[t]["thresholds"])["agreement"])
+        out[str(t)]["global_at_b_agreement"] = {"depth_frac": _r(float(sw["depth"][j]) / L),
+                                                "agreement": _r(float(sw["agreement"][j])), "b_agreement": b_agr}
         ins = fit_checkpoint_thresholds(sc, agree, layers, L, t,
                                         start=torch.full((C,), f["threshold"], dtype=sc.dtype))
         out[str(t)]["frontier_per_checkpoint"] = {"depth_frac": _r(ins["depth"] / L), "agreement": _r(ins["agreement"]),
@@ -871,6 +878,8 @@ def pct_study(dump: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
     routers = []
     weights = {d: bootstrap_weights(int(dump[d]["sample"].max()) + 1, args.bootstrap, args.seed + 7) for d in doms}
     for i, (name, label) in enumerate(dump["names"]):
+        if name not in args.pct_routers:
+            continue
         cs = dump["calibration"]["scores"][i]
         sw_cal = sweep(cs, cal_agree, layers, L)
         cal_t = {t: float(sw_cal["threshold"][at_target(sw_cal, t)]) for t in (0.99, 0.95)}
@@ -886,7 +895,7 @@ def pct_study(dump: dict[str, Any], args: argparse.Namespace, meta: dict[str, An
         for d in doms:
             sc, ag = dump[d]["scores"][i], dump[d]["agree"]
             sw = sweep(sc, ag, layers, L)
-            fr = {}
+            fr: dict[str, Any] = {"_sweep": sw}
             for t in (0.99, 0.95):
                 j = at_target(sw, t)
                 fr[str(t)] = {"depth_frac": _r(float(sw["depth"][j]) / L), "agreement": _r(float(sw["agreement"][j])),
@@ -928,12 +937,15 @@ def pct_markdown(res: dict[str, Any]) -> str:
              "the held-out text itself; (d) *per-ckpt frontier*: per-checkpoint thresholds fitted on the held-out "
              "text itself (in-sample). *(b)-(a)*: paired bootstrap 90% interval of the depth difference, points; "
              "*P(<t)*: share of bootstrap resamples of the held-out windows whose delivered agreement is below the "
-             "target, for (a) and (b).", ""]
+             "target, for (a) and (b). (e): the smallest depth a single threshold reaches on the held-out text at "
+             "the agreement (b) delivers there ((b) shallower than (e): per-checkpoint thresholds beat every "
+             "global threshold out of sample).", ""]
     for t in ("0.99", "0.95"):
         lines += [f"## target {float(t):.0%}", "",
                   "| router | label | domain | (a) global, cal. | (b) per-ckpt, cal. | (b)-(a) | P(<t) (a) / (b) | "
-                  "(c) global frontier | (d) per-ckpt frontier | fit on cal. split: global / per-ckpt |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "(e) global at (b)'s agreement | (c) global frontier | (d) per-ckpt frontier | "
+                  "fit on cal. split: global / per-ckpt |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in res["routers"]:
             cs = r["calibration_split"][t]
             fit = (f"{_pct(cs['global']['depth'] / L)} @ {_pct(cs['global']['agreement'])} / "
@@ -946,6 +958,7 @@ def pct_markdown(res: dict[str, Any]) -> str:
                     f"| {r['name']} | {r['label']} | {d} | {_pct(a['depth_frac'])} / {_pct(a['agreement'])} | "
                     f"{_pct(b['depth_frac'])} / {_pct(b['agreement'])} | [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}] | "
                     f"{_pct(a['p_agreement_below_target'], 0)} / {_pct(b['p_agreement_below_target'], 0)} | "
+                    f"{_pct(x['global_at_b_agreement']['depth_frac']) if 'global_at_b_agreement' in x else '-'} | "
                     f"{_pct(x['frontier_global']['depth_frac'])} / {_pct(x['frontier_global']['agreement'])} | "
                     f"{_pct(x['frontier_per_checkpoint']['depth_frac'])} / "
                     f"{_pct(x['frontier_per_checkpoint']['agreement'])} | {fit} |")
