@@ -131,10 +131,14 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("ROMEO.\nWhat light\n" * 20)
     code = (
-        "import os, signal, sys\n"
+        "import os, signal, sys, time\n"
         "import tide_compile.calibration as c\n"
         "def interrupted(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
+        # The handler runs when the main thread next checks for signals: wait for it here
+        # (on a loaded machine the call could otherwise return first, CI saw it).
+        "    while True:\n"
+        "        time.sleep(0.01)\n"
         "c.calibrate = interrupted\n"
         "from tide_compile.cli import main\n"
         f"sys.exit(main(['calibrate', '--model', 'demo', '--data', {str(text)!r}, '--out', "
