@@ -132,13 +132,16 @@ def test_ctrl_c_is_one_line_and_status_130(tmp_path) -> None:
     text.write_text("ROMEO.\nWhat light\n" * 20)
     code = (
         "import os, signal, sys, time\n"
+        # Python leaves SIGINT ignored when it starts ignored (a background job of a
+        # non-interactive shell): install the KeyboardInterrupt handler explicitly.
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import tide_compile.calibration as c\n"
         "def interrupted(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGINT)\n"
-        # The handler runs when the main thread next checks for signals: wait for it here
-        # (on a loaded machine the call could otherwise return first, CI saw it).
-        "    while True:\n"
+        # The handler runs when the main thread next checks for signals: wait for it.
+        "    for _ in range(1000):\n"
         "        time.sleep(0.01)\n"
+        "    raise SystemExit('no KeyboardInterrupt within 10 s of the SIGINT')\n"
         "c.calibrate = interrupted\n"
         "from tide_compile.cli import main\n"
         f"sys.exit(main(['calibrate', '--model', 'demo', '--data', {str(text)!r}, '--out', "
