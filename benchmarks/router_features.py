@@ -57,6 +57,13 @@ agreement) and never exiting. Also the candidate sets' recall (full top-1 in the
     python benchmarks/router_features.py --heads projection --interval 4 --samples 160 \
         --projection-tokens 3072 --out benchmarks/results/router_features_projection    # exit projections
     python benchmarks/router_features.py --tiny --out /tmp/rf                          # smoke test
+
+``--per-checkpoint-thresholds`` also fits one threshold per checkpoint
+(:func:`fit_checkpoint_thresholds`: min mean depth s.t. agreement >= 99% / 95%) on the
+calibration held-out split for the ``--pct-routers``, delivers it on the held-out text
+under :func:`at_thresholds` (the same first-exit rule with a threshold per checkpoint),
+and writes ``per_checkpoint_thresholds.json`` / ``.md`` and the scores (``pct_scores.pt``;
+``--pct-refit`` refits from them).
 """
 
 from __future__ import annotations
