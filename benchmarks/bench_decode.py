@@ -116,6 +116,22 @@ class TimingGate:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def report_profile(prof, title: str, name: str, cuda: bool, out: str | None,
+                   rows: int = 25) -> None:
+    """Print a torch.profiler run's ops by device time (CPU time without CUDA) and by self
+    CPU time (the host side), and write its Chrome trace beside ``out`` (if given)."""
+    averages = prof.key_averages()
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    print(f"# profile of {title}", flush=True)
+    print(averages.table(sort_by=key, row_limit=rows), flush=True)
+    print(f"# host side of {name}: ops by self CPU time", flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
+    if out:
+        trace = f"{os.path.splitext(out)[0]}_{name.replace('@', '_')}.trace.json"
+        prof.export_chrome_trace(trace)
+        print(f"# trace: {trace}", flush=True)
+
+
 def merge_parts(paths: list[str], lists: tuple[str, ...]) -> tuple[list[dict], dict]:
     """The JSON results of gated processes (``TimingGate``) read back: the parts, and one
     result whose ``lists`` are the parts' lists concatenated in file order (``env`` names
@@ -510,16 +526,8 @@ def main() -> None:
                 run(prompt, steps)
             else:
                 decode_loop(fn, model, prompt, steps, cache, device, False)
-        key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-        averages = prof.key_averages()
-        print(f"# profile of {name}: {steps} decode steps (+ an eager prefill)", flush=True)
-        print(averages.table(sort_by=key, row_limit=30), flush=True)
-        print(f"# host side of {name}: ops by self CPU time", flush=True)
-        print(averages.table(sort_by="self_cpu_time_total", row_limit=20), flush=True)
-        if args.out:
-            trace = f"{os.path.splitext(args.out)[0]}_{name.replace('@', '_')}.trace.json"
-            prof.export_chrome_trace(trace)
-            print(f"# trace: {trace}", flush=True)
+        report_profile(prof, f"{name}: {steps} decode steps (+ an eager prefill)", name,
+                       device == "cuda", args.out)
 
     if "never" in wanted:
         tide_row("tide_never_exit", None)

@@ -59,7 +59,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_decode import (build_model, decode_loop, interleaved_pairs, new_cache,  # noqa: E402
-                          record_graphed_runners, summarize, sync)
+                          record_graphed_runners, report_profile, summarize, sync)
 
 import tide_compile  # noqa: E402,F401  (registers the backend)
 from tide_compile import ExitStats, RouterSet, TIDEConfig  # noqa: E402
@@ -252,19 +252,9 @@ def main() -> None:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
             decode_loop(fn, model, prompt, steps, cache, device.type, mark_step)
-        if rank != 0:
-            return
-        averages = prof.key_averages()
-        key = "cuda_time_total" if cuda else "cpu_time_total"
-        print(f"# profile of {name}: {steps} decode steps (+ an eager prefill), rank 0",
-              flush=True)
-        print(averages.table(sort_by=key, row_limit=25), flush=True)
-        print(f"# host side of {name}: ops by self CPU time", flush=True)
-        print(averages.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
-        if args.out:
-            trace = f"{os.path.splitext(args.out)[0]}_{name.replace('@', '_')}.trace.json"
-            prof.export_chrome_trace(trace)
-            print(f"# trace: {trace}", flush=True)
+        if rank == 0:
+            report_profile(prof, f"{name}: {steps} decode steps (+ an eager prefill), rank 0",
+                           name, cuda, args.out)
 
     skips0 = counters["inductor"]["cudagraph_skips"]
     base = summarize(run_inductor(), args.warmup)
