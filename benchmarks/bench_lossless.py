@@ -344,32 +344,6 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
                 "ms_range": [round(min(decode), 4), round(max(decode), 4)],
                 "e2e_tokens_per_s": round(args.new * 1e3 / statistics.median(e2e), 1)}
 
-    def measure(generate: Callable, prompts: list[torch.Tensor], cache_len: int,
-                then: Callable[[], None] | None = None) -> dict:
-        """Warm-up, then per prompt ``repeats`` x (generate(1), generate(new)); medians.
-        ``then`` runs after the timing, inside the gate's block (GPU work of the row)."""
-        def run(ids, n):
-            return timed(generate, ids, n, cache_len)
-
-        t0 = time.time()
-        for ids in prompts:
-            for n in (args.new, 1, args.new):
-                run(ids, n)
-        warm = round(time.time() - t0, 2)
-        decode, e2e, outs = [], [], []
-        gate.arrive()
-        with gate.exclusive():
-            for ids in prompts:
-                for _ in range(args.repeats):
-                    one, _ = run(ids, 1)
-                    full, out = run(ids, args.new)
-                    decode.append((full - one) / (args.new - 1))
-                    e2e.append(full)
-                outs.append(out)
-            if then is not None:
-                then()
-        return {**summary(decode, e2e), "warmup_s": warm, "outs": outs}
-
     def measure_interleaved(generates: dict[str, Callable], prompts: list[torch.Tensor],
                             cache_len: int, then: Callable[[], None] | None = None) -> dict:
         """Several rows of one model timed side by side: each warmed up, then ``repeats``
@@ -410,7 +384,7 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
         for name in args.models:
             model_rows(name, args, device, inductor, measure_interleaved, row)
     if "ceiling" in args.rows:
-        ceiling_rows(args, device, inductor, measure, row, result, gate)
+        ceiling_rows(args, device, inductor, measure_interleaved, row, result, gate)
     env["total_s"] = round(time.time() - start, 1)
     env["gate_waited_s"] = gate.waited_s
     save()
@@ -500,7 +474,7 @@ def model_rows(name, args, device, inductor, measure_interleaved, row) -> None:
     del model
 
 
-def ceiling_rows(args, device, inductor, measure, row, result, gate) -> None:
+def ceiling_rows(args, device, inductor, measure_interleaved, row, result, gate) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with gate.exclusive():
         model = bench_decode.build_model(args.tiny, device, dtype)
@@ -530,7 +504,7 @@ def ceiling_rows(args, device, inductor, measure, row, result, gate) -> None:
                 fast.generate(ids, max_new_tokens=args.new, eos_token_id=-1,
                               max_cache_len=cache_len)
 
-        m = measure(fast.generate, prompts, cache_len, then=stats_pass)
+        m = measure_interleaved({name: fast.generate}, prompts, cache_len, then=stats_pass)[name]
         m.pop("outs")
         ms[name] = m["ms_per_token"]
         r = row({"name": name, **where, "depth": depth, **m,
@@ -546,7 +520,7 @@ def ceiling_rows(args, device, inductor, measure, row, result, gate) -> None:
     if "plain" in which:
         torch._dynamo.reset()
         plain = PlainLoop(model, inductor, device, cache_len)
-        m = measure(plain.generate, prompts, cache_len)
+        m = measure_interleaved({"plain": plain.generate}, prompts, cache_len)["plain"]
         m.pop("outs")
         ms["plain"] = m["ms_per_token"]
         row({"name": "plain", **where, "depth": num_layers, **m, "x_plain": 1.0})

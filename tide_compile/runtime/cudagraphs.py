@@ -110,9 +110,8 @@ class GraphedSkipRunner:
         """Capture failed: say why (one warning) and run the pieces uncaptured from now on
         (the runner's own loop: the same outputs, a host read per checkpoint without the
         graphs' savings). The caches and counters were restored by :meth:`_capture`."""
+        self._reset()  # drop whatever the failed capture left (graphs, buffers, pointers)
         self.capture_error = f"{type(error).__name__}: {error}"
-        self.captured = False
-        self.buffers, self.static_ptrs = {}, []
         warnings.warn(
             f"tide_compile: capturing the {self.strategy} runner's CUDA graphs failed "
             f"({self.capture_error.splitlines()[0]}); running its pieces without CUDA graphs "
@@ -152,7 +151,6 @@ class GraphedSkipRunner:
             torch.cuda.synchronize()
             for a, s in zip(mutable, snapshot):
                 a.copy_(s)
-            self.graphs, self.exit_graphs, self.env, self.exit_env = [], {}, {}, {}
             raise
 
     def _record(self, static_args: list, mutable: list[torch.Tensor],

@@ -253,14 +253,14 @@ class DraftController:
         return self._median[kind]
 
     def want_sample(self, cuda: bool) -> bool:
-        """Time the next step? Every step on a CPU; on CUDA while a kind the next step may
-        be lacks samples, else about one in ``sample_every`` (a low-discrepancy sequence:
-        no aliasing with a periodic run of stopped and deep steps)."""
+        """Time the next stopped or deep step? Every step on a CPU; on CUDA while a kind the
+        next step may be lacks samples, else about one in ``sample_every`` (a
+        low-discrepancy sequence: no aliasing with a periodic run of stopped and deep
+        steps). Plain steps are timed in windows (:meth:`begin_plain_step`)."""
         self._steps += 1
         if not cuda:
             return True
-        kinds = ("plain",) if self.phase == "plain" else ("deep", "stop")
-        if any(self.cost(k) is None and (k != "stop" or self._seen["stop"]) for k in kinds):
+        if self.cost("deep") is None or (self._seen["stop"] and self.cost("stop") is None):
             return True
         return (self._steps * _GOLDEN) % 1.0 < 1.0 / self.sample_every
 
