@@ -321,9 +321,8 @@ def sweep(
     ``optimize`` compiles ``model.forward`` again, and Dynamo's per-function recompile
     limit would otherwise send later thresholds to eager execution.
     """
-    from .runtime.model import optimize
-
     from .reference import check_kv
+    from .runtime.model import optimize
 
     check_kv(kv)
     thresholds = [float(t) for t in thresholds]
