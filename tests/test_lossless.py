@@ -492,3 +492,40 @@ def test_plain_step_eos_is_read_one_step_late():
     assert torch.equal(got, free[:, :5 + j + 1])
     assert ctl.phase == "draft"
     assert (s.plain_steps, s.tokens, s.deep_steps) == (j + 1, j + 1, 0), s.summary()
+
+
+def test_plain_runs_skip_guard_evaluation():
+    """A run of fallback steps calls the plain graph with the same objects every step:
+    after its first step (guarded in full) the rest run with Dynamo checking only the
+    guards that tell its cache entries apart. The output is still the plain model's, the
+    stance is restored after the run, and a stance the caller set is left alone."""
+    from torch._dynamo import eval_frame
+
+    model = model_for("llama", LAYERS)
+    controller = DraftController(probe_every=256, max_probe_every=256, warmup=1,
+                                 min_samples=1, min_rounds=1, plain_window=1)
+    fast = lossless(model, RouterSet.forced(model, exit_at=None, config=CFG), max_pending=3,
+                    adaptive=controller)
+    ids = prompt_ids(5, 4)
+    new = 20
+    free = plain_greedy(model, ids, new)
+    assert torch.equal(fast.generate(ids, max_new_tokens=new, eos_token_id=-1), free)
+    (ctl,) = [fast.lossless.controller(key) for key in fast.lossless.states]
+    assert ctl.phase == "plain" and ctl.remaining > new, "never-exit drafts should fall back"
+    (kind,) = fast.lossless._plain
+    fn, graphs = fast.lossless._plain[kind]
+    seen: list[tuple[str, bool]] = []
+
+    def spy(**kwargs):
+        seen.append((eval_frame._stance.stance, eval_frame._stance.skip_guard_eval_unsafe))
+        return fn(**kwargs)
+
+    fast.lossless._plain[kind] = (spy, graphs)
+    assert torch.equal(fast.generate(ids, max_new_tokens=new, eos_token_id=-1), free)
+    assert fast.lossless_stats.drafted == 0
+    assert seen == [("default", False)] + [("default", True)] * (new - 1), seen
+    assert not eval_frame._stance.skip_guard_eval_unsafe  # restored after the run
+    seen.clear()
+    with torch.compiler.set_stance("eager_on_recompile"):
+        assert torch.equal(fast.generate(ids, max_new_tokens=new, eos_token_id=-1), free)
+    assert seen == [("eager_on_recompile", False)] * new, seen

@@ -72,6 +72,16 @@ on a CPU ``W`` times the arithmetic), slower than plain, while the fallback must
 plain speed. The cost is one more compiled graph per cache bucket, compiled (and on CUDA
 recorded) in the bucket's first adaptive generate, with its other graphs.
 
+Guards: each call of a ``torch.compile``'d function evaluates Dynamo's guards (every
+parameter, every cache tensor); on the H200's host that measured about 190 us per step
+of the demo model, a third of its plain step (``benchmarks/diag_fallback.py``, tenth
+device session). A run of plain steps passes the same objects every step (the ids
+buffer, the bucket's cache), so after the run's first step, which Dynamo guards in full
+(and which puts the plain graph's cache entry first), its steps run under
+``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: Dynamo checks only the
+guards that tell its cache entries apart (:func:`unguarded`). Left as it is when the
+caller set a stance of their own (a non-default stance, or skipping guards already).
+
 The prompt: its last token is the first current token (so the first new token may be a
 draft too, and is the full model's otherwise: under ``kv="deferred"`` the prompt graph
 runs every layer, but a prompt token that exits reads out its exit head); the tokens
@@ -88,6 +98,7 @@ fallback.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import math
 import statistics
@@ -107,7 +118,21 @@ if TYPE_CHECKING:
     from .model import TIDEModel
 
 __all__ = ["LosslessStats", "DraftController", "LosslessDecoder", "build_lossless",
-           "generate_lossless"]
+           "generate_lossless", "unguarded"]
+
+
+def unguarded() -> contextlib.AbstractContextManager:
+    """Dynamo's guard evaluation reduced to the guards that tell cache entries apart
+    (``torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)``), for calls
+    that pass exactly what the previous, fully guarded call passed. A no-op when the
+    caller's stance is not the default one (theirs is kept), or on a torch without
+    stances."""
+    stance = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)
+    if (stance is None or not hasattr(torch.compiler, "set_stance")
+            or (stance.stance, stance.skip_guard_eval_unsafe, stance.backend)
+            != ("default", False, None)):
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -602,21 +627,25 @@ def generate_lossless(
             # The plain phase's steps in one tight loop, as the compiled plain loop runs
             # them: the tokens reach ``seq`` and the counters once per run, not per step.
             run: list[torch.Tensor] = []
-            for _ in range(min(ctl.remaining, max_new_tokens - produced)):
-                ctl.begin_plain_step(cuda)
-                logits = plain_step(current, start + len(run))
-                if plain_flag is not None and plain_flag.armed:
-                    ended = plain_flag.done()
-                    plain_flag.armed = False
-                    if ended:  # the previous token was EOS: this one is dropped
-                        ctl.end_plain_step(stats, cuda)
-                        done = True
-                        break
-                current = pick(logits)
-                run.append(current)
-                if plain_flag is not None:
-                    plain_flag.record(~torch.isin(current.reshape(1), eos_t))
-                ctl.end_plain_step(stats, cuda)
+            steps = min(ctl.remaining, max_new_tokens - produced)
+            with contextlib.ExitStack() as guards:
+                for i in range(steps):
+                    if i == 1:  # after one fully guarded step: the same call every step
+                        guards.enter_context(unguarded())
+                    ctl.begin_plain_step(cuda)
+                    logits = plain_step(current, start + len(run))
+                    if plain_flag is not None and plain_flag.armed:
+                        ended = plain_flag.done()
+                        plain_flag.armed = False
+                        if ended:  # the previous token was EOS: this one is dropped
+                            ctl.end_plain_step(stats, cuda)
+                            done = True
+                            break
+                    current = pick(logits)
+                    run.append(current)
+                    if plain_flag is not None:
+                        plain_flag.record(~torch.isin(current.reshape(1), eos_t))
+                    ctl.end_plain_step(stats, cuda)
             k = len(run)
             if k:
                 at = prompt_len + produced
