@@ -204,27 +204,34 @@ def bound_speedup(b: dict[str, int], depth: int) -> float:
 
 @torch.no_grad()
 def decode_loop(fn, model, prompt, steps: int, cache, device: str,
-                mark_step: bool) -> list[float]:
+                mark_step: bool, unguarded: bool = False) -> list[float]:
     """Eager prefill on ``cache`` (reset first: the same tensors every loop, so nothing
     recompiles), then `steps` compiled decode steps. Returns per-step wall times (ms),
     each step synchronized by the argmax read-back being fed to the next step (as in
-    generate)."""
+    generate). ``unguarded``: the steps after the first run with Dynamo checking only the
+    guards that tell its cache entries apart (``tide_compile.runtime.lossless.unguarded``;
+    every step passes tensors of the same shapes, the same cache)."""
+    from tide_compile.runtime.lossless import unguarded as skip_guards
+
     cache.reset()
     out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
     token = out.logits[:, -1:].argmax(-1)
     pos = torch.full((1, 1), prompt.shape[1], device=device, dtype=torch.long)
     times = []
-    for _ in range(steps):
-        sync(device)
-        t0 = time.perf_counter()
-        if mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
-        logits = fn(input_ids=token, position_ids=pos, past_key_values=cache,
-                    use_cache=True).logits
-        token = logits[:, -1:].argmax(-1).clone()
-        pos = pos + 1
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+    with contextlib.ExitStack() as guards:
+        for i in range(steps):
+            if i == 1 and unguarded:
+                guards.enter_context(skip_guards())
+            sync(device)
+            t0 = time.perf_counter()
+            if mark_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = fn(input_ids=token, position_ids=pos, past_key_values=cache,
+                        use_cache=True).logits
+            token = logits[:, -1:].argmax(-1).clone()
+            pos = pos + 1
+            sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 

@@ -21,6 +21,12 @@ Rows (``--rows``, comma list):
   - ``lossless``: ``optimize(model, routers, mode="lossless")`` (adaptive);
   - ``lossless_fixed``: the same with ``adaptive=False`` (always drafts: what the
     fallback saves);
+  - ``plain_unguarded`` (not by default): ``plain`` whose decode steps after the first
+    skip Dynamo's full guard evaluation, as lossless's runs of fallback steps do
+    (``tide_compile.runtime.lossless.unguarded``): the tightest compiled plain loop. On
+    the H200 guard evaluation measured about 190 us per step of the demo model
+    (``diag_fallback.py``, tenth session), so lossless against ``plain`` alone would
+    credit tide with what any caller of ``torch.compile`` can also skip;
 
   The rows of a model are built and compiled first, then timed **interleaved** in one
   process (per round, per prompt, every row in turn; the order rotates per round): a
@@ -69,6 +75,7 @@ Usage: python benchmarks/bench_lossless.py [--rows models,ceiling] [--out lossle
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -85,6 +92,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import tide_compile  # noqa: E402
 from tide_compile import RouterSet, TIDEConfig  # noqa: E402
+from tide_compile.runtime.lossless import unguarded  # noqa: E402
 from tide_compile.runtime.model import cache_bucket  # noqa: E402
 
 
@@ -123,8 +131,10 @@ class PlainLoop:
     """The compiled plain model's greedy batch-1 generate on one cache length: the prompt
     step (its length dynamic), then one-token steps; returns the sequence."""
 
-    def __init__(self, model, inductor: bool, device: str, cache_len: int) -> None:
+    def __init__(self, model, inductor: bool, device: str, cache_len: int,
+                 unguarded: bool = False) -> None:
         self.model = model
+        self.unguarded = unguarded
         self.mark = device == "cuda" and inductor
         if inductor:
             self.fn = torch.compile(model.forward, fullgraph=True, dynamic=False,
@@ -146,14 +156,17 @@ class PlainLoop:
         torch._dynamo.mark_dynamic(step, 1)
         torch._dynamo.mark_dynamic(positions, 1)
         tokens = []
-        for _ in range(max_new_tokens):
-            if self.mark:
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = self.fn(input_ids=step, position_ids=positions, past_key_values=self.cache,
-                             use_cache=True).logits
-            step = logits[:, -1:].argmax(-1).clone()
-            tokens.append(step)
-            positions = positions[:, -1:] + 1
+        with contextlib.ExitStack() as guards:
+            for i in range(max_new_tokens):
+                if i == 2 and self.unguarded:  # after the prompt step and one decode step
+                    guards.enter_context(unguarded())
+                if self.mark:
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = self.fn(input_ids=step, position_ids=positions,
+                                 past_key_values=self.cache, use_cache=True).logits
+                step = logits[:, -1:].argmax(-1).clone()
+                tokens.append(step)
+                positions = positions[:, -1:] + 1
         return torch.cat([ids] + tokens, dim=-1)
 
 
@@ -172,7 +185,8 @@ def build_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rows", default=None, help="comma list of: models, ceiling")
     ap.add_argument("--models", default="demo,smollm2", help="model rows: demo, smollm2")
     ap.add_argument("--model-rows", default="plain,lossless,lossless_fixed",
-                    help="which rows per model (plain, lossless, lossless_fixed), timed "
+                    help="which rows per model (plain, lossless, lossless_fixed, "
+                         "plain_unguarded), timed "
                          "interleaved in one process")
     ap.add_argument("--depths", default=None, help="ceiling exit depths (8,16,24)")
     ap.add_argument("--ceiling-rows", default="plain,never,never_fixed,ceiling",
@@ -431,8 +445,9 @@ def model_rows(name, args, device, inductor, measure_interleaved, row) -> None:
     built: dict[str, Any] = {}
     generates: dict[str, Callable] = {}
     for kind in args.model_rows:
-        if kind == "plain":
-            built[kind] = PlainLoop(model, inductor, device, cache_len)
+        if kind in ("plain", "plain_unguarded"):
+            built[kind] = PlainLoop(model, inductor, device, cache_len,
+                                    unguarded=kind == "plain_unguarded")
         else:
             built[kind] = tide_compile.optimize(model, routers, mode="lossless",
                                                 inductor=inductor, max_pending=args.max_pending,
@@ -441,7 +456,7 @@ def model_rows(name, args, device, inductor, measure_interleaved, row) -> None:
 
     def stats_pass() -> None:  # lossless stats over exactly one (warm) run per prompt
         for kind, fast in built.items():
-            if kind != "plain":
+            if not kind.startswith("plain"):
                 fast.lossless_stats.reset()
                 for ids in prompts:
                     fast.generate(ids, max_new_tokens=args.new, eos_token_id=-1,
@@ -457,7 +472,7 @@ def model_rows(name, args, device, inductor, measure_interleaved, row) -> None:
         tokens = [out[0, ids.shape[1]:].tolist() for out, ids in zip(m.pop("outs"), prompts)]
         extra: dict = {}
         if kind != "plain":
-            extra = lossless_stats(built[kind])
+            extra = lossless_stats(built[kind]) if kind != "plain_unguarded" else {}
             if ref is not None:
                 plain_ms = measured["plain"]
                 ratios = [p / t for p, t in zip(plain_ms["decode_ms"], m["decode_ms"])]

@@ -27,6 +27,11 @@ per checkpoint read: a one-element broadcast and its host read.
 
 NVLink multicast stays off: ``NCCL_NVLS_ENABLE=0`` is set before NCCL starts.
 
+``--unguarded``: every row's decode steps after the first run under
+``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` (baseline included): Dynamo's
+guard evaluation over the DTensor parameters took 4.2 ms per step of the tide row on the
+H200 host (``--profile``, tenth session), which a synchronized decode step pays in full.
+
 The model is written once to ``--model-dir`` by rank 0 (8B shape: 16 GB of bf16
 safetensors, default ``/tmp/tide_bench_tp_8b``) and read back sharded by every rank;
 later runs reuse it.
@@ -163,6 +168,9 @@ def main() -> None:
                          "...) to profile after timing: 8 decode steps under torch.profiler "
                          "on every rank; rank 0 prints the ops by device time and by self "
                          "CPU time and writes a Chrome trace beside --out")
+    ap.add_argument("--unguarded", action="store_true",
+                    help="every row's decode steps after the first skip Dynamo's full guard "
+                         "evaluation (set_stance skip_guard_eval_unsafe), baseline included")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -195,7 +203,8 @@ def main() -> None:
            "prompt": args.prompt, "steps": args.steps, "pairs": args.pairs,
            "checkpoints": checkpoints, "inductor": not args.no_inductor, "model_dir": model_dir,
            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"), "stack_kv": args.stack_kv,
-           "backend": dist.get_backend(), "hbm_gbps": args.hbm_gbps}
+           "backend": dist.get_backend(), "hbm_gbps": args.hbm_gbps,
+           "unguarded": args.unguarded}
     try:
         import transformers
         env["transformers"] = transformers.__version__
@@ -240,7 +249,8 @@ def main() -> None:
     mark = cuda and not args.no_inductor
 
     def run_inductor() -> list[float]:
-        return decode_loop(ind, model, prompt, args.steps, ind_cache, device.type, mark)
+        return decode_loop(ind, model, prompt, args.steps, ind_cache, device.type, mark,
+                           args.unguarded)
 
     profiled = set(args.profile.split(",")) - {""}
 
@@ -251,7 +261,7 @@ def main() -> None:
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
-            decode_loop(fn, model, prompt, steps, cache, device.type, mark_step)
+            decode_loop(fn, model, prompt, steps, cache, device.type, mark_step, args.unguarded)
         if rank == 0:
             report_profile(prof, f"{name}: {steps} decode steps (+ an eager prefill), rank 0",
                            name, cuda, args.out)
@@ -278,7 +288,8 @@ def main() -> None:
         cache = new_cache(model, cache_len)
 
         def run_tide() -> list[float]:
-            return decode_loop(fn, model, prompt, args.steps, cache, device.type, False)
+            return decode_loop(fn, model, prompt, args.steps, cache, device.type, False,
+                               args.unguarded)
 
         runners.clear()
         run_tide()  # compiles, captures

@@ -58,9 +58,11 @@ def test_bench_lossless_model_rows_interleaved(tmp_path):
     new, repeats = 6, 2
     bench.main(["--rows", "models", "--models", "demo", "--no-inductor", "--new", str(new),
                 "--prompts", "1", "--prompt-tokens", "16", "--repeats", str(repeats),
-                "--max-pending", "3", "--out", str(out)])
+                "--max-pending", "3", "--out", str(out),
+                "--model-rows", "plain,lossless,lossless_fixed,plain_unguarded"])
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"demo:plain", "demo:lossless", "demo:lossless_fixed"}
+    assert set(rows) == {"demo:plain", "demo:lossless", "demo:lossless_fixed",
+                         "demo:plain_unguarded"}
     plain = rows["demo:plain"]
     assert len(plain["decode_ms"]) == repeats and len(plain["tokens"][0]) == new
     for kind in ("lossless", "lossless_fixed"):
@@ -71,5 +73,8 @@ def test_bench_lossless_model_rows_interleaved(tmp_path):
         assert lo == round(min(ratios), 3) and hi == round(max(ratios), 3)
         assert lo <= r["x_plain_paired"] <= hi
         assert r["tokens"] == plain["tokens"] and r["first_mismatch"] == [None]
+    unguarded = rows["demo:plain_unguarded"]  # the plain loop, steps after the second
+    assert unguarded["tokens"] == plain["tokens"] and "acceptance" not in unguarded
+    assert len(unguarded["decode_ms"]) == repeats and unguarded["x_plain_paired"] > 0
     fixed = rows["demo:lossless_fixed"]  # always drafts: every step a stop or a deep step
     assert fixed["plain_step_fraction"] == 0.0 and fixed["fallbacks"] == 0

@@ -254,3 +254,41 @@ def test_batch2_row_ends_first(setup):
     assert torch.equal(got, ref.sequences)
     assert fast.tide_stats.exits_per_layer == ref.stats.exits_per_layer
     assert fast.tide_stats.steps_by_strategy == {"frozen": 1, "skip": 5}
+
+
+def test_bench_decode_loop_unguarded():
+    """``bench_decode.decode_loop(..., unguarded=True)`` (``bench_tp --unguarded``): the
+    first decode step is guarded in full, the rest run with Dynamo checking only the
+    guards that tell its cache entries apart; the stance is restored after the loop and
+    the steps compute what guarded ones do."""
+    import importlib.util
+    import os
+
+    from torch._dynamo import eval_frame
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "bench_decode", os.path.join(root, "benchmarks", "bench_decode.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    torch._dynamo.reset()
+    model = model_for("llama", 4)
+    compiled = torch.compile(model.forward, backend="eager", fullgraph=True)
+    seen, tokens = [], []
+
+    def fn(**kwargs):
+        seen.append(eval_frame._stance.skip_guard_eval_unsafe)
+        out = compiled(**kwargs)
+        tokens.append(out.logits[:, -1].argmax(-1).item())
+        return out
+
+    prompt = torch.randint(2, 90, (1, 6), generator=torch.Generator().manual_seed(0))
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        bench.decode_loop(fn, model, prompt, 5, cache, "cpu", False)
+        guarded = tokens[:]
+        seen.clear(), tokens.clear()
+        bench.decode_loop(fn, model, prompt, 5, cache, "cpu", False, unguarded=True)
+    assert seen == [False, True, True, True, True]
+    assert tokens == guarded
+    assert not eval_frame._stance.skip_guard_eval_unsafe
