@@ -584,9 +584,10 @@ class BucketedLoop:
     one-token steps; the same compiled ``model.forward`` for both."""
 
     def __init__(self, model, fn, device: str, mark_step: bool, *, eager_prompt: bool = False,
-                 max_cache_len: int | None = None) -> None:
+                 max_cache_len: int | None = None, unguarded: bool = False) -> None:
         self.model, self.fn, self.device, self.mark_step = model, fn, device, mark_step
         self.eager_prompt, self.max_cache_len = eager_prompt, max_cache_len
+        self.unguarded = unguarded  # one-token steps after the first: decode_loop's
         self.caches: dict[int, object] = {}
 
     @torch.no_grad()
@@ -610,13 +611,18 @@ class BucketedLoop:
         else:
             torch._dynamo.mark_dynamic(step, 1)
             torch._dynamo.mark_dynamic(positions, 1)
-        for _ in range(new):
-            if self.mark_step:
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = self.fn(input_ids=step, position_ids=positions, past_key_values=cache,
-                             use_cache=True).logits
-            step = logits[:, -1:].argmax(-1).clone()
-            positions = positions[:, -1:] + 1
+        from tide_compile.runtime.lossless import unguarded
+
+        with contextlib.ExitStack() as guards:
+            for i in range(new):
+                if i == 1 + (not self.eager_prompt) and self.unguarded:
+                    guards.enter_context(unguarded())
+                if self.mark_step:
+                    torch.compiler.cudagraph_mark_step_begin()
+                logits = self.fn(input_ids=step, position_ids=positions, past_key_values=cache,
+                                 use_cache=True).logits
+                step = logits[:, -1:].argmax(-1).clone()
+                positions = positions[:, -1:] + 1
         return new + self.eager_prompt
 
 

@@ -63,8 +63,9 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_decode import (build_model, decode_loop, interleaved_pairs, new_cache,  # noqa: E402
-                          record_graphed_runners, report_profile, summarize, sync)
+from bench_decode import (BucketedLoop, build_model, decode_loop, generate_ms,  # noqa: E402
+                          interleaved_pairs, new_cache, record_graphed_runners,
+                          report_profile, summarize, sync)
 
 import tide_compile  # noqa: E402,F401  (registers the backend)
 from tide_compile import ExitStats, RouterSet, TIDEConfig  # noqa: E402
@@ -168,6 +169,13 @@ def main() -> None:
                          "...) to profile after timing: 8 decode steps under torch.profiler "
                          "on every rank; rank 0 prints the ops by device time and by self "
                          "CPU time and writes a Chrome trace beside --out")
+    ap.add_argument("--loop", choices=("dynamo", "generate"), default="dynamo",
+                    help="'dynamo': each step of a hand loop calls the compiled forward "
+                         "(Dynamo's guards every step, a sync per step); 'generate': whole "
+                         "generate calls per token (bench_decode --loop generate): tide "
+                         "through optimize(..., kv='propagate').generate, which calls its "
+                         "compiled runner directly after its first steps, Inductor through "
+                         "an equal hand loop (eager prompt, compiled steps, no sync per step)")
     ap.add_argument("--unguarded", action="store_true",
                     help="every row's decode steps after the first skip Dynamo's full guard "
                          "evaluation (set_stance skip_guard_eval_unsafe), baseline included")
@@ -204,7 +212,7 @@ def main() -> None:
            "checkpoints": checkpoints, "inductor": not args.no_inductor, "model_dir": model_dir,
            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"), "stack_kv": args.stack_kv,
            "backend": dist.get_backend(), "hbm_gbps": args.hbm_gbps,
-           "unguarded": args.unguarded}
+           "unguarded": args.unguarded, "loop": args.loop}
     try:
         import transformers
         env["transformers"] = transformers.__version__
@@ -248,7 +256,14 @@ def main() -> None:
     ind_cache = new_cache(model, cache_len)
     mark = cuda and not args.no_inductor
 
+    gen_loop = args.loop == "generate"
+    skip = 0 if gen_loop else args.warmup
+    ind_loop = BucketedLoop(model, ind, device.type, mark, eager_prompt=True,
+                            max_cache_len=cache_len, unguarded=args.unguarded)
+
     def run_inductor() -> list[float]:
+        if gen_loop:
+            return [generate_ms(ind_loop.generate, prompt, args.steps, device.type)]
         return decode_loop(ind, model, prompt, args.steps, ind_cache, device.type, mark,
                            args.unguarded)
 
@@ -267,7 +282,9 @@ def main() -> None:
                            name, cuda, args.out)
 
     skips0 = counters["inductor"]["cudagraph_skips"]
-    base = summarize(run_inductor(), args.warmup)
+    if gen_loop:
+        run_inductor()  # compiles
+    base = summarize(run_inductor(), skip)
     base_name = "inductor_tp" if not args.no_inductor else "eager_backend_tp"
     row(base_name, base,
         compile_and_first_s=round(time.time() - t0, 1), **bytes_fields(b["num_layers"]),
@@ -280,22 +297,40 @@ def main() -> None:
             say(f"# skipped {name}: time budget")
             return
         routers = RouterSet.forced(model, exit_at=exit_at, config=cfg)
-        stats = ExitStats(b["num_layers"])
         t0 = time.time()
-        fn = torch.compile(model.forward, backend="tide", fullgraph=True,
-                           options={"routers": routers, "stats": stats, "strategy": "skip",
-                                    "stack_kv": stack_kv, "inductor": not args.no_inductor})
-        cache = new_cache(model, cache_len)
-
-        def run_tide() -> list[float]:
-            return decode_loop(fn, model, prompt, args.steps, cache, device.type, False,
-                               args.unguarded)
-
         runners.clear()
-        run_tide()  # compiles, captures
+        if gen_loop:
+            options = {"kv": "propagate", "inductor": not args.no_inductor}
+            if stack_kv is not None:
+                options["stack_kv"] = stack_kv
+            fast = tide_compile.optimize(model, routers, **options)
+            stats = fast.tide_stats
+
+            def gen(ids, n):
+                return fast.generate(ids, max_new_tokens=n, eos_token_id=-1,
+                                     max_cache_len=cache_len)
+
+            def run_tide() -> list[float]:
+                return [generate_ms(gen, prompt, args.steps, device.type)]
+
+            run_tide()  # compiles, captures, switches to the direct call
+            fn, cache = None, None
+        else:
+            stats = ExitStats(b["num_layers"])
+            fn = torch.compile(model.forward, backend="tide", fullgraph=True,
+                               options={"routers": routers, "stats": stats, "strategy": "skip",
+                                        "stack_kv": stack_kv,
+                                        "inductor": not args.no_inductor})
+            cache = new_cache(model, cache_len)
+
+            def run_tide() -> list[float]:
+                return decode_loop(fn, model, prompt, args.steps, cache, device.type, False,
+                                   args.unguarded)
+
+            run_tide()  # compiles, captures
         compiled_s = round(time.time() - t0, 1)
         stats.reset()
-        paired = interleaved_pairs(run_inductor, run_tide, args.pairs, args.warmup)
+        paired = interleaved_pairs(run_inductor, run_tide, args.pairs, skip)
         ms = paired.pop("ms_per_token")
         depth = b["num_layers"] if exit_at is None else exit_at + 1
         fields = bytes_fields(depth)
@@ -308,7 +343,7 @@ def main() -> None:
             compile_and_first_s=compiled_s, graphed_runners=len(runners),
             captured_runners=sum(bool(getattr(r, "captured", False)) for r in runners),
             **paired)
-        if name in profiled:
+        if name in profiled and fn is not None:  # (--loop dynamo only)
             profile_steps(name, fn, cache, False)
 
     wanted = set(args.rows.split(","))

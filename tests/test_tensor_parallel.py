@@ -51,6 +51,31 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [json.loads(f.read_text()) for f in files]
 
 
+def test_bench_tp_generate_loop_smoke(tmp_path):
+    """benchmarks/bench_tp.py on two gloo ranks in its tiny mode with ``--loop generate
+    --unguarded`` (tide through optimize(...).generate, the baseline's steps unguarded):
+    the rows run, lockstep holds, and the exit row runs fewer layers (FX graphs: a check of
+    the loops, not a measurement)."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "tp.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={WORLD}", str(root / "benchmarks" / "bench_tp.py"), "--tiny",
+           "--no-inductor", "--steps", "4", "--warmup", "1", "--pairs", "1", "--prompt", "8",
+           "--rows", "never,exits", "--depths", "4", "--loop", "generate", "--unguarded",
+           "--model-dir", str(tmp_path / "model"), "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["env"]["loop"] == "generate" and result["env"]["unguarded"]
+    rows = {r["name"]: r for r in result["rows"]}
+    assert set(rows) == {"eager_backend_tp", "tide_never_exit", "tide_exit@4"}
+    assert all(rows[n]["lockstep"] for n in ("tide_never_exit", "tide_exit@4"))
+    # the prompt (8 tokens) runs all 8 layers, the 4 decode steps 4 each
+    assert rows["tide_never_exit"]["mean_layers_executed"] == 8.0
+    assert rows["tide_exit@4"]["mean_layers_executed"] < 8.0
+
+
 def _case(ranks: list[dict], name: str) -> list[dict]:
     records = [r[name] for r in ranks]
     for rank, rec in enumerate(records):
