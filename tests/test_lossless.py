@@ -529,3 +529,12 @@ def test_plain_runs_skip_guard_evaluation():
     with torch.compiler.set_stance("eager_on_recompile"):
         assert torch.equal(fast.generate(ids, max_new_tokens=new, eos_token_id=-1), free)
     assert seen == [("eager_on_recompile", False)] * new, seen
+    # unguarded=False (other threads run compiled code): every step guarded in full
+    fast.lossless.unguarded = False
+    seen.clear()
+    assert torch.equal(fast.generate(ids, max_new_tokens=new, eos_token_id=-1), free)
+    assert seen == [("default", False)] * new, seen
+    assert lossless(model, RouterSet.forced(model, exit_at=None, config=CFG),
+                    unguarded=False).lossless.unguarded is False
+    with pytest.raises(TypeError, match="unguarded must be True or False"):
+        lossless(model, RouterSet.forced(model, exit_at=None, config=CFG), unguarded="yes")

@@ -80,7 +80,9 @@ buffer, the bucket's cache), so after the run's first step, which Dynamo guards 
 (and which puts the plain graph's cache entry first), its steps run under
 ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: Dynamo checks only the
 guards that tell its cache entries apart (:func:`unguarded`). Left as it is when the
-caller set a stance of their own (a non-default stance, or skipping guards already).
+caller set a stance of their own (a non-default stance, or skipping guards already). The
+stance is process-wide: other threads' compiled calls during such a run skip their full
+guard evaluation too; ``optimize(..., mode="lossless", unguarded=False)`` turns it off.
 
 The prompt: its last token is the first current token (so the first new token may be a
 draft too, and is the full model's otherwise: under ``kv="deferred"`` the prompt graph
@@ -402,10 +404,12 @@ class LosslessDecoder:
     Attributes:
         stats: :class:`LosslessStats` (also ``fast.lossless_stats``).
         adaptive: the controller template (copied per bucket), or None: always draft.
+        unguarded: runs of fallback steps skip Dynamo's full guard evaluation after their
+            first step (:func:`unguarded`).
     """
 
     def __init__(self, fast: "TIDEModel", adaptive: bool | DraftController = True,
-                 fullgraph: bool = True) -> None:
+                 fullgraph: bool = True, unguarded: bool = True) -> None:
         if isinstance(adaptive, DraftController):
             self.adaptive: DraftController | None = adaptive
         elif adaptive is True:
@@ -419,6 +423,9 @@ class LosslessDecoder:
         self.states: dict[tuple, _BucketState] = {}
         self._plain: dict[str, Any] = {}
         self._fullgraph = fullgraph
+        if not isinstance(unguarded, bool):
+            raise TypeError(f"unguarded must be True or False, got {unguarded!r}")
+        self.unguarded = unguarded
 
     def controller(self, key: tuple) -> DraftController | None:
         """The bucket's controller (None: not adaptive, or no generate in it yet)."""
@@ -462,10 +469,14 @@ class LosslessDecoder:
 
 def build_lossless(model: torch.nn.Module, routers: "RouterSet", *, fullgraph: bool = True,
                    dynamic: bool | None = None, adaptive: bool | DraftController = True,
-                   **options: Any) -> "TIDEModel":
+                   unguarded: bool = True, **options: Any) -> "TIDEModel":
     """``optimize(model, routers, mode="lossless", ...)``: a TIDEModel with ``kv="deferred"``
-    whose ``generate`` is :func:`generate_lossless`. ``options``: the ``tide`` backend
-    options (``max_pending`` sets the draft buffer: ``W = max_pending + 1``)."""
+    whose ``generate`` is :func:`generate_lossless`. ``adaptive``: the fallback
+    controller (:class:`LosslessDecoder`). ``unguarded``: runs of fallback steps skip
+    Dynamo's full guard evaluation after their first step (:func:`unguarded`; the stance
+    is process-wide, so pass False when other threads call compiled code while this
+    model generates). ``options``: the ``tide`` backend options (``max_pending`` sets the
+    draft buffer: ``W = max_pending + 1``)."""
     from ..options import parse_options
     from ..stats import ExitStats
     from .model import TIDEModel
@@ -482,7 +493,7 @@ def build_lossless(model: torch.nn.Module, routers: "RouterSet", *, fullgraph: b
     options = {**options, "kv": "deferred", "routers": routers,
                "stats": ExitStats(num_layers=routers.num_layers)}
     fast = TIDEModel(model, parse_options(options), fullgraph=fullgraph, dynamic=dynamic)
-    decoder = LosslessDecoder(fast, adaptive, fullgraph=fullgraph)
+    decoder = LosslessDecoder(fast, adaptive, fullgraph=fullgraph, unguarded=unguarded)
     fast.lossless = decoder
     fast.lossless_stats = decoder.stats
     return fast
@@ -630,7 +641,7 @@ def generate_lossless(
             steps = min(ctl.remaining, max_new_tokens - produced)
             with contextlib.ExitStack() as guards:
                 for i in range(steps):
-                    if i == 1:  # after one fully guarded step: the same call every step
+                    if i == 1 and decoder.unguarded:  # the same call as the guarded first
                         guards.enter_context(unguarded())
                     ctl.begin_plain_step(cuda)
                     logits = plain_step(current, start + len(run))
