@@ -337,6 +337,24 @@ def generate_ms(generate, prompt: torch.Tensor, steps: int, device: str) -> floa
     return ((t2 - t1) - (t1 - t0)) * 1e3 / steps
 
 
+def optimized_generate(model, routers, options: dict, stack_kv: bool | None,
+                       prompt: torch.Tensor, steps: int, device: str, cache_len: int):
+    """A ``--loop generate`` tide row: ``(fast, run)``, ``fast = optimize(model, routers,
+    **options)`` (``stack_kv`` added unless None) and ``run()`` -> ``[ms per new token]``
+    of a greedy ``fast.generate`` of ``steps`` tokens after ``prompt`` (:func:`generate_ms`)."""
+    if stack_kv is not None:
+        options = {**options, "stack_kv": stack_kv}
+    fast = tide_compile.optimize(model, routers, **options)
+
+    def gen(ids, n):
+        return fast.generate(ids, max_new_tokens=n, eos_token_id=-1, max_cache_len=cache_len)
+
+    def run() -> list[float]:
+        return [generate_ms(gen, prompt, steps, device)]
+
+    return fast, run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="small model (CPU smoke test)")
@@ -475,20 +493,11 @@ def main() -> None:
         t0 = time.time()
         graphed.clear()
         if gen_loop:
-            options = {"kernels": args.kernels, "inductor_config": patches,
-                       "inductor": not args.no_inductor, "kv": args.kv}
-            if stack_kv is not None:
-                options["stack_kv"] = stack_kv
-            fast = tide_compile.optimize(model, routers, **options)
+            fast, run_tide = optimized_generate(
+                model, routers, {"kernels": args.kernels, "inductor_config": patches,
+                                 "inductor": not args.no_inductor, "kv": args.kv},
+                stack_kv, prompt, args.steps, device, cache_len)
             stats = fast.tide_stats
-
-            def gen(ids, n):
-                return fast.generate(ids, max_new_tokens=n, eos_token_id=-1,
-                                     max_cache_len=cache_len)
-
-            def run_tide() -> list[float]:
-                return [generate_ms(gen, prompt, args.steps, device)]
-
             run_tide()  # compiles, captures, switches to the direct call
             cache = next(iter(fast._buckets.values())).cache
             fn = None

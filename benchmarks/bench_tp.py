@@ -64,8 +64,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_decode import (BucketedLoop, build_model, decode_loop, generate_ms,  # noqa: E402
-                          interleaved_pairs, new_cache, record_graphed_runners,
-                          report_profile, summarize, sync)
+                          interleaved_pairs, new_cache, optimized_generate,
+                          record_graphed_runners, report_profile, summarize, sync)
 
 import tide_compile  # noqa: E402,F401  (registers the backend)
 from tide_compile import ExitStats, RouterSet, TIDEConfig  # noqa: E402
@@ -300,19 +300,10 @@ def main() -> None:
         t0 = time.time()
         runners.clear()
         if gen_loop:
-            options = {"kv": "propagate", "inductor": not args.no_inductor}
-            if stack_kv is not None:
-                options["stack_kv"] = stack_kv
-            fast = tide_compile.optimize(model, routers, **options)
+            fast, run_tide = optimized_generate(
+                model, routers, {"kv": "propagate", "inductor": not args.no_inductor},
+                stack_kv, prompt, args.steps, device.type, cache_len)
             stats = fast.tide_stats
-
-            def gen(ids, n):
-                return fast.generate(ids, max_new_tokens=n, eos_token_id=-1,
-                                     max_cache_len=cache_len)
-
-            def run_tide() -> list[float]:
-                return [generate_ms(gen, prompt, args.steps, device.type)]
-
             run_tide()  # compiles, captures, switches to the direct call
             fn, cache = None, None
         else:
