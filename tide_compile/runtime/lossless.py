@@ -130,11 +130,12 @@ def unguarded() -> contextlib.AbstractContextManager:
     caller's stance is not the default one (theirs is kept), or on a torch without
     stances."""
     stance = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)
-    if (stance is None or not hasattr(torch.compiler, "set_stance")
-            or (stance.stance, stance.skip_guard_eval_unsafe, stance.backend)
-            != ("default", False, None)):
+    state = tuple(getattr(stance, k, None)
+                  for k in ("stance", "skip_guard_eval_unsafe", "backend"))
+    if state != ("default", False, None) or not hasattr(torch.compiler, "set_stance"):
         return contextlib.nullcontext()
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
