@@ -2,7 +2,8 @@
 # One device call: install, GPU tests, benchmarks. Prints short tables at the end.
 # Usage (on a CUDA machine, repo root): bash benchmarks/gpu_session.sh [OUTDIR]
 # STEPS selects what runs (default: "tests calibration router decode compact";
-# also: "traffic" (bench_decode --traffic), "deferred" (bench_deferred), "lossless" (bench_lossless)).
+# also: "traffic" (bench_decode --traffic), "deferred" (bench_deferred), "lossless" (bench_lossless),
+# "tp" (bench_tp under torchrun on TP_NPROC GPUs, default 2; TP_ARGS e.g. "--unguarded")).
 # GPU tests run in TEST_SHARDS parallel pytest processes (default 6), each under TEST_TIMEOUT
 # (TEST_GPUS=N spreads the shards over N GPUs).
 # Each step has a *_TIMEOUT; DECODE_ARGS / COMPACT_ARGS add script arguments
@@ -71,4 +72,10 @@ if has lossless && [ -f benchmarks/bench_lossless.py ]; then
   timeout ${LOSSLESS_TIMEOUT:-560} python3 benchmarks/bench_lossless.py --out "$OUT/bench_lossless.json" \
     ${LOSSLESS_ARGS:-} >"$OUT/bench_lossless.log" 2>&1
   echo "lossless rc=$?"; tail -30 "$OUT/bench_lossless.log"
+fi
+if has tp; then
+  echo "== tensor parallel (bench_tp; TP_ARGS e.g. '--rows inductor,never,exits --depths 16 --unguarded')"
+  NCCL_NVLS_ENABLE=0 timeout ${TP_TIMEOUT:-560} torchrun --standalone --nproc-per-node ${TP_NPROC:-2} \
+    benchmarks/bench_tp.py --out "$OUT/bench_tp.json" ${TP_ARGS:-} >"$OUT/bench_tp.log" 2>&1
+  echo "tp rc=$?"; grep -E "^\||done" "$OUT/bench_tp.log" | tail -12
 fi
