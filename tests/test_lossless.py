@@ -434,6 +434,47 @@ def test_lossless_on_cuda(kind):
         assert s.accepted == s.drafted, s.summary()
 
 
+@pytest.mark.gpu
+def test_unguarded_fallback_on_cuda():
+    """On CUDA (Inductor, the plain step under CUDA graph trees), runs of fallback steps
+    whose steps after the first skip Dynamo's full guard evaluation: greedy tokens equal
+    the plain model's over several prompts and generates, the spy sees the first step of
+    each run guarded and the rest not."""
+    from torch._dynamo import eval_frame
+
+    torch._dynamo.reset()
+    model = make_cuda_model("random")
+    controller = DraftController(probe_every=256, max_probe_every=256, warmup=1,
+                                 min_samples=1, min_rounds=1)
+    fast = tide_compile.optimize(model, RouterSet.forced(model, exit_at=None, config=CFG),
+                                 mode="lossless", max_pending=3, adaptive=controller)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 97, (1, 6), generator=g).cuda()
+    assert torch.equal(fast.generate(ids, max_new_tokens=24, eos_token_id=-1),
+                       plain_greedy(model, ids, 24))
+    # Whether drafting pays here depends on the GPU: put the controller in a long plain
+    # phase (the fallback's state) directly.
+    (ctl,) = [fast.lossless.controller(key) for key in fast.lossless.states]
+    ctl.phase, ctl.remaining = "plain", 10**6
+    (kind,) = fast.lossless._plain
+    fn, graphs = fast.lossless._plain[kind]
+    assert graphs, "the CUDA plain step runs under CUDA graph trees"
+    seen: list[bool] = []
+
+    def spy(**kwargs):
+        seen.append(eval_frame._stance.skip_guard_eval_unsafe)
+        return fn(**kwargs)
+
+    fast.lossless._plain[kind] = (spy, graphs)
+    for prompt in (3, 9, 6):
+        ids = torch.randint(3, 97, (1, prompt), generator=g).cuda()
+        seen.clear()
+        got = fast.generate(ids, max_new_tokens=24, eos_token_id=-1)
+        assert torch.equal(got, plain_greedy(model, ids, 24)), prompt
+        assert seen == [False] + [True] * 23, seen
+    assert fast.lossless_stats.plain_steps >= 72, fast.lossless_stats.summary()
+
+
 def make_cuda_model(kind: str):
     model = copy.deepcopy(model_for("llama", LAYERS)).cuda()
     return zero_layers_after(model, 1) if kind == "zeroed" else model
