@@ -5,15 +5,21 @@ SmolLM2 while it drafted nothing: every timed step was a plain fallback step. Th
 splits that gap, in one process, on one model (real weights, bf16 on CUDA):
 
 * ``plain``: ``bench_lossless.PlainLoop`` (the baseline: Inductor ``reduce-overhead``);
-* ``lossless``: ``optimize(model, routers, mode="lossless")``, adaptive, as shipped;
-* ``lossless_nowin``: the same with no timing windows once the plain cost is known
-  (``DraftController(sample_every=10**9)``): what the windows' synchronizes cost;
+* ``plain_unguarded``: the same loop, its decode steps after the first two unguarded
+  (``tide_compile.runtime.lossless.unguarded``): the tightest compiled plain loop;
+* ``lossless``: ``optimize(model, routers, mode="lossless")``, adaptive, as shipped (since
+  the tenth session its runs of fallback steps are unguarded after their first step);
+* ``lossless_guarded``: the same with ``unguarded=False`` (every step guarded in full);
+* ``lossless_steady``: the shipped fallback with no probes and no timing windows once
+  the controller has fallen back (``probe_every = max_probe_every = sample_every =
+  10**9``): the plain path alone, without what the controller spends on measuring;
 * ``bare``: the fallback's own compiled plain forward (``LosslessDecoder.plain_forward``)
-  on the lossless bucket's cache, called in a loop as bare as ``PlainLoop``'s: the graph
-  and Dynamo's guards without the lossless loop's host work;
-* ``<row>_noguard``: a row under ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``
-  (Dynamo runs only the guards that tell its cache entries apart): what guard
-  evaluation costs per step.
+  on the lossless bucket's cache, called in a loop as bare as ``PlainLoop``'s (guarded).
+
+The tenth session's log (``benchmarks/results/session10/diag_demo.log``) came from this
+script at ``9c79bd9``, whose rows were ``plain``, ``lossless``, ``lossless_nowin`` (no
+windows), ``bare`` and ``<row>_noguard`` (a whole generate under
+``set_stance(skip_guard_eval_unsafe=True)``).
 
 Each row is timed interleaved (rotating order) over ``--rounds`` rounds, ms per decode
 token from generate(new) minus generate(1); then one generate of each row runs under
@@ -43,9 +49,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--rows", default="plain,lossless,lossless_nowin,bare,plain_noguard,"
-                    "lossless_noguard")
+    ap.add_argument("--rows", default="plain,plain_unguarded,lossless,lossless_guarded,"
+                    "lossless_steady,bare")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--no-inductor", action="store_true",
+                    help="plain: Dynamo's eager backend; lossless: inductor=False (a CPU smoke "
+                         "run of the rows, not a measurement)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -66,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     ids = tok(text, return_tensors="pt").input_ids[:, :args.prompt_tokens].to(device)
     cache_len = cache_bucket(ids.shape[1] + args.new + 8)
     rows = [r for r in args.rows.split(",") if r]
+    inductor = not args.no_inductor
 
     def sync() -> None:
         if cuda:
@@ -73,13 +83,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     gens = {}
     built = {}
-    if "plain" in rows:
-        plain = bench_lossless.PlainLoop(model, True, device, cache_len)
-        gens["plain"] = lambda n: plain.generate(ids, max_new_tokens=n)
-    for name, ctl in (("lossless", True), ("lossless_nowin", DraftController(sample_every=10**9))):
+    for name, unguarded in (("plain", False), ("plain_unguarded", True)):
+        if name in rows:
+            loop = bench_lossless.PlainLoop(model, inductor, device, cache_len,
+                                            unguarded=unguarded)
+            gens[name] = (lambda p: lambda n: p.generate(ids, max_new_tokens=n))(loop)
+    steady = DraftController(probe_every=10**9, max_probe_every=10**9, sample_every=10**9)
+    variants = (("lossless", True, True), ("lossless_guarded", True, False),
+                ("lossless_steady", steady, True))
+    for name, ctl, unguarded in variants:
         if name in rows or (name == "lossless" and "bare" in rows):
             fast = tide_compile.optimize(model, routers, mode="lossless", max_pending=7,
-                                         adaptive=ctl)
+                                         adaptive=ctl, unguarded=unguarded, inductor=inductor)
             built[name] = fast
             gens[name] = (lambda f: lambda n: f.generate(ids, max_new_tokens=n, eos_token_id=-1,
                                                          max_cache_len=cache_len))(fast)
@@ -105,13 +120,6 @@ def main(argv: list[str] | None = None) -> dict:
                 out.append(cur)
             return torch.stack(out)
         gens["bare"] = bare
-    def unguarded(g):
-        def run(n: int):
-            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-                return g(n)
-        return run
-    for k in list(gens):
-        gens[k + "_noguard"] = unguarded(gens[k])
     gens = {k: v for k, v in gens.items() if k in rows}
 
     warm = {}
@@ -122,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         sync()
         warm[k] = round(time.time() - t0, 1)
     print(json.dumps({"warmup_s": warm}), flush=True)
+    new_tokens = {k: g(args.new).reshape(-1)[-args.new:].tolist() for k, g in gens.items()}
+    ref = new_tokens.get("plain")
     per = {k: [] for k in gens}
     kinds = list(gens)
     for r in range(args.rounds):
@@ -140,17 +150,20 @@ def main(argv: list[str] | None = None) -> dict:
     base = per.get("plain")
     for k, v in per.items():
         r = {"ms_per_token": round(statistics.median(v), 4),
-             "ms": [round(x, 4) for x in v]}
+             "ms": [round(x, 4) for x in v],
+             # (bare decodes from the last prompt token alone: its tokens differ)
+             "tokens_equal_plain": None if ref is None or k == "bare" else new_tokens[k] == ref}
         if base:
             ratios = [b / x for b, x in zip(base, v)]
             r["x_plain_paired"] = round(statistics.median(ratios), 3)
         result["rows"][k] = r
     for name, fast in built.items():
         result["rows"].setdefault(name, {})["stats"] = str(fast.lossless_stats)
-    print("\n| row | ms/token | x plain (paired) |\n|---|---|---|")
+    print("\n| row | ms/token | x plain (paired) | tokens = plain |\n|---|---|---|---|")
     for k, r in result["rows"].items():
         if "ms_per_token" in r:
-            print(f"| {k} | {r['ms_per_token']:.4f} | {r.get('x_plain_paired', '')} |")
+            print(f"| {k} | {r['ms_per_token']:.4f} | {r.get('x_plain_paired', '')} | "
+                  f"{r['tokens_equal_plain']} |")
     if not args.no_profile:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

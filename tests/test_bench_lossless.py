@@ -78,3 +78,23 @@ def test_bench_lossless_model_rows_interleaved(tmp_path):
     assert len(unguarded["decode_ms"]) == repeats and unguarded["x_plain_paired"] > 0
     fixed = rows["demo:lossless_fixed"]  # always drafts: every step a stop or a deep step
     assert fixed["plain_step_fraction"] == 0.0 and fixed["fallbacks"] == 0
+
+
+def test_diag_fallback_smoke(tmp_path):
+    """benchmarks/diag_fallback.py on the demo model (real weights, FX graphs, CPU): every
+    row runs and times, and every row that decodes the prompt gives the plain loop's
+    tokens (a smoke run of the rows, not a measurement)."""
+    spec = importlib.util.spec_from_file_location(
+        "diag_fallback", os.path.join(ROOT, "benchmarks", "diag_fallback.py"))
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    out = tmp_path / "diag.json"
+    result = diag.main(["--no-inductor", "--new", "6", "--prompt-tokens", "12", "--rounds", "2",
+                        "--no-profile", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows == json.loads(json.dumps(result["rows"]))
+    assert set(rows) == {"plain", "plain_unguarded", "lossless", "lossless_guarded",
+                         "lossless_steady", "bare"}
+    assert all(r["ms_per_token"] > 0 and len(r["ms"]) == 2 for r in rows.values())
+    assert all(r["tokens_equal_plain"] for k, r in rows.items() if k != "bare"), rows
+    assert rows["bare"]["tokens_equal_plain"] is None
