@@ -579,3 +579,25 @@ def test_plain_runs_skip_guard_evaluation():
                     unguarded=False).lossless.unguarded is False
     with pytest.raises(TypeError, match="unguarded must be True or False"):
         lossless(model, RouterSet.forced(model, exit_at=None, config=CFG), unguarded="yes")
+
+
+def test_many_models_of_one_class_share_dynamos_recompile_limit():
+    """Every compiled forward of one model class shares one code object, and Dynamo's
+    recompile limit counts its cache entries: five lossless models of one class (and the
+    caller's own compiled forward) in one process all compile and generate. Before the
+    limit counted the entries already there, the fifth failed with "recompile limit
+    exceeded"."""
+    torch._dynamo.reset()
+    model = model_for("llama", LAYERS)
+    ids = prompt_ids(6, 5)
+    want = plain_greedy(model, ids, 8)
+    own = torch.compile(model.forward, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        own(input_ids=ids)
+    limit = torch._dynamo.config.recompile_limit
+    for _ in range(5):
+        fast = tide_compile.optimize(model, RouterSet.forced(model, exit_at=1, config=CFG),
+                                     mode="lossless", inductor=False, max_pending=3)
+        assert torch.equal(fast.generate(ids, max_new_tokens=8, eos_token_id=-1), want)
+        assert fast.lossless_stats.drafted > 0
+    assert torch._dynamo.config.recompile_limit == limit  # raised only around first calls

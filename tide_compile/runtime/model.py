@@ -50,6 +50,19 @@ MIN_CACHE_BUCKET = 256
 _RECOMPILE_HEADROOM = 8
 
 
+def _cache_entries(model: nn.Module) -> int:
+    """How many Dynamo cache entries the model class's ``forward`` holds (what Dynamo
+    compiles for ``torch.compile(model.forward)``: the outermost function, a decorator's
+    wrapper in transformers); 0 where torch does not say."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        code = getattr(type(model).forward, "__code__", None)
+        return len(_debug_get_cache_entry_list(code)) if code is not None else 0
+    except Exception:  # a private helper: gone or changed in this torch
+        return 0
+
+
 def cache_bucket(positions: int) -> int:
     """The cache length for ``positions``: the next power of two, at least
     :data:`MIN_CACHE_BUCKET`."""
@@ -430,12 +443,17 @@ class TIDEModel(nn.Module):
         """Around the first call of each graph of a bucket (the prompt step, the decode
         step, or one per width under kv="deferred"): Dynamo's recompile limit raised to
         cover every graph of every bucket (each bucket is new cache tensors and new static
-        sizes, so a new graph)."""
+        sizes, so a new graph), on top of the cache entries that the model's forward
+        already holds. Dynamo counts entries per code object, and every compiled forward
+        of one model class shares it: other TIDEModels of the same class, the caller's
+        own ``torch.compile`` of it. Without counting those, the fifth lossless model of
+        one class failed with "recompile limit exceeded"."""
         if kind in bucket.compiled:
             return contextlib.nullcontext()
         bucket.compiled.add(kind)
         graphs = sum(max(2, len(b.compiled)) for b in self._buckets.values())
-        limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_HEADROOM + graphs)
+        limit = max(torch._dynamo.config.recompile_limit,
+                    _RECOMPILE_HEADROOM + graphs + _cache_entries(self.model))
         return torch._dynamo.config.patch(recompile_limit=limit)
 
     def _count_decode(self, batch: int, live: list[bool]) -> None:
