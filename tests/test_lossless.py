@@ -501,21 +501,29 @@ def test_drafted_eos_is_read_one_step_late():
     assert (s.drafted, s.deep_steps, s.accepted, s.tokens) == (3, 1, 2, 2), s.summary()
 
 
-def test_plain_step_eos_is_read_one_step_late():
-    """In the adaptive fallback (plain steps), whether a token is EOS is read one step
-    late: the plain step after the EOS runs, its token is dropped and not counted, and
-    the output stops at the EOS exactly as the plain model's does."""
+def fallen_back(seed: int, new: int):
+    """A lossless model with routers that never exit, whose controller has fallen back
+    to plain steps after one generate of ``new`` tokens (checked: output equal to the
+    plain model's, a plain phase longer than ``new``): (fast, ids, plain output, ctl)."""
     model = model_for("llama", LAYERS)
     controller = DraftController(probe_every=256, max_probe_every=256, warmup=1,
                                  min_samples=1, min_rounds=1, plain_window=1)
     fast = lossless(model, RouterSet.forced(model, exit_at=None, config=CFG), max_pending=3,
                     adaptive=controller)
-    ids = prompt_ids(5, 3)
-    new = 24
+    ids = prompt_ids(5, seed)
     free = plain_greedy(model, ids, new)
     assert torch.equal(fast.generate(ids, max_new_tokens=new, eos_token_id=-1), free)
     (ctl,) = [fast.lossless.controller(key) for key in fast.lossless.states]
     assert ctl.phase == "plain" and ctl.remaining > new, "never-exit drafts should fall back"
+    return fast, ids, free, ctl
+
+
+def test_plain_step_eos_is_read_one_step_late():
+    """In the adaptive fallback (plain steps), whether a token is EOS is read one step
+    late: the plain step after the EOS runs, its token is dropped and not counted, and
+    the output stops at the EOS exactly as the plain model's does."""
+    new = 24
+    fast, ids, free, ctl = fallen_back(3, new)
     tokens = free[0, 5:].tolist()
     j = next(i for i in range(2, new) if tokens[i] not in tokens[:i])  # first occurrence
     fast.lossless_stats.reset()
@@ -542,17 +550,9 @@ def test_plain_runs_skip_guard_evaluation():
     stance is restored after the run, and a stance the caller set is left alone."""
     from torch._dynamo import eval_frame
 
-    model = model_for("llama", LAYERS)
-    controller = DraftController(probe_every=256, max_probe_every=256, warmup=1,
-                                 min_samples=1, min_rounds=1, plain_window=1)
-    fast = lossless(model, RouterSet.forced(model, exit_at=None, config=CFG), max_pending=3,
-                    adaptive=controller)
-    ids = prompt_ids(5, 4)
     new = 20
-    free = plain_greedy(model, ids, new)
-    assert torch.equal(fast.generate(ids, max_new_tokens=new, eos_token_id=-1), free)
-    (ctl,) = [fast.lossless.controller(key) for key in fast.lossless.states]
-    assert ctl.phase == "plain" and ctl.remaining > new, "never-exit drafts should fall back"
+    fast, ids, free, ctl = fallen_back(4, new)
+    model = fast.model
     (kind,) = fast.lossless._plain
     fn, graphs = fast.lossless._plain[kind]
     seen: list[tuple[str, bool]] = []
