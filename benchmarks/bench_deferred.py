@@ -158,37 +158,6 @@ class DeepEveryK:
         return __call__
 
 
-class FixedLoop(bench_decode.BucketedLoop):
-    """``bench_decode.BucketedLoop`` (the Inductor baseline's greedy batch-1 generate) on
-    one given cache length instead of its bucket, as the tide rows get through
-    ``max_cache_len``."""
-
-    def __init__(self, model, fn, device: str, mark_step: bool, cache_len: int) -> None:
-        super().__init__(model, fn, device, mark_step)
-        self.cache_len = cache_len
-
-    @torch.no_grad()
-    def generate(self, ids: torch.Tensor, new: int) -> int:
-        cache = self.caches.get(self.cache_len)
-        if cache is None:
-            cache = self.caches[self.cache_len] = bench_decode.new_cache(self.model,
-                                                                         self.cache_len)
-            self.model(input_ids=ids[:, :1], past_key_values=cache, use_cache=True)
-        cache.reset()
-        step = ids.clone()
-        positions = torch.arange(ids.shape[1], device=self.device)[None]
-        torch._dynamo.mark_dynamic(step, 1)
-        torch._dynamo.mark_dynamic(positions, 1)
-        for _ in range(new):
-            if self.mark_step:
-                torch.compiler.cudagraph_mark_step_begin()
-            logits = self.fn(input_ids=step, position_ids=positions, past_key_values=cache,
-                             use_cache=True).logits
-            step = logits[:, -1:].argmax(-1).clone()
-            positions = positions[:, -1:] + 1
-        return new
-
-
 def clock(device: str) -> float:
     """Seconds: wall time after a CUDA sync, or this process's CPU time on a CPU."""
     if device == "cuda":
@@ -449,7 +418,8 @@ def _run(args: argparse.Namespace, device: str, inductor: bool) -> dict:
         else:
             fn = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
         mark = device == "cuda" and inductor
-        loops = {p: FixedLoop(model, fn, device, mark, cache_len[p]) for p in prompts}
+        loops = {p: bench_decode.BucketedLoop(model, fn, device, mark,
+                                              max_cache_len=cache_len[p]) for p in prompts}
 
         def run(p: int, n: int) -> float:
             t0 = clock(device)
