@@ -275,3 +275,29 @@ def test_bench_tables_of_recorded_gpu_results() -> None:
     assert "NVIDIA H200" in table and "| tide_exit@8 | 2.538 | 2.36 | 3.036 | 0.778 | 8.0 |" in table
     calib = json.loads((REPO / "benchmarks" / "results" / "bench_calibration.json").read_text())
     assert "| total_min | 0.563 |" in calibration_markdown(calib)
+
+
+def test_generate_mode_lossless(tmp_path, capsys) -> None:
+    """--mode lossless: forced exits after layer 1 of the demo model are drafts the deep
+    steps verify; the text is the plain model's greedy continuation and the lossless
+    stats are printed. --kv propagate and --strategy are refused in one line."""
+    import torch
+
+    model, tok = demo.load()
+    forced = RouterSet.forced(model, exit_at=1, config=TIDEConfig(checkpoint_interval=2))
+    path = tmp_path / "forced.tide"
+    forced.save(path)
+    prompt, new = "ROMEO.\nWhat light", 8
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = model.generate(ids, max_new_tokens=new, do_sample=False, min_new_tokens=new)
+    base = ["generate", "--model", "demo", "--routers", str(path), "--prompt", prompt,
+            "--max-new-tokens", str(new), "--threshold", "0.5", "--mode", "lossless"]
+    rc, out, _ = run(base, capsys)
+    assert rc == 0, out
+    assert out.startswith(tok.decode(plain[0], skip_special_tokens=True) + "\n")
+    assert "Drafted:" in out and "Drafted: 0," not in out and "Adaptive fallback:" in out
+    rc, _, err = run(base + ["--kv", "propagate"], capsys)
+    assert rc == 1 and "drop --kv propagate" in err
+    rc, _, err = run(base + ["--strategy", "skip"], capsys)
+    assert rc == 1 and "drop --strategy" in err

@@ -332,6 +332,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                         "on the H200)")
     _add_sampling(p)
     _add_kv(p)
+    p.add_argument("--mode", choices=("exit", "lossless"), default="exit",
+                   help="exit: tokens leave early, output close to the model's; lossless: "
+                        "exits are drafts that deep steps verify, output the model's own "
+                        "(needs --kv deferred; docs/lossless.md) (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(func=_run_generate)
 

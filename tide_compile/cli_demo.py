@@ -402,13 +402,21 @@ def _generate(args: argparse.Namespace) -> int:
 
     if not args.prompt:
         raise TIDEError("--prompt is empty: pass the text to continue")
+    lossless = args.mode == "lossless"
+    if lossless and args.kv != "deferred":
+        raise TIDEError("--mode lossless runs on exact K/V: drop --kv propagate")
+    if lossless and args.strategy != "auto":
+        raise TIDEError("--strategy is a --kv propagate setting; --mode lossless plans its "
+                        "own graphs: drop --strategy")
     check_model_arg(args.model)
     model, tokenizer = load_any(args.model, args.device, args.dtype)
     routers = routers_for(model, args.model, args.routers)
     device = next(model.parameters()).device
     inductor = args.inductor if args.inductor is not None else device.type == "cuda"
-    options: dict[str, Any] = {"inductor": inductor, "strategy": args.strategy, "kv": args.kv,
+    options: dict[str, Any] = {"inductor": inductor, "kv": args.kv,
                                "max_pending": args.max_pending}
+    if not lossless:
+        options["strategy"] = args.strategy
     if args.threshold is not None:
         options["exit_threshold"] = args.threshold
     if args.compaction_threshold is not None:
@@ -420,7 +428,7 @@ def _generate(args: argparse.Namespace) -> int:
     ids = enc["input_ids"].to(device)
     mask = enc.get("attention_mask")
     torch._dynamo.reset()  # see run_demo
-    fast = optimize(model, routers, **options)
+    fast = optimize(model, routers, mode=args.mode, **options)
     generator = None
     if args.do_sample:
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -434,6 +442,8 @@ def _generate(args: argparse.Namespace) -> int:
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     print()
     print(fast.tide_stats.summary())
+    if lossless:
+        print(fast.lossless_stats.summary())
     print(f"{new} new tokens in {elapsed:.1f} s, compilation included (exit_threshold "
           f"{threshold:g}, Inductor {'on' if inductor else 'off'}, {device}; steady-state "
           "tokens/s: `tide-compile tune` or `tide-compile demo`)")
