@@ -3,6 +3,7 @@ smoke run of its ceiling rows, projections and JSON, not a measurement."""
 
 import importlib.util
 import json
+import math
 import os
 
 import torch
@@ -95,6 +96,7 @@ def test_diag_fallback_smoke(tmp_path):
     assert rows == json.loads(json.dumps(result["rows"]))
     assert set(rows) == {"plain", "plain_unguarded", "lossless", "lossless_guarded",
                          "lossless_steady", "bare"}
-    assert all(r["ms_per_token"] > 0 and len(r["ms"]) == 2 for r in rows.values())
+    # (wall-clock differences of two short generates: their sign is noise on a loaded CPU)
+    assert all(math.isfinite(r["ms_per_token"]) and len(r["ms"]) == 2 for r in rows.values())
     assert all(r["tokens_equal_plain"] for k, r in rows.items() if k != "bare"), rows
     assert rows["bare"]["tokens_equal_plain"] is None

@@ -7,6 +7,7 @@ step runs all 4), and the compiles stay within the documented bound. Inductor is
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -157,8 +158,10 @@ def test_bench_decode_smoke(tmp_path, monkeypatch):
     lo, hi = paired["ratio_range"]
     assert lo <= paired["ratio_median"] <= hi
     (generated,) = [r for r in json.loads(gen.read_text())["rows"] if r["name"] == "tide_exit@4"]
-    # through generate: the prompt step runs every layer, the 4 x 2 decode steps 4 each
-    assert generated["ms_per_token"] > 0 and generated["mean_layers_executed"] < 8.0
+    # through generate: the prompt step runs every layer, the 4 x 2 decode steps 4 each.
+    # (ms_per_token is a difference of two timed generates: on a loaded 2-core machine,
+    # with 4 steps, its sign is noise; only that it was measured is checked.)
+    assert math.isfinite(generated["ms_per_token"]) and generated["mean_layers_executed"] < 8.0
     rows = {r["name"]: r for r in json.loads(traffic.read_text())["rows"]}
     assert set(rows) == {"inductor", "tide_never_exit", "tide_exit@4"}
     assert all(r["tokens_per_s"] > 0 for r in rows.values())
