@@ -599,8 +599,15 @@ class BucketedLoop:
         self.unguarded = unguarded  # one-token steps after the first: decode_loop's
         self.caches: dict[int, object] = {}
 
-    @torch.no_grad()
     def generate(self, ids: torch.Tensor, new: int) -> int:
+        """Generate ``new`` tokens after ``ids``; returns ``new``."""
+        self.tokens(ids, new)
+        return new
+
+    @torch.no_grad()
+    def tokens(self, ids: torch.Tensor, new: int) -> list[torch.Tensor]:
+        """The greedy loop: its ``new`` tokens, each ``[batch, 1]``."""
+        from tide_compile.runtime.lossless import unguarded
         from tide_compile.runtime.model import cache_bucket
 
         length = self.max_cache_len or cache_bucket(ids.shape[1] + new)
@@ -611,19 +618,18 @@ class BucketedLoop:
         cache.reset()
         step = ids.clone()
         positions = torch.arange(ids.shape[1], device=self.device)[None]
+        out = []
         if self.eager_prompt:  # the prompt eagerly, then compiled one-token steps
             logits = self.model(input_ids=step, position_ids=positions, past_key_values=cache,
                                 use_cache=True).logits
             step = logits[:, -1:].argmax(-1)
+            out.append(step)
             positions = positions[:, -1:] + 1
-            new -= 1
         else:
             torch._dynamo.mark_dynamic(step, 1)
             torch._dynamo.mark_dynamic(positions, 1)
-        from tide_compile.runtime.lossless import unguarded
-
         with contextlib.ExitStack() as guards:
-            for i in range(new):
+            for i in range(new - self.eager_prompt):
                 if i == 1 + (not self.eager_prompt) and self.unguarded:
                     guards.enter_context(unguarded())
                 if self.mark_step:
@@ -631,8 +637,9 @@ class BucketedLoop:
                 logits = self.fn(input_ids=step, position_ids=positions, past_key_values=cache,
                                  use_cache=True).logits
                 step = logits[:, -1:].argmax(-1).clone()
+                out.append(step)
                 positions = positions[:, -1:] + 1
-        return new + self.eager_prompt
+        return out
 
 
 def traffic(args) -> None:

@@ -75,7 +75,6 @@ Usage: python benchmarks/bench_lossless.py [--rows models,ceiling] [--out lossle
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import importlib.util
 import json
@@ -92,7 +91,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import tide_compile  # noqa: E402
 from tide_compile import RouterSet, TIDEConfig  # noqa: E402
-from tide_compile.runtime.lossless import unguarded  # noqa: E402
 from tide_compile.runtime.model import cache_bucket  # noqa: E402
 
 
@@ -127,47 +125,24 @@ def zero_layers_after(model, depth: int) -> None:
             block.mlp.down_proj.weight.zero_()
 
 
-class PlainLoop:
-    """The compiled plain model's greedy batch-1 generate on one cache length: the prompt
-    step (its length dynamic), then one-token steps; returns the sequence."""
+class PlainLoop(bench_decode.BucketedLoop):
+    """The compiled plain model's greedy batch-1 generate on one cache length
+    (``bench_decode.BucketedLoop``: the prompt step, its length dynamic, then one-token
+    steps, the two after the prompt guarded in full when ``unguarded``); returns the
+    sequence."""
 
     def __init__(self, model, inductor: bool, device: str, cache_len: int,
                  unguarded: bool = False) -> None:
-        self.model = model
-        self.unguarded = unguarded
-        self.mark = device == "cuda" and inductor
         if inductor:
-            self.fn = torch.compile(model.forward, fullgraph=True, dynamic=False,
-                                    mode="reduce-overhead" if device == "cuda" else None)
+            fn = torch.compile(model.forward, fullgraph=True, dynamic=False,
+                               mode="reduce-overhead" if device == "cuda" else None)
         else:
-            self.fn = torch.compile(model.forward, backend="eager", fullgraph=True,
-                                    dynamic=False)
-        self.cache = bench_decode.new_cache(model, cache_len)
-        self.ready = False
+            fn = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
+        super().__init__(model, fn, device, device == "cuda" and inductor,
+                         max_cache_len=cache_len, unguarded=unguarded)
 
-    @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, **_: Any) -> torch.Tensor:
-        if not self.ready:  # the cache tensors exist before any compiled step
-            self.model(input_ids=ids[:, :1], past_key_values=self.cache, use_cache=True)
-            self.ready = True
-        self.cache.reset()
-        step = ids.clone()
-        positions = torch.arange(ids.shape[1], device=ids.device)[None]
-        torch._dynamo.mark_dynamic(step, 1)
-        torch._dynamo.mark_dynamic(positions, 1)
-        tokens = []
-        with contextlib.ExitStack() as guards:
-            for i in range(max_new_tokens):
-                if i == 2 and self.unguarded:  # after the prompt step and one decode step
-                    guards.enter_context(unguarded())
-                if self.mark:
-                    torch.compiler.cudagraph_mark_step_begin()
-                logits = self.fn(input_ids=step, position_ids=positions,
-                                 past_key_values=self.cache, use_cache=True).logits
-                step = logits[:, -1:].argmax(-1).clone()
-                tokens.append(step)
-                positions = positions[:, -1:] + 1
-        return torch.cat([ids] + tokens, dim=-1)
+        return torch.cat([ids] + self.tokens(ids, max_new_tokens), dim=-1)
 
 
 def parse_ints(text: str) -> list[int]:
