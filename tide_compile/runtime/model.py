@@ -443,17 +443,18 @@ class TIDEModel(nn.Module):
         """Around the first call of each graph of a bucket (the prompt step, the decode
         step, or one per width under kv="deferred"): Dynamo's recompile limit raised to
         cover every graph of every bucket (each bucket is new cache tensors and new static
-        sizes, so a new graph), on top of the cache entries that the model's forward
-        already holds. Dynamo counts entries per code object, and every compiled forward
-        of one model class shares it: other TIDEModels of the same class, the caller's
-        own ``torch.compile`` of it. Without counting those, the fifth lossless model of
-        one class failed with "recompile limit exceeded"."""
+        sizes, so a new graph), or the cache entries that the model's forward already
+        holds, where more (they include this model's own graphs). Dynamo counts entries
+        per code object, and every compiled forward of one model class shares it: other
+        TIDEModels of the same class, the caller's own ``torch.compile`` of it. Without
+        counting those, the fifth lossless model of one class failed with "recompile
+        limit exceeded"."""
         if kind in bucket.compiled:
             return contextlib.nullcontext()
         bucket.compiled.add(kind)
         graphs = sum(max(2, len(b.compiled)) for b in self._buckets.values())
         limit = max(torch._dynamo.config.recompile_limit,
-                    _RECOMPILE_HEADROOM + graphs + _cache_entries(self.model))
+                    _RECOMPILE_HEADROOM + max(graphs, _cache_entries(self.model)))
         return torch._dynamo.config.patch(recompile_limit=limit)
 
     def _count_decode(self, batch: int, live: list[bool]) -> None:
