@@ -413,10 +413,8 @@ def _generate(args: argparse.Namespace) -> int:
     routers = routers_for(model, args.model, args.routers)
     device = next(model.parameters()).device
     inductor = args.inductor if args.inductor is not None else device.type == "cuda"
-    options: dict[str, Any] = {"inductor": inductor, "kv": args.kv,
+    options: dict[str, Any] = {"inductor": inductor, "strategy": args.strategy, "kv": args.kv,
                                "max_pending": args.max_pending}
-    if not lossless:
-        options["strategy"] = args.strategy
     if args.threshold is not None:
         options["exit_threshold"] = args.threshold
     if args.compaction_threshold is not None:
