@@ -370,6 +370,51 @@ def test_controller_times_plain_steps_in_windows(monkeypatch):
         DraftController(plain_window=0)
 
 
+def test_controller_on_cuda_times_whole_runs_after_wide_steps(monkeypatch):
+    """On CUDA, once the plain cost has samples, no window opens inside a run (a
+    synchronize there stalls the GPU); a run that follows a wide step is one window,
+    not capped at ``plain_window``, with one synchronize at each end; a run that does
+    not follow one is not timed."""
+    clock = iter(float(t) for t in range(1000))
+    syncs = []
+    import tide_compile.runtime.lossless as lossless_mod
+
+    monkeypatch.setattr(lossless_mod.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(lossless_mod.torch.cuda, "synchronize", lambda: syncs.append(1))
+    s = LosslessStats(num_layers=8)
+    c = DraftController(plain_window=2, warmup=0, min_samples=1, min_rounds=1, decay=0.0)
+    c._enter_plain(2, fallback=False)  # calibration: windows of plain_window steps
+    for _ in range(2):
+        c.begin_run(cuda=True, drained=True)  # no cost yet: begin_run opens nothing
+        c.begin_plain_step(cuda=True)
+        c.end_plain_step(s, cuda=True)
+    assert len(c._times["plain"]) == 1 and len(syncs) == 2
+    c._enter_plain(12, fallback=True)
+    c.begin_run(cuda=True, drained=False)  # not after a wide step: not timed
+    for _ in range(5):
+        c.begin_plain_step(cuda=True)
+        c.end_plain_step(s, cuda=True)
+    assert len(c._times["plain"]) == 1 and len(syncs) == 2 and c._window_t0 is None
+    syncs.clear()
+    t_start = next(clock) + 1
+    c.begin_run(cuda=True, drained=True)
+    for _ in range(7):  # past plain_window: the window spans the run
+        c.begin_plain_step(cuda=True)
+        assert c._window_t0 == t_start
+        c.end_plain_step(s, cuda=True)
+    assert c.phase == "draft" and c._window_t0 is None
+    assert list(c._times["plain"])[-1] == pytest.approx(1 / 7)  # the clock ran once more
+    assert len(syncs) == 2  # one before the clock starts, one when the phase ended
+    # A run cut by the end of the generate: close_window takes its sample.
+    c._enter_plain(12, fallback=True)
+    c.begin_run(cuda=True, drained=True)
+    for _ in range(3):
+        c.begin_plain_step(cuda=True)
+        c.end_plain_step(s, cuda=True)
+    c.close_window(cuda=True)
+    assert len(c._times["plain"]) == 3 and len(syncs) == 4 and not c._run_window
+
+
 def test_stats_summary():
     s = LosslessStats(num_layers=8, drafted=4, accepted=3, tokens=6, deep_steps=2,
                       plain_steps=1, fallbacks=1, probes=1, draft_depths={2: 3, 4: 1})

@@ -45,7 +45,9 @@ of stopped, deep and plain steps (``time.perf_counter``; on CUDA a synchronize b
 after, only on the steps it samples: every step while a kind has too few samples, then
 about one in ``sample_every``; the first ``warmup`` steps of each kind are compiles and
 captures and are not used). A plain step's cost is its throughput: the time of a window
-of ``plain_window`` consecutive plain steps between two synchronizes, over their number.
+of consecutive plain steps between two synchronizes, over their number (``plain_window``
+steps while the cost lacks samples; then, on CUDA, a whole run of plain steps that follows
+a wide step, whose synchronizes are free: :meth:`DraftController.begin_run`).
 Timed alone, a plain step would also pay the launch latency that a run of them hides
 behind the GPU (the host queues the next step while the GPU runs this one), and drafting
 would look better than it is: on the H200 the demo model's compiled plain step runs at
@@ -226,10 +228,12 @@ class DraftController:
         max_probe_every: the longest fallback (each failed probe doubles it).
         min_rounds: rounds of a drafting phase before a decision.
         decay: per round, the weight of the earlier rounds in the counts.
-        sample_every: once every kind has ``min_samples``, about one step in this many is
-            timed, or opens a window of plain steps (CUDA; on a CPU every step is timed,
-            timing needs no synchronize there).
-        plain_window: consecutive plain steps timed together (one sample: their mean).
+        sample_every: once the stopped and deep kinds have ``min_samples``, about one
+            such step in this many is timed (CUDA; on a CPU every step is timed, timing
+            needs no synchronize there).
+        plain_window: consecutive plain steps timed together (one sample: their mean)
+            while the plain cost lacks samples, and always on a CPU; later, on CUDA, a
+            window spans a run of plain steps (:meth:`begin_run`).
         warmup: the first steps of each kind are not used (compiles, captures).
         min_samples: timed steps of a kind before its cost is used.
         history: the cost of a kind is the median of its last ``history`` samples.
@@ -268,6 +272,7 @@ class DraftController:
         self._probing = False  # the drafting phase is a probe after a fallback
         self._window_t0: float | None = None  # an open window of plain steps: its start
         self._window_n = 0
+        self._run_window = False  # the open window spans a run (no plain_window cap)
         #: the last gain computed (None: none yet)
         self.gain: float | None = None
 
@@ -303,18 +308,36 @@ class DraftController:
         self._median.pop(kind, None)
 
     # -------------------------------------------------------------- plain windows
+    def begin_run(self, cuda: bool, drained: bool) -> None:
+        """Before a run of plain steps (the lossless loop's tight loop). On CUDA, once the
+        plain cost has its samples, one window spans the whole run (one sample: the run's
+        throughput) and closes when the plain phase ends, or the generate does. It opens
+        only when ``drained``: the run follows a wide step, which read exit decisions on
+        the host, so the GPU's queue is empty and the synchronize before the clock starts
+        costs nothing; so does the one at its end, which a wide step (or the end of the
+        generate) would wait for anyway. A synchronize inside a run would not be free: the
+        GPU idles while the host prepares the next step, and windows at one step in
+        ``sample_every`` measured 2-6% of the plain step on the H200 (eleventh device
+        session). A run that does not follow a wide step (the plain phase goes on in the
+        next generate) is not timed."""
+        if not cuda or not drained or self._window_t0 is not None \
+                or self._seen["plain"] < self.warmup or self.cost("plain") is None:
+            return
+        torch.cuda.synchronize()
+        self._window_t0 = time.perf_counter()
+        self._window_n = 0
+        self._run_window = True
+
     def begin_plain_step(self, cuda: bool) -> None:
-        """Before a plain step of a plain phase: open a window of timed plain steps if one
-        is due (after ``warmup`` plain steps; every step on a CPU; on CUDA while the plain
-        cost lacks samples, else at about one step in ``sample_every``): on CUDA a
-        synchronize, then the clock starts."""
+        """Before a plain step of a plain phase: open a window of ``plain_window`` timed
+        plain steps if one is due (after ``warmup`` plain steps; on a CPU whenever none is
+        open; on CUDA only while the plain cost lacks samples, after a synchronize; later
+        windows span runs, :meth:`begin_run`)."""
         if self._window_t0 is not None or self._seen["plain"] < self.warmup:
             return
-        self._steps += 1
-        if cuda and self.cost("plain") is not None \
-                and (self._steps * _GOLDEN) % 1.0 >= 1.0 / self.sample_every:
-            return
         if cuda:
+            if self.cost("plain") is not None:
+                return
             torch.cuda.synchronize()
         self._window_t0 = time.perf_counter()
         self._window_n = 0
@@ -332,6 +355,7 @@ class DraftController:
             self._add_sample("plain", (time.perf_counter() - self._window_t0) / self._window_n)
         self._window_t0 = None
         self._window_n = 0
+        self._run_window = False
 
     # -------------------------------------------------------------- decisions
     def end_round(self, stops: int, tokens: int, stats: LosslessStats) -> None:
@@ -370,7 +394,8 @@ class DraftController:
         self.remaining -= 1
         if self._window_t0 is not None:
             self._window_n += 1
-            if self._window_n >= self.plain_window or self.remaining <= 0:
+            if self.remaining <= 0 or (self._window_n >= self.plain_window
+                                       and not self._run_window):
                 self.close_window(cuda)
         if self.remaining <= 0:
             self.phase = "draft"
@@ -633,6 +658,7 @@ def generate_lossless(
     # EOS runs, and its token is dropped and not counted.
     plain_flag = _LaggedFlag(device) if eos_set else None
     eos_t = torch.tensor(sorted(eos_set), device=device, dtype=torch.long)
+    after_wide = False  # the last step was a wide one (it read on the host: queue drained)
     while not done and produced < max_new_tokens:
         if ctl is not None and ctl.phase == "plain" and m == 0:
             # ------------------------------------------------------ a run of fallback steps
@@ -640,6 +666,8 @@ def generate_lossless(
             # them: the tokens reach ``seq`` and the counters once per run, not per step.
             run: list[torch.Tensor] = []
             steps = min(ctl.remaining, max_new_tokens - produced)
+            ctl.begin_run(cuda, drained=after_wide)
+            after_wide = False
             with contextlib.ExitStack() as guards:
                 for i in range(steps):
                     if i == 1 and decoder.unguarded:  # the same call as the guarded first
@@ -765,6 +793,7 @@ def generate_lossless(
                 ctl.observe(kind, None)
             if kind == "deep":
                 ctl.end_round(*rounds, stats)
+        after_wide = True
     if ctl is not None:
         ctl.close_window(cuda)
     runner.force_deep = False
