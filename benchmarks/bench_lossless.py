@@ -34,7 +34,8 @@ Rows (``--rows``, comma list):
   host's load by up to 2x between calls (ninth device session), so rows timed one after
   another are not comparable. ``x_plain`` is the ratio of the medians,
   ``x_plain_paired`` the median of the per-measurement ratios (same prompt, same round)
-  and ``x_plain_paired_range`` their range. (The separate-verify ``mode="speculative"``
+  and ``x_plain_paired_range`` their range; lossless rows also get ``x_unguarded_paired``
+  (and its range), the same against ``plain_unguarded`` when that row runs. (The separate-verify ``mode="speculative"``
   had a row here until it was removed: it measured 0.49-0.71x plain on these models.)
 
   Lossless rows report ``acceptance``, ``mean_draft_depth``, ``fallbacks`` (rounds of the
@@ -392,6 +393,14 @@ def first_mismatch(tokens: list[list[int]], ref: list[list[int]]) -> list[int | 
     return found
 
 
+def paired(base: dict, m: dict, key: str) -> dict:
+    """``key``: the median of the per-measurement ratios base / m (the same prompt, the
+    same round; above 1: m is faster), and ``key + "_range"`` their range."""
+    ratios = [b / t for b, t in zip(base["decode_ms"], m["decode_ms"])]
+    return {key: round(statistics.median(ratios), 3),
+            key + "_range": [round(min(ratios), 3), round(max(ratios), 3)]}
+
+
 def model_rows(name, args, device, inductor, measure_interleaved, row) -> None:
     """The model's rows (``--model-rows``), built and compiled first, then timed
     interleaved in this process (``measure_interleaved``): ``x_plain`` is the ratio of
@@ -449,11 +458,10 @@ def model_rows(name, args, device, inductor, measure_interleaved, row) -> None:
         if kind != "plain":
             extra = lossless_stats(built[kind]) if kind != "plain_unguarded" else {}
             if ref is not None:
-                plain_ms = measured["plain"]
-                ratios = [p / t for p, t in zip(plain_ms["decode_ms"], m["decode_ms"])]
-                extra["x_plain_paired"] = round(statistics.median(ratios), 3)
-                extra["x_plain_paired_range"] = [round(min(ratios), 3), round(max(ratios), 3)]
+                extra.update(paired(measured["plain"], m, "x_plain_paired"))
                 extra["first_mismatch"] = first_mismatch(tokens, ref)
+            if kind.startswith("lossless") and "plain_unguarded" in measured:
+                extra.update(paired(measured["plain_unguarded"], m, "x_unguarded_paired"))
         x = (round(measured["plain"]["ms_per_token"] / m["ms_per_token"], 3)
              if "plain" in measured else None)
         row({"name": f"{name}:{kind}", **where, **m, "x_plain": x, **extra, "tokens": tokens})
@@ -532,18 +540,18 @@ def ceiling_rows(args, device, inductor, measure_interleaved, row, result, gate)
 def print_table(result: dict) -> None:
     unit = "CPU ms" if result["env"]["clock"] == "process CPU time" else "ms"
     print(f"\n| row | {unit}/token | tokens/s | x plain | x plain, paired [range] | "
-          "acceptance | draft depth | fallbacks | first mismatch |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "x plain_unguarded, paired | acceptance | draft depth | fallbacks | first mismatch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         if "ms_per_token" not in r:
-            print(f"| {r['name']} | {r.get('error', '')} | | | | | | | |")
+            print(f"| {r['name']} | {r.get('error', '')} | | | | | | | | |")
             continue
-        paired = ""
-        if "x_plain_paired" in r:
-            lo, hi = r["x_plain_paired_range"]
-            paired = f"{r['x_plain_paired']} [{lo}-{hi}]"
+        pairs = []
+        for key in ("x_plain_paired", "x_unguarded_paired"):
+            lo_hi = r.get(key + "_range")
+            pairs.append(f"{r[key]} [{lo_hi[0]}-{lo_hi[1]}]" if lo_hi else "")
         print(f"| {r['name']} | {r['ms_per_token']:.3f} | {r['tokens_per_s']} | "
-              f"{r.get('x_plain')} | {paired} | {r.get('acceptance', '')} | "
+              f"{r.get('x_plain')} | {' | '.join(pairs)} | {r.get('acceptance', '')} | "
               f"{r.get('mean_draft_depth', '')} | {r.get('fallbacks', '')} | "
               f"{r.get('first_mismatch', '')} |")
     for p in result["projection"]:

@@ -74,9 +74,13 @@ def test_bench_lossless_model_rows_interleaved(tmp_path):
         assert lo == round(min(ratios), 3) and hi == round(max(ratios), 3)
         assert lo <= r["x_plain_paired"] <= hi
         assert r["tokens"] == plain["tokens"] and r["first_mismatch"] == [None]
+        base = rows["demo:plain_unguarded"]["decode_ms"]  # the claim's second baseline
+        ratios = [b / t for b, t in zip(base, r["decode_ms"])]
+        assert r["x_unguarded_paired_range"] == [round(min(ratios), 3), round(max(ratios), 3)]
     unguarded = rows["demo:plain_unguarded"]  # the plain loop, steps after the second
     assert unguarded["tokens"] == plain["tokens"] and "acceptance" not in unguarded
     assert len(unguarded["decode_ms"]) == repeats and unguarded["x_plain_paired"] > 0
+    assert "x_unguarded_paired" not in unguarded and "x_unguarded_paired" not in plain
     fixed = rows["demo:lossless_fixed"]  # always drafts: every step a stop or a deep step
     assert fixed["plain_step_fraction"] == 0.0 and fixed["fallbacks"] == 0
 
