@@ -393,6 +393,14 @@ def first_mismatch(tokens: list[list[int]], ref: list[list[int]]) -> list[int | 
     return found
 
 
+def model_prompts(tok, texts: list[str], count: int, tokens: int) -> list[torch.Tensor]:
+    """The model rows' prompts: ``count`` paragraphs (over 200 characters) spread over the
+    model's held-out texts, each cut to its first ``tokens`` tokens ([1, <= tokens])."""
+    paras = [p.strip() for t in texts for p in t.split("\n\n") if len(p.strip()) > 200]
+    step = max(1, len(paras) // count)
+    return [tok(p, return_tensors="pt").input_ids[:, :tokens] for p in paras[::step][:count]]
+
+
 def paired(base: dict, m: dict, key: str) -> dict:
     """``key``: the median of the per-measurement ratios base / m (the same prompt, the
     same round; above 1: m is faster), and ``key + "_range"`` their range."""
@@ -416,10 +424,7 @@ def model_rows(name, args, device, inductor, measure_interleaved, row) -> None:
     except Exception as e:  # a missing package or file: reported, the rest goes on
         row({"name": f"{name}:skipped", "model": name, "error": f"{type(e).__name__}: {e}"})
         return
-    paras = [p.strip() for t in texts for p in t.split("\n\n") if len(p.strip()) > 200]
-    step = max(1, len(paras) // args.prompts)
-    prompts = [tok(p, return_tensors="pt").input_ids[:, :args.prompt_tokens].to(device)
-               for p in paras[::step][:args.prompts]]
+    prompts = [p.to(device) for p in model_prompts(tok, texts, args.prompts, args.prompt_tokens)]
     cache_len = cache_bucket(max(p.shape[1] for p in prompts) + args.new + args.max_pending)
     where = {"model": name, "num_layers": model.config.num_hidden_layers,
              "checkpoints": routers.checkpoint_layers,

@@ -104,3 +104,37 @@ def test_diag_fallback_smoke(tmp_path):
     assert all(math.isfinite(r["ms_per_token"]) and len(r["ms"]) == 2 for r in rows.values())
     assert all(r["tokens_equal_plain"] for k, r in rows.items() if k != "bare"), rows
     assert rows["bare"]["tokens_equal_plain"] is None
+
+
+def test_diag_mismatch_finds_the_tokens_logits(tmp_path):
+    """benchmarks/diag_mismatch.py on a made-up result (demo model, real weights): a row
+    that took the runner-up token at new token 2 is reported with the fp32 gap between
+    the two tokens' logits, which equals the top-2 margin, and fp32 picks the plain
+    row's token."""
+    spec = importlib.util.spec_from_file_location(
+        "diag_mismatch", os.path.join(ROOT, "benchmarks", "diag_mismatch.py"))
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    from tide_compile import cli_demo, demo
+
+    bench = load_bench()
+    model, tok = demo.load("demo", dtype=torch.float32, device="cpu")
+    prompt = bench.model_prompts(tok, cli_demo.heldout_texts("demo"), 1, 16)[0]
+    with torch.no_grad():
+        seq = model.generate(prompt, max_new_tokens=3, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+        runner_up = int(model(seq[:, :-1]).logits[0, -1].topk(2).indices[1])
+    plain = seq[0, prompt.shape[1]:].tolist()
+    row = plain[:2] + [runner_up]
+    src = tmp_path / "result.json"
+    src.write_text(json.dumps({"env": {"device": "made up"}, "rows": [
+        {"name": "demo:plain", "prompt_tokens": [prompt.shape[1]], "tokens": [plain]},
+        {"name": "demo:lossless_fixed", "prompt_tokens": [prompt.shape[1]], "tokens": [row],
+         "first_mismatch": [2]}]}))
+    found = diag.main([str(src), "--out", str(tmp_path / "out.json")])
+    assert len(found) == 1
+    f = found[0]
+    assert (f["new_token"], f["plain_token"], f["row_token"]) == (2, plain[2], runner_up)
+    assert f["fp32"]["argmax"] == plain[2] and f["fp32"]["gap"] > 0
+    assert math.isclose(f["fp32"]["gap"], f["fp32"]["top2_margin"], abs_tol=1e-3)
+    assert json.loads((tmp_path / "out.json").read_text())["mismatches"] == found
