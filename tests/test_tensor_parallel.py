@@ -439,3 +439,20 @@ CASES = {"forced_decode": case_forced_decode, "lockstep": case_lockstep,
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     _worker(Path(sys.argv[1]))
+
+
+def test_bench_allreduce_smoke(tmp_path):
+    """benchmarks/bench_allreduce.py on two gloo ranks (``--cpu``: the eager loop only):
+    the chain runs on both ranks and rank 0 writes a per-op time (a check of the script,
+    not a measurement)."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "allreduce.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={WORLD}", str(root / "benchmarks" / "bench_allreduce.py"),
+           "--cpu", "--ops", "4", "--replays", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["nccl_eager"]
+    assert rows[0]["world"] == WORLD and rows[0]["us_per_op"] > 0 and "error" not in rows[0]
