@@ -18,7 +18,11 @@ median ms/token, the median ratio to Inductor and its range. Next to each row, t
 path (its shards of the executed layers, of the skipped layers' K/V projections and
 input norms, of the final norm and lm_head), the speedup over the full path that those
 bytes allow, the time they take at ``--hbm-gbps`` (H200: 4800 GB/s), and the fraction of
-that speedup the row reached.
+that speedup the row reached (``fraction_of_bound``, relative to the baseline, as issue
+16's figures on one GPU), and ``fraction_of_bytes_bound``: the bytes bound in ms over the
+row's ms per token, the absolute reading (baseline included). ``--profile`` works with
+both loops: 8 hand-loop steps (``--loop dynamo``) or one generate as timed (``--loop
+generate``).
 
 Lockstep: after each tide row every rank's exit counters are gathered and compared
 (``lockstep``: true when all ranks counted the same exits and layers). ``--rows
@@ -56,6 +60,7 @@ import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -235,6 +240,8 @@ def main() -> None:
 
     def row(name, ms, **extra):
         r = {"name": name, "ms_per_token": round(ms, 4), **extra}
+        # the absolute reading: the bytes bound in ms over the measured ms per token
+        r["fraction_of_bytes_bound"] = round(r["bound_ms"] / r["ms_per_token"], 3)
         rows.append(r)
         say(json.dumps(r))
         save()
@@ -269,17 +276,27 @@ def main() -> None:
 
     profiled = set(args.profile.split(",")) - {""}
 
-    def profile_steps(name: str, fn, cache, mark_step: bool, steps: int = 8) -> None:
-        """``steps`` decode steps of ``fn`` under torch.profiler on every rank (the
+    def profile_steps(name: str, work: Callable[[], Any], what: str) -> None:
+        """``work`` (decode steps of a row) under torch.profiler on every rank (the
         collectives need both); rank 0 prints the tables and writes the trace."""
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
-            decode_loop(fn, model, prompt, steps, cache, device.type, mark_step, args.unguarded)
+            work()
         if rank == 0:
-            report_profile(prof, f"{name}: {steps} decode steps (+ an eager prefill), rank 0",
-                           name, cuda, args.out)
+            report_profile(prof, f"{name}: {what}, rank 0", name, cuda, args.out)
+
+    def profile_row(name: str, fn, cache, mark_step: bool, run: Callable[[], Any]) -> None:
+        """The row's steps under the profiler, as the row was timed: 8 steps of the hand
+        loop (``--loop dynamo``), or one timed generate (``--loop generate``)."""
+        if gen_loop:
+            profile_steps(name, run, f"one generate of {args.steps} tokens (prompt "
+                                     f"{args.prompt}), as timed")
+        else:
+            profile_steps(name, lambda: decode_loop(fn, model, prompt, 8, cache, device.type,
+                                                    mark_step, args.unguarded),
+                          "8 decode steps (+ an eager prefill)")
 
     skips0 = counters["inductor"]["cudagraph_skips"]
     if gen_loop:
@@ -290,7 +307,7 @@ def main() -> None:
         compile_and_first_s=round(time.time() - t0, 1), **bytes_fields(b["num_layers"]),
         cudagraph_skips=counters["inductor"]["cudagraph_skips"] - skips0)
     if base_name in profiled:
-        profile_steps(base_name, ind, ind_cache, mark)
+        profile_row(base_name, ind, ind_cache, mark, run_inductor)
 
     def tide_row(name: str, exit_at: int | None) -> None:
         if not rank0_says(time.time() - start <= args.time_budget):
@@ -334,8 +351,8 @@ def main() -> None:
             compile_and_first_s=compiled_s, graphed_runners=len(runners),
             captured_runners=sum(bool(getattr(r, "captured", False)) for r in runners),
             **paired)
-        if name in profiled and fn is not None:  # (--loop dynamo only)
-            profile_steps(name, fn, cache, False)
+        if name in profiled:
+            profile_row(name, fn, cache, False, run_tide)
 
     wanted = set(args.rows.split(","))
     if "never" in wanted:
@@ -356,8 +373,8 @@ def main() -> None:
     if rank == 0:
         print(f"\nTP={world}; bytes per GPU per step; ratios: median of interleaved pairs")
         print("\n| row | ms/token | x baseline (pairs) | bytes/GPU (GB) | bound ms | bound x | "
-              "of bound | layers run | lockstep |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "of bound x | of bound ms | layers run | lockstep |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             if "ms_per_token" not in r:
                 continue
@@ -368,7 +385,8 @@ def main() -> None:
                 spread = f" [{1 / hi:.3f}-{1 / lo:.3f}]"
             print(f"| {r['name']} | {r['ms_per_token']:.3f} | {x:.3f}{spread} | "
                   f"{r['bytes_per_gpu'] / 1e9:.4f} | {r['bound_ms']} | {r['bound_speedup']} | "
-                  f"{r.get('fraction_of_bound', '')} | {r.get('mean_layers_executed', '')} | "
+                  f"{r.get('fraction_of_bound', '')} | {r['fraction_of_bytes_bound']} | "
+                  f"{r.get('mean_layers_executed', '')} | "
                   f"{r.get('lockstep', '')} |")
         for r in rows:
             if r["name"] == "broadcast_flag":

@@ -63,6 +63,7 @@ def test_bench_tp_generate_loop_smoke(tmp_path):
            f"--nproc-per-node={WORLD}", str(root / "benchmarks" / "bench_tp.py"), "--tiny",
            "--no-inductor", "--steps", "4", "--warmup", "1", "--pairs", "1", "--prompt", "8",
            "--rows", "never,exits", "--depths", "4", "--loop", "generate", "--unguarded",
+           "--profile", "tide_exit@4",
            "--model-dir", str(tmp_path / "model"), "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
     assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
@@ -74,6 +75,11 @@ def test_bench_tp_generate_loop_smoke(tmp_path):
     # the prompt (8 tokens) runs all 8 layers, the 4 decode steps 4 each
     assert rows["tide_never_exit"]["mean_layers_executed"] == 8.0
     assert rows["tide_exit@4"]["mean_layers_executed"] < 8.0
+    for r in rows.values():  # both readings of the bound, the absolute one for every row
+        assert r["fraction_of_bytes_bound"] == round(r["bound_ms"] / r["ms_per_token"], 3)
+    # --profile under --loop generate: the row's timed generate, profiled on every rank
+    assert "# profile of tide_exit@4: one generate of 4 tokens" in proc.stdout
+    assert (tmp_path / "tp_tide_exit_4.trace.json").exists()
 
 
 def _case(ranks: list[dict], name: str) -> list[dict]:
