@@ -82,6 +82,23 @@ def test_bench_tp_generate_loop_smoke(tmp_path):
     assert (tmp_path / "tp_tide_exit_4.trace.json").exists()
 
 
+def test_bench_allreduce_smoke(tmp_path):
+    """benchmarks/bench_allreduce.py on two gloo ranks (``--cpu``: the eager loop only):
+    the chain runs on both ranks and rank 0 writes a per-op time (a check of the script,
+    not a measurement)."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "allreduce.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={WORLD}", str(root / "benchmarks" / "bench_allreduce.py"),
+           "--cpu", "--ops", "4", "--replays", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["nccl_eager"]
+    assert rows[0]["world"] == WORLD and rows[0]["us_per_op"] > 0 and "error" not in rows[0]
+
+
 def _case(ranks: list[dict], name: str) -> list[dict]:
     records = [r[name] for r in ranks]
     for rank, rec in enumerate(records):
@@ -143,6 +160,32 @@ def test_optimize_generate_equals_reference(ranks):
         assert rec["sequences"] == rec["reference_sequences"]
         assert rec["steps_by_strategy"].get("skip", 0) == rec["new_tokens"] - 1
         assert rec["layers_executed_per_token"] < LAYERS
+
+
+def test_optimize_defaults_deferred_kv(ranks):
+    """optimize(model, routers) with its defaults (kv="deferred") on the TP model (batch 2,
+    forced exit after layer 1): the deferred reference's tokens, every decode step a
+    deferred step that skipped, and the same exits on both ranks."""
+    a, b = _case(ranks, "optimize_deferred")
+    for rec in (a, b):
+        assert rec["kv"] == "deferred"
+        assert rec["sequences"] == rec["reference_sequences"]
+        assert rec["steps_by_strategy"].get("deferred", 0) == rec["new_tokens"] - 1
+        assert rec["layers_executed"] < rec["total_tokens"] * LAYERS
+    assert (a["exits_per_layer"], a["layers_executed"]) == (b["exits_per_layer"],
+                                                            b["layers_executed"])
+
+
+def test_lossless_equals_plain_generate(ranks):
+    """mode="lossless" on the TP model: HF's greedy tokens of the unsharded model; drafts
+    were made at the exit (depth 2 of 4 layers), and both ranks drafted and verified
+    alike."""
+    a, b = _case(ranks, "lossless")
+    for rec in (a, b):
+        assert rec["sequences"] == rec["plain_sequences"]
+        assert rec["drafted"] > 0 and set(rec["draft_depths"]) == {"2"}
+    assert {k: a[k] for k in ("drafted", "accepted", "deep_steps")} == \
+        {k: b[k] for k in ("drafted", "accepted", "deep_steps")}
 
 
 def test_attach_then_torch_compile(ranks):
@@ -409,6 +452,50 @@ def case_optimize_generate(tp, ref, out_dir):
             "layers_executed_per_token": s.layers_executed / max(1, s.total_tokens)}
 
 
+def case_optimize_deferred(tp, ref, out_dir):
+    """``optimize``'s defaults (``kv="deferred"``) on the TP model."""
+    import torch
+
+    from tide_compile import RouterSet, optimize
+    from tide_compile import reference as R
+
+    torch._dynamo.reset()
+    cfg = _cfg()
+    routers = RouterSet.forced(ref, exit_at=1, config=cfg)
+    fast = optimize(tp, routers, inductor=False, stack_kv=True)
+    ids = torch.tensor([[3, 14, 15, 92, 65], [2, 71, 82, 81, 82]])
+    new = 5
+    out = fast.generate(ids, max_new_tokens=new)
+    r = R.generate(ref, routers, ids, new, config=cfg, cache="static", kv="deferred")
+    s = fast.tide_stats
+    return {"kv": fast.options.kv, "sequences": out.tolist(),
+            "reference_sequences": r.sequences.tolist(), "new_tokens": new,
+            "steps_by_strategy": dict(s.steps_by_strategy),
+            "exits_per_layer": {str(k): v for k, v in s.exits_per_layer.items()},
+            "layers_executed": s.layers_executed, "total_tokens": s.total_tokens}
+
+
+def case_lossless(tp, ref, out_dir):
+    """``mode="lossless"`` on the TP model: the plain model's greedy tokens, with drafts
+    (random weights, so most are rejected; the output must not change)."""
+    import torch
+
+    from tide_compile import RouterSet, optimize
+
+    torch._dynamo.reset()
+    routers = RouterSet.forced(ref, exit_at=1, config=_cfg())
+    fast = optimize(tp, routers, mode="lossless", inductor=False, max_pending=3)
+    ids = torch.tensor([[3, 14, 15, 92, 65]])
+    new = 8
+    out = fast.generate(ids, max_new_tokens=new)
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=new, do_sample=False)
+    s = fast.lossless_stats
+    return {"sequences": out.tolist(), "plain_sequences": want.tolist(),
+            "drafted": s.drafted, "accepted": s.accepted, "deep_steps": s.deep_steps,
+            "draft_depths": {str(k): v for k, v in s.draft_depths.items()}}
+
+
 def case_attach_compile(tp, ref, out_dir):
     import torch
     from transformers import StaticCache
@@ -439,26 +526,12 @@ def case_attach_compile(tp, ref, out_dir):
 
 
 CASES = {"forced_decode": case_forced_decode, "lockstep": case_lockstep,
-         "optimize_generate": case_optimize_generate, "attach_compile": case_attach_compile}
+         "optimize_generate": case_optimize_generate,
+         "optimize_deferred": case_optimize_deferred, "lossless": case_lossless,
+         "attach_compile": case_attach_compile}
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     _worker(Path(sys.argv[1]))
 
-
-def test_bench_allreduce_smoke(tmp_path):
-    """benchmarks/bench_allreduce.py on two gloo ranks (``--cpu``: the eager loop only):
-    the chain runs on both ranks and rank 0 writes a per-op time (a check of the script,
-    not a measurement)."""
-    root = Path(__file__).resolve().parent.parent
-    out = tmp_path / "allreduce.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={WORLD}", str(root / "benchmarks" / "bench_allreduce.py"),
-           "--cpu", "--ops", "4", "--replays", "2", "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["method"] for r in rows] == ["nccl_eager"]
-    assert rows[0]["world"] == WORLD and rows[0]["us_per_op"] > 0 and "error" not in rows[0]
