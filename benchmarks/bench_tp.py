@@ -178,9 +178,13 @@ def main() -> None:
                     help="'dynamo': each step of a hand loop calls the compiled forward "
                          "(Dynamo's guards every step, a sync per step); 'generate': whole "
                          "generate calls per token (bench_decode --loop generate): tide "
-                         "through optimize(..., kv='propagate').generate, which calls its "
+                         "through optimize(..., kv=--kv).generate, which calls its "
                          "compiled runner directly after its first steps, Inductor through "
                          "an equal hand loop (eager prompt, compiled steps, no sync per step)")
+    ap.add_argument("--kv", choices=("propagate", "deferred"), default="propagate",
+                    help="--loop generate: optimize's kv (propagate: the exits' cost alone; "
+                         "deferred, optimize's default: exited tokens' skipped layers run "
+                         "later, batched with a deep step)")
     ap.add_argument("--unguarded", action="store_true",
                     help="every row's decode steps after the first skip Dynamo's full guard "
                          "evaluation (set_stance skip_guard_eval_unsafe), baseline included")
@@ -217,7 +221,7 @@ def main() -> None:
            "checkpoints": checkpoints, "inductor": not args.no_inductor, "model_dir": model_dir,
            "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE"), "stack_kv": args.stack_kv,
            "backend": dist.get_backend(), "hbm_gbps": args.hbm_gbps,
-           "unguarded": args.unguarded, "loop": args.loop}
+           "unguarded": args.unguarded, "loop": args.loop, "kv": args.kv}
     try:
         import transformers
         env["transformers"] = transformers.__version__
@@ -318,7 +322,7 @@ def main() -> None:
         runners.clear()
         if gen_loop:
             fast, run_tide = optimized_generate(
-                model, routers, {"kv": "propagate", "inductor": not args.no_inductor},
+                model, routers, {"kv": args.kv, "inductor": not args.no_inductor},
                 stack_kv, prompt, args.steps, device.type, cache_len)
             stats = fast.tide_stats
             run_tide()  # compiles, captures, switches to the direct call

@@ -69,6 +69,7 @@ def test_bench_tp_generate_loop_smoke(tmp_path):
     assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["env"]["loop"] == "generate" and result["env"]["unguarded"]
+    assert result["env"]["kv"] == "propagate"
     rows = {r["name"]: r for r in result["rows"]}
     assert set(rows) == {"eager_backend_tp", "tide_never_exit", "tide_exit@4"}
     assert all(rows[n]["lockstep"] for n in ("tide_never_exit", "tide_exit@4"))
