@@ -377,13 +377,15 @@ def subset(idx: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 def train_exit_projections(p: Any, cal: TokenSet, split: Any, layers: list[int], *, rank: int, loss: str,
-                           seed: int, train_tokens: int, val_tokens: int, progress: bool
-                           ) -> tuple[dict[int, nn.Module], dict[str, Any]]:
+                           seed: int, train_tokens: int, val_tokens: int, progress: bool,
+                           device: str = "cpu") -> tuple[dict[int, nn.Module], dict[str, Any]]:
     """One exit projection per checkpoint, ``calibrate(..., exit_strategy="projection")``'s
     way: ``calibration.train.train_projection`` (its defaults, seed ``seed + 100 * c``) on
     the calibration train split, early-stopped on the validation split; the held-out split
     is never seen. ``train_tokens`` / ``val_tokens`` (> 0): a seeded subset of those splits,
-    the size a slow machine can afford (the KL over the whole vocabulary dominates)."""
+    the size a slow machine can afford (the KL over the whole vocabulary dominates).
+    ``device``: where they train (the probe's model must be there); they are returned on
+    the CPU."""
     from tide_compile.calibration.train import Split, train_projection
 
     sub = Split(subset(split.train, train_tokens, seed + 11), subset(split.val, val_tokens, seed + 12),
@@ -392,8 +394,8 @@ def train_exit_projections(p: Any, cal: TokenSet, split: Any, layers: list[int],
     for c in layers:
         t0 = time.perf_counter()
         proj, inf = train_projection(p, cal.states[c], cal.final_states, cal.final_top1, sub, rank=rank,
-                                     device="cpu", seed=seed + 100 * c, loss=loss)
-        projections[c] = proj
+                                     device=device, seed=seed + 100 * c, loss=loss)
+        projections[c] = proj.cpu()
         info[str(c)] = {**inf, "seconds": round(time.perf_counter() - t0, 1)}
         if progress:
             log(f"  exit projection at {c}: {info[str(c)]}")
@@ -1213,6 +1215,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "(0: all of them)")
     ap.add_argument("--projection-val-tokens", type=int, default=0,
                     help="early-stop them on this many validation-split tokens (0: all of them)")
+    ap.add_argument("--projection-device", default="cpu",
+                    help="train the exit projections here (e.g. cuda: the model moves there for the "
+                         "training and back; everything else stays on the CPU)")
     ap.add_argument("--ks", type=_ints, default=[8, 32, 64])
     ap.add_argument("--sources", type=_strs, default=list(SOURCES))
     ap.add_argument("--combo-sets", type=_strs, default=["prev64", "succ64", "mix64", "succ8", "full"],
@@ -1315,9 +1320,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     projection_info: dict[str, Any] | None = None
     if args.heads == "projection":
         t0 = time.perf_counter()
+        model.to(args.projection_device)
         projections, projection_info = train_exit_projections(
             p, cal, split, layers, rank=args.projection_rank, loss=args.projection_loss, seed=args.seed,
-            train_tokens=args.projection_tokens, val_tokens=args.projection_val_tokens, progress=args.progress)
+            train_tokens=args.projection_tokens, val_tokens=args.projection_val_tokens, progress=args.progress,
+            device=args.projection_device)
+        model.to("cpu")
+        projection_info["device"] = args.projection_device
         timing["projection_s"] = round(time.perf_counter() - t0, 1)
         log(f"trained {len(projections)} exit projections ({timing['projection_s']} s)")
     table = successor_table(cal.ids[split.train], cal.final_top1[split.train], V, max(args.ks))

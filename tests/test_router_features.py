@@ -95,6 +95,7 @@ def test_tiny_projection_run(tiny_run, tiny_projection_run):
     L, layers = meta["num_layers"], meta["checkpoints"]
     pr = meta["projection"]
     assert pr["rank"] == 64 and pr["split_tokens"]["heldout"] == meta["split_tokens"]["heldout"]
+    assert pr["device"] == "cpu"  # --projection-device's default
     for c in layers:  # train_projection keeps its best validation epoch: never worse than the identity
         assert pr[str(c)]["val_loss"] <= pr[str(c)]["identity_val_loss"]
     for d, dom in result["domains"].items():
