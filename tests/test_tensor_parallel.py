@@ -100,6 +100,25 @@ def test_bench_allreduce_smoke(tmp_path):
     assert rows[0]["world"] == WORLD and rows[0]["us_per_op"] > 0 and "error" not in rows[0]
 
 
+def test_dynamo_call_overhead_tp_smoke(tmp_path):
+    """benchmarks/dynamo_call_overhead.py --tp on two gloo ranks (2 layers, a few calls):
+    rank 0 times the unsharded and the tensor-parallel model, and the TP graph's inputs
+    include its DTensor parameters (a check of the script, not a measurement)."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "dco.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={WORLD}", str(root / "benchmarks" / "dynamo_call_overhead.py"),
+           "--tp", "--layers", "2", "--calls", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"single", f"tp{WORLD}"}
+    assert rows["single"]["dtensor_inputs"] == 0
+    # 2 layers: 7 sharded linear weights each, the embedding and lm_head
+    assert rows[f"tp{WORLD}"]["dtensor_inputs"] >= 2 * 7
+    assert all(r["guarded_us"] > 0 and r["unguarded_us"] > 0 for r in rows.values())
+
 def _case(ranks: list[dict], name: str) -> list[dict]:
     records = [r[name] for r in ranks]
     for rank, rec in enumerate(records):
