@@ -51,23 +51,30 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [json.loads(f.read_text()) for f in files]
 
 
+def _run_script(script: str, args: list[str], out: Path, **env: str):
+    """``benchmarks/<script>`` under ``torchrun --nproc-per-node WORLD`` (gloo): the
+    finished process and the JSON it wrote to ``out``."""
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={WORLD}", str(root / "benchmarks" / script), *args,
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                    **env},
+                          capture_output=True, text=True, timeout=_TIMEOUT_S)
+    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
+    return proc, json.loads(out.read_text())
+
+
 def test_bench_tp_generate_loop_smoke(tmp_path):
     """benchmarks/bench_tp.py on two gloo ranks in its tiny mode with ``--loop generate
     --unguarded`` (tide through optimize(...).generate, the baseline's steps unguarded):
     the rows run, lockstep holds, and the exit row runs fewer layers (FX graphs: a check of
     the loops, not a measurement)."""
-    root = Path(__file__).resolve().parent.parent
-    out = tmp_path / "tp.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={WORLD}", str(root / "benchmarks" / "bench_tp.py"), "--tiny",
-           "--no-inductor", "--steps", "4", "--warmup", "1", "--pairs", "1", "--prompt", "8",
-           "--rows", "never,exits", "--depths", "4", "--loop", "generate", "--unguarded",
-           "--profile", "tide_exit@4",
-           "--model-dir", str(tmp_path / "model"), "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
-    result = json.loads(out.read_text())
+    proc, result = _run_script(
+        "bench_tp.py", ["--tiny", "--no-inductor", "--steps", "4", "--warmup", "1", "--pairs",
+                        "1", "--prompt", "8", "--rows", "never,exits", "--depths", "4", "--loop",
+                        "generate", "--unguarded", "--profile", "tide_exit@4",
+                        "--model-dir", str(tmp_path / "model")], tmp_path / "tp.json")
     assert result["env"]["loop"] == "generate" and result["env"]["unguarded"]
     assert result["env"]["kv"] == "propagate"
     rows = {r["name"]: r for r in result["rows"]}
@@ -87,15 +94,9 @@ def test_bench_allreduce_smoke(tmp_path):
     """benchmarks/bench_allreduce.py on two gloo ranks (``--cpu``: the eager loop only):
     the chain runs on both ranks and rank 0 writes a per-op time (a check of the script,
     not a measurement)."""
-    root = Path(__file__).resolve().parent.parent
-    out = tmp_path / "allreduce.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={WORLD}", str(root / "benchmarks" / "bench_allreduce.py"),
-           "--cpu", "--ops", "4", "--replays", "2", "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
+    _, result = _run_script("bench_allreduce.py", ["--cpu", "--ops", "4", "--replays", "2"],
+                            tmp_path / "allreduce.json")
+    rows = result["rows"]
     assert [r["method"] for r in rows] == ["nccl_eager"]
     assert rows[0]["world"] == WORLD and rows[0]["us_per_op"] > 0 and "error" not in rows[0]
 
@@ -104,20 +105,15 @@ def test_dynamo_call_overhead_tp_smoke(tmp_path):
     """benchmarks/dynamo_call_overhead.py --tp on two gloo ranks (2 layers, a few calls):
     rank 0 times the unsharded and the tensor-parallel model, and the TP graph's inputs
     include its DTensor parameters (a check of the script, not a measurement)."""
-    root = Path(__file__).resolve().parent.parent
-    out = tmp_path / "dco.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={WORLD}", str(root / "benchmarks" / "dynamo_call_overhead.py"),
-           "--tp", "--layers", "2", "--calls", "3", "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_TIMEOUT_S)
-    assert proc.returncode == 0 and out.exists(), proc.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
+    _, result = _run_script("dynamo_call_overhead.py", ["--tp", "--layers", "2", "--calls", "3"],
+                            tmp_path / "dco.json", TMPDIR=str(tmp_path))
+    rows = result["rows"]
     assert set(rows) == {"single", f"tp{WORLD}"}
     assert rows["single"]["dtensor_inputs"] == 0
     # 2 layers: 7 sharded linear weights each, the embedding and lm_head
     assert rows[f"tp{WORLD}"]["dtensor_inputs"] >= 2 * 7
     assert all(r["guarded_us"] > 0 and r["unguarded_us"] > 0 for r in rows.values())
+
 
 def _case(ranks: list[dict], name: str) -> list[dict]:
     records = [r[name] for r in ranks]
