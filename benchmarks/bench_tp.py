@@ -171,8 +171,9 @@ def main() -> None:
                     help="stop starting new rows after this many seconds")
     ap.add_argument("--profile", default="",
                     help="comma list of row names (inductor_tp, tide_never_exit, tide_exit@16, "
-                         "...) to profile after timing: 8 decode steps under torch.profiler "
-                         "on every rank; rank 0 prints the ops by device time and by self "
+                         "...) to profile after timing, under torch.profiler on every rank: "
+                         "8 hand-loop steps (--loop dynamo) or one timed generate (--loop "
+                         "generate); rank 0 prints the ops by device time and by self "
                          "CPU time and writes a Chrome trace beside --out")
     ap.add_argument("--loop", choices=("dynamo", "generate"), default="dynamo",
                     help="'dynamo': each step of a hand loop calls the compiled forward "

@@ -658,7 +658,6 @@ def generate_lossless(
     # EOS runs, and its token is dropped and not counted.
     plain_flag = _LaggedFlag(device) if eos_set else None
     eos_t = torch.tensor(sorted(eos_set), device=device, dtype=torch.long)
-    after_wide = False  # the last step was a wide one (it read on the host: queue drained)
     while not done and produced < max_new_tokens:
         if ctl is not None and ctl.phase == "plain" and m == 0:
             # ------------------------------------------------------ a run of fallback steps
@@ -666,8 +665,10 @@ def generate_lossless(
             # them: the tokens reach ``seq`` and the counters once per run, not per step.
             run: list[torch.Tensor] = []
             steps = min(ctl.remaining, max_new_tokens - produced)
-            ctl.begin_run(cuda, drained=after_wide)
-            after_wide = False
+            # A run that is not the generate's first step follows a deep step (a run
+            # ends the generate or the plain phase, and a deep step ends every draft
+            # phase), which read on the host: the GPU's queue is drained.
+            ctl.begin_run(cuda, drained=produced > 0)
             with contextlib.ExitStack() as guards:
                 for i in range(steps):
                     if i == 1 and decoder.unguarded:  # the same call as the guarded first
@@ -793,7 +794,6 @@ def generate_lossless(
                 ctl.observe(kind, None)
             if kind == "deep":
                 ctl.end_round(*rounds, stats)
-        after_wide = True
     if ctl is not None:
         ctl.close_window(cuda)
     runner.force_deep = False
