@@ -316,3 +316,23 @@ def test_deferred_generate_on_cuda(kind, monkeypatch):
                 assert executed == 6 * real + batch * (2 * (steps - deep) + 6 * deep)
                 assert fast.tide_stats.total_tokens - tokens == real + batch * steps
     assert any(r.captured and r.strategy == "deferred" for r in runners)
+
+
+def test_probe_conditional_graph_if_node(tmp_path):
+    """benchmarks/probe_conditional_graph.py on a small shape: where this torch has CUDA graph
+    IF nodes, the captured graph equals eager with the device predicate true and false."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "benchmarks", "probe_conditional_graph.py")
+    spec = importlib.util.spec_from_file_location("probe_conditional_graph", path)
+    probe_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe_mod)
+    result = probe_mod.main(["--width", "256", "--n-a", "2", "--n-b", "2", "--reps", "3",
+                             "--out", str(tmp_path / "if_node.json")])
+    if not result["has_if_node"]:
+        pytest.skip(f"torch {torch.__version__} has no CUDAGraph.begin_capture_to_if_node")
+    assert result["correct"], result["checks"]
+    assert set(result["ms"]) == {"graph_A", "graph_A+B", "if_node_pred_false", "if_node_pred_true",
+                                 "host_read_pred_false", "host_read_pred_true"}
