@@ -20,6 +20,7 @@ from typing import Any, Literal, Mapping
 from .config import TIDEConfig
 from .routers import RouterSet
 from .stats import ExitStats
+from .validation import TIDEError
 
 __all__ = ["TideOptions", "parse_options", "resolve_exits", "OPTION_KEYS", "STRATEGIES",
            "KERNELS", "KV_MODES", "DEFAULT_MAX_PENDING", "DEFERRED_DECODE"]
@@ -175,6 +176,12 @@ def parse_options(options: Mapping[str, Any] | TideOptions | None) -> TideOption
     if routers is not None and not isinstance(routers, RouterSet):
         raise TypeError(f"options['routers'] must be a RouterSet or a router file path, got "
                         f"{type(routers).__name__}")
+    if routers is not None and routers.successor is not None:
+        raise TIDEError(
+            "these routers read confidence features (RouterSet.features is "
+            f"{routers.features}); the compiled path does not compute them yet: run them "
+            "with tide_compile.reference.forward / generate, or calibrate with "
+            "router_features='rms' for the backend")
     # Ranges are TIDEConfig's (one statement of them).
     for key in ("exit_threshold", "min_layers", "compaction_threshold"):
         if options.get(key) is not None:

@@ -155,7 +155,9 @@ def forward(
     def make_checkpoint_hook(c: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             h = _layer_output(output)
-            score = routers.score(c, h)
+            features = (routers.confidence(c, h, input_ids, p) if routers.successor is not None
+                        else None)
+            score = routers.score(c, h, features)
             new = (~state.exited) & state.valid & (score > threshold)
             state.frozen = torch.where(new[..., None], h, state.frozen)
             state.exit_layer = torch.where(new, torch.full_like(state.exit_layer, c),

@@ -3,7 +3,9 @@
 A :class:`TokenRouter` at checkpoint layer ``c`` scores a residual-stream state
 ``h_c``: ``score = sigmoid(W2 silu(W1 rms(h_c)))``, where ``rms`` is a parameter-free
 RMS normalization (the same transform in calibration and inference, recorded in the
-file). An optional :class:`ExitProjection` ``E_c`` maps ``h_c`` before the model's
+file). A router may also read the exit head's confidence over a few candidate tokens
+(``score = sigmoid(W2 silu(W1 rms(h_c) + F f_c))``, :mod:`.confidence`); its
+:class:`RouterSet` then holds the successor table the candidates come from. An optional :class:`ExitProjection` ``E_c`` maps ``h_c`` before the model's
 final norm and lm_head. A :class:`RouterSet` holds one router per checkpoint plus the
 metadata that ties it to one model, and is saved as safetensors with JSON metadata.
 """
@@ -22,6 +24,7 @@ import torch
 from torch import nn
 
 from .config import TIDEConfig
+from .confidence import COLUMNS, candidate_logits, confidence_features
 from .model_probe import ModelProbe, probe
 from .validation import TIDEError, routers_mismatch
 
@@ -43,7 +46,8 @@ _MAX_LAYERS = 1 << 16
 _MAX_WIDTH = 1 << 20
 _MAX_BOTTLENECK = 1 << 16
 # safetensors dtype names read in router files.
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64}
 
 
 class RouterFileError(TIDEError):
@@ -54,7 +58,7 @@ FORCE_LOGIT = 1.0e4
 
 
 class TokenRouter(nn.Module):
-    """``score = sigmoid(W2 silu(W1 rms(h)))`` for each token's residual state ``h``.
+    """``score = sigmoid(W2 silu(W1 rms(h) [+ F f]))`` for each token's residual state ``h``.
 
     Computed in the router's own dtype (float32 unless moved), whatever the model's
     dtype, so scores and thresholds mean the same across model precisions.
@@ -63,28 +67,45 @@ class TokenRouter(nn.Module):
         hidden_size: width of the residual stream.
         bottleneck_dim: hidden width of the MLP.
         eps: epsilon of the parameter-free RMS normalization of the input.
+        feature_dim: width of the extra feature input ``f`` (0: none). With features the
+            router also reads :func:`~tide_compile.confidence.confidence_features` through
+            ``feat`` (``F``, no bias), which calibration trains on standardized features
+            and then folds the standardization into.
     """
 
-    def __init__(self, hidden_size: int, bottleneck_dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, hidden_size: int, bottleneck_dim: int, eps: float = 1e-6,
+                 feature_dim: int = 0) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.bottleneck_dim = bottleneck_dim
         self.eps = eps
+        self.feature_dim = feature_dim
         self.down = nn.Linear(hidden_size, bottleneck_dim)
         self.up = nn.Linear(bottleneck_dim, 1)
+        self.feat = nn.Linear(feature_dim, bottleneck_dim, bias=False) if feature_dim else None
 
     def normalize(self, hidden: torch.Tensor) -> torch.Tensor:
         """The router's input transform: parameter-free RMS normalization, in fp32."""
         x = hidden.to(self.down.weight.dtype)
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Pre-sigmoid scores, shape ``hidden.shape[:-1]``."""
-        return self.up(nn.functional.silu(self.down(self.normalize(hidden)))).squeeze(-1)
+    def logits(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Pre-sigmoid scores, shape ``hidden.shape[:-1]``; ``features`` (``[..., feature_dim]``)
+        is required by a router with features and refused by one without."""
+        a = self.down(self.normalize(hidden))
+        if self.feat is not None:
+            if features is None:
+                raise TIDEError("this router reads confidence features: score it through "
+                                "RouterSet.score(layer, hidden, features) with "
+                                "RouterSet.confidence(...)")
+            a = a + self.feat(features.to(a.dtype))
+        elif features is not None:
+            raise TIDEError("this router reads no features; pass features=None")
+        return self.up(nn.functional.silu(a)).squeeze(-1)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Exit scores in [0, 1], shape ``hidden.shape[:-1]``."""
-        return torch.sigmoid(self.logits(hidden))
+        return torch.sigmoid(self.logits(hidden, features))
 
 
 class ExitProjection(nn.Module):
@@ -128,6 +149,9 @@ class RouterSet(nn.Module):
         exit_projections: optional checkpoint layer -> :class:`ExitProjection`.
         calibration: free-form calibration settings, saved in the file.
         quality_table: per checkpoint and threshold quality rows, saved in the file.
+        successor: ``[vocab_size, k]`` int64 candidate table
+            (:func:`~tide_compile.confidence.successor_table`); required exactly when
+            the routers read confidence features (``feature_dim`` 5).
     """
 
     def __init__(
@@ -139,6 +163,7 @@ class RouterSet(nn.Module):
         exit_projections: Mapping[int, ExitProjection] | None = None,
         calibration: Mapping[str, Any] | None = None,
         quality_table: list[dict[str, Any]] | None = None,
+        successor: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if not routers:
@@ -154,6 +179,23 @@ class RouterSet(nn.Module):
         extra = set(exit_projections or {}) - set(layers)
         if extra:
             raise TIDEError(f"exit projections at layers {sorted(extra)} have no router")
+        dims = {routers[c].feature_dim for c in layers}
+        if len(dims) > 1 or dims - {0, len(COLUMNS)}:
+            raise TIDEError(f"routers read {sorted(dims)} feature columns; all read 0 or all "
+                            f"read {len(COLUMNS)} ({', '.join(COLUMNS)})")
+        if (successor is not None) != (dims == {len(COLUMNS)}):
+            raise TIDEError("a successor table is given exactly when the routers read confidence "
+                            "features" + (" (they do, and none is given)" if successor is None
+                                          else " (they do not)"))
+        if successor is not None:
+            vocab = model_info.get("vocab_size")
+            if (successor.dim() != 2 or successor.dtype != torch.int64 or successor.shape[1] < 2
+                    or successor.shape[0] != vocab):
+                raise TIDEError(f"the successor table must be int64 [vocab_size={vocab}, k >= 2], "
+                                f"got {successor.dtype} {list(successor.shape)}")
+            if successor.device.type != "meta" and successor.numel() and not (
+                    0 <= int(successor.min()) and int(successor.max()) < successor.shape[0]):
+                raise TIDEError("the successor table holds token ids outside the vocabulary")
         self.model_info: dict[str, Any] = dict(model_info)
         self.config = config
         self.routers = nn.ModuleDict({str(c): routers[c] for c in layers})
@@ -162,6 +204,8 @@ class RouterSet(nn.Module):
         )
         self.calibration: dict[str, Any] = dict(calibration or {})
         self.quality_table: list[dict[str, Any]] = list(quality_table or [])
+        self.successor: torch.Tensor | None
+        self.register_buffer("successor", successor)
 
     # ------------------------------------------------------------------ access
     @property
@@ -191,9 +235,44 @@ class RouterSet(nn.Module):
         key = str(layer)
         return self.exit_projections[key] if key in self.exit_projections else None  # type: ignore[return-value]
 
-    def score(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Exit scores of ``hidden`` (``[..., hidden_size]``) at checkpoint ``layer``."""
-        return self.router(layer)(hidden)
+    @property
+    def features(self) -> tuple[str, ...]:
+        """What the routers read: ``("rms",)``, or ``("rms", "conf")`` with confidence features."""
+        return ("rms",) if self.successor is None else ("rms", "conf")
+
+    @property
+    def confidence_k(self) -> int | None:
+        """Candidates per token of the confidence features (None without them)."""
+        return None if self.successor is None else int(self.successor.shape[1])
+
+    def score(self, layer: int, hidden: torch.Tensor,
+              features: torch.Tensor | None = None) -> torch.Tensor:
+        """Exit scores of ``hidden`` (``[..., hidden_size]``) at checkpoint ``layer``;
+        ``features`` from :meth:`confidence` when :attr:`features` holds ``"conf"``."""
+        return self.router(layer)(hidden, features)
+
+    def confidence(self, layer: int, hidden: torch.Tensor, input_ids: torch.Tensor,
+                   model: ModelProbe) -> torch.Tensor:
+        """Confidence features (``[..., 5]``, :data:`~tide_compile.confidence.COLUMNS`) of
+        the exit head at checkpoint ``layer``: candidates ``successor[input_ids]``, logits
+        ``lm_head`` over them read from ``final_norm(E_c(hidden))``.
+
+        Args:
+            layer: the checkpoint.
+            hidden: ``h_c``, ``[..., hidden_size]``.
+            input_ids: the input token of each position, ``hidden.shape[:-1]``.
+            model: the probe of the model these routers were made for.
+        """
+        if self.successor is None:
+            raise TIDEError("these routers read no confidence features (RouterSet.features "
+                            f"is {self.features})")
+        x = model.final_norm(self.exit_state(layer, hidden))
+        if model.project_out is not None:
+            x = model.project_out(x)
+        idx = self.successor[input_ids.to(self.successor.device)].to(x.device)
+        head = model.lm_head
+        return confidence_features(candidate_logits(head.weight, x, idx,
+                                                    getattr(head, "bias", None)))
 
     def exit_state(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """``E_c(h_c)``: the state an exiting token is read out from."""
@@ -291,6 +370,9 @@ class RouterSet(nn.Module):
                 "input_transform": "rms",
                 "eps": first.eps,
                 "bottleneck_dim": first.bottleneck_dim,
+                "features": list(self.features),
+                **({"conf": {"source": "succ", "k": self.confidence_k, "columns": list(COLUMNS)}}
+                   if self.successor is not None else {}),
             },
             "exit_projection_rank": {
                 str(c): m.rank for c, m in self.exit_projections.items()  # type: ignore[union-attr]
@@ -323,6 +405,8 @@ class RouterSet(nn.Module):
         tensors.update(
             {f"exit_projections.{k}": v for k, v in self.exit_projections.state_dict().items()}
         )
+        if self.successor is not None:
+            tensors["candidates.successor"] = self.successor
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         meta = {**self.metadata(), _CHECKSUM_KEY: _tensors_digest(tensors)}
         atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata={_METADATA_KEY: json.dumps(meta)}))
@@ -379,15 +463,24 @@ class RouterSet(nn.Module):
             raise RouterFileError(f"{path!r}: the router weights do not match the checksum in the "
                                   "file's metadata: the file is damaged; recalibrate or restore it")
         for name, t in tensors.items():
+            if name == "candidates.successor":
+                if t.numel() and not (int(t.min()) >= 0 and int(t.max()) < t.shape[0]):
+                    raise RouterFileError(f"{path!r}: the candidate table holds token ids outside the "
+                                          "vocabulary: the file is damaged; recalibrate or restore it")
+                continue
             if not bool(torch.isfinite(t).all()):
                 kind, c = name.split(".")[:2]
                 what = "router" if kind == "routers" else "exit projection"
                 raise RouterFileError(f"{path!r}: the {what} weights at checkpoint {c} ({name}) hold "
                                       "NaN or Inf: recalibrate the routers (that checkpoint would never exit)")
+        k = spec["conf_k"]
         with torch.device("meta"):
-            routers = {c: TokenRouter(spec["hidden_size"], spec["bottleneck_dim"], spec["eps"])
+            routers = {c: TokenRouter(spec["hidden_size"], spec["bottleneck_dim"], spec["eps"],
+                                      feature_dim=len(COLUMNS) if k else 0)
                        for c in spec["checkpoint_layers"]}
             projections = {c: ExitProjection(spec["hidden_size"], r) for c, r in spec["ranks"].items()}
+            successor = (torch.empty(spec["model"]["vocab_size"], k, dtype=torch.int64)
+                         if k else None)
         obj = cls(
             routers,
             model_info=spec["model"],
@@ -395,9 +488,13 @@ class RouterSet(nn.Module):
             exit_projections=projections,
             calibration=spec["calibration"],
             quality_table=spec["quality_table"],
+            successor=successor,
         )
         # Routers compute in float32 whatever the file stores (see TokenRouter).
-        obj.load_state_dict({k: v.to(torch.float32) for k, v in tensors.items()}, assign=True)
+        state = {k: v.to(torch.float32) for k, v in tensors.items() if k != "candidates.successor"}
+        if successor is not None:
+            state["successor"] = tensors["candidates.successor"].to(torch.int64)
+        obj.load_state_dict(state, assign=True)
         if model is not None:
             obj.check_model(model)
             if device is None:
@@ -539,6 +636,21 @@ def _check_metadata(meta: Any, path: str) -> dict[str, Any]:
         raise bad("router.eps", f"is {router.get('eps')!r}, not a number in [0, 1)")
     if not _is_int_in(router.get("bottleneck_dim"), 1, _MAX_BOTTLENECK):
         raise bad("router.bottleneck_dim", f"is {router.get('bottleneck_dim')!r}, not an integer in [1, {_MAX_BOTTLENECK}]")
+    features = router.get("features", ["rms"])  # files before router features: rms only
+    conf_k = 0
+    if features == ["rms", "conf"]:
+        conf = router.get("conf")
+        vocab = model.get("vocab_size")
+        if not (isinstance(conf, dict) and conf.get("source") == "succ"
+                and conf.get("columns") == list(COLUMNS)):
+            raise bad("router.conf", f"is {str(conf)[:120]}; this tide_compile reads source 'succ' "
+                      f"with columns {list(COLUMNS)}")
+        if not (_is_int_in(vocab, 2, 1 << 30) and _is_int_in(conf.get("k"), 2, vocab)):
+            raise bad("router.conf.k", f"is {conf.get('k')!r}, not an integer in [2, vocab_size={vocab!r}]")
+        conf_k = conf["k"]
+    elif features != ["rms"]:
+        raise bad("router.features", f"is {str(features)[:80]}; this tide_compile knows ['rms'] "
+                  "and ['rms', 'conf']")
 
     ranks_raw = meta.get("exit_projection_rank", {})
     if not isinstance(ranks_raw, dict):
@@ -567,6 +679,7 @@ def _check_metadata(meta: Any, path: str) -> dict[str, Any]:
         _check_quality_table(table, bad)
     return {"model": model, "checkpoint_layers": layers, "hidden_size": hidden,
             "bottleneck_dim": router["bottleneck_dim"], "eps": float(router["eps"]), "ranks": ranks,
+            "conf_k": conf_k,
             "config": cfg, "calibration": calibration, "quality_table": table}
 
 
@@ -600,6 +713,10 @@ def _expected_tensors(spec: Mapping[str, Any]) -> dict[str, list[int]]:
     for c in spec["checkpoint_layers"]:
         out.update({f"routers.{c}.down.weight": [b, h], f"routers.{c}.down.bias": [b],
                     f"routers.{c}.up.weight": [1, b], f"routers.{c}.up.bias": [1]})
+        if spec["conf_k"]:
+            out[f"routers.{c}.feat.weight"] = [b, len(COLUMNS)]
+    if spec["conf_k"]:
+        out["candidates.successor"] = [spec["model"]["vocab_size"], spec["conf_k"]]
     for c, r in spec["ranks"].items():
         out.update({f"exit_projections.{c}.down.weight": [r, h],
                     f"exit_projections.{c}.up.weight": [h, r], f"exit_projections.{c}.up.bias": [h]})

@@ -18,7 +18,8 @@ from torch import nn
 from ..config import TIDEConfig
 from ..model_probe import probe
 from ..outputs import check_output_file
-from ..routers import ExitProjection, RouterSet
+from ..confidence import COLUMNS, successor_table
+from ..routers import ExitProjection, RouterSet, TokenRouter
 from ..validation import TIDEError
 from . import quality
 from .collect import collect_states
@@ -26,12 +27,28 @@ from .data import build_samples, find_text_files, load_rows
 from .labels import agree_labels, check_label_kind, cosine_labels, head_top1
 from .train import PROJECTION_LOSSES, split_by_sample, train_projection, train_router
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "ROUTER_FEATURES"]
+
+#: Values of ``calibrate(router_features=...)``.
+ROUTER_FEATURES = ("rms", "rms+conf")
 
 
 def _check_positive(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise TIDEError(f"calibrate: {name} must be a positive integer, got {value!r}")
+
+
+@torch.no_grad()
+def _features(reader: RouterSet, layer: int, states: torch.Tensor, token_ids: torch.Tensor,
+              p: Any, chunk: int = 4096) -> torch.Tensor:
+    """Confidence features of every collected state at ``layer``, on the CPU, in chunks."""
+    device = next(p.model.parameters()).device
+    dtype = next(p.model.parameters()).dtype
+    return torch.cat([
+        reader.confidence(layer, states[i:i + chunk].to(device, dtype),
+                          token_ids[i:i + chunk].to(device), p).cpu()
+        for i in range(0, states.shape[0], chunk)
+    ]) if states.shape[0] else torch.empty(0, len(COLUMNS))
 
 
 def calibrate(
@@ -55,6 +72,8 @@ def calibrate(
     seed: int = 0,
     progress: bool = True,
     overwrite: bool = False,
+    router_features: str = "rms",
+    confidence_k: int = 64,
 ) -> RouterSet:
     """Calibrate early-exit routers for ``model`` on text (eager, once).
 
@@ -89,6 +108,11 @@ def calibrate(
         progress: show tqdm progress bars.
         overwrite: replace an existing ``save_path`` (else an existing file is an error,
             raised before any work).
+        router_features: ``"rms"`` (routers read ``rms(h_c)``) or ``"rms+conf"`` (also the
+            exit head's confidence over ``confidence_k`` candidate tokens from a successor
+            table built on the training split; :mod:`tide_compile.confidence`). Such
+            routers run in :mod:`tide_compile.reference`; the compiled path refuses them.
+        confidence_k: candidates per token with ``"rms+conf"`` (2 .. vocabulary size).
 
     Returns:
         A :class:`RouterSet` on the model's device, with ``quality_table`` and
@@ -104,6 +128,10 @@ def calibrate(
         ("projection_rank", projection_rank),
     ):
         _check_positive(name, value)
+    if router_features not in ROUTER_FEATURES:
+        raise TIDEError(f"calibrate: router_features must be one of {ROUTER_FEATURES}, got "
+                        f"{router_features!r}")
+    _check_positive("confidence_k", confidence_k)
     if projection_loss not in PROJECTION_LOSSES:
         raise TIDEError(f"calibrate: projection_loss must be 'kl' or 'ce', got {projection_loss!r}")
     if target_agreement is not None and not (
@@ -150,6 +178,21 @@ def calibrate(
             projections[c] = proj
             projection_info[str(c)] = info
 
+    successor = None
+    if router_features == "rms+conf":
+        vocab = int(RouterSet.describe(p)["vocab_size"])
+        if not 2 <= confidence_k <= vocab:
+            raise TIDEError(f"calibrate: confidence_k must be in [2, {vocab}] (the vocabulary), "
+                            f"got {confidence_k}")
+        token_ids = torch.tensor([samples.input_ids[int(i)][int(j)] for i, j in
+                                  zip(collected.sample_index, collected.position)], dtype=torch.int64)
+        successor = successor_table(token_ids[splits.train], final_top1[splits.train], vocab,
+                                    confidence_k)
+        reader = RouterSet(  # only to compute features with the trained projections
+            {c: TokenRouter(p.hidden_size, 1, feature_dim=len(COLUMNS)) for c in layers},
+            model_info=RouterSet.describe(p), config=config,
+            exit_projections=projections or None, successor=successor).to(device)
+
     held = splits.heldout
     routers = {}
     router_info: dict[str, Any] = {}
@@ -171,13 +214,16 @@ def calibrate(
             # An exiting first token counts as a disagreement in the table too.
             target = target & ~first
             table_agree = agree & ~first
+        features = None if successor is None else _features(reader, c, states, token_ids, p)
         router, info = train_router(
-            states, target, splits, bottleneck_dim=config.router_bottleneck_dim, device=device, seed=seed + 100 * c
+            states, target, splits, bottleneck_dim=config.router_bottleneck_dim, device=device,
+            seed=seed + 100 * c, features=features,
         )
         routers[c] = router
         router_info[str(c)] = info
         with torch.no_grad():
-            scores[c] = router(states[held].to(device)).cpu()
+            scores[c] = router(states[held].to(device),
+                               None if features is None else features[held].to(device)).cpu()
         agree_held[c] = table_agree[held]
 
         def rate(flags: torch.Tensor) -> float | None:
@@ -193,6 +239,7 @@ def calibrate(
         "kind": "calibrated",
         "labels": labels,
         "exit_strategy": config.exit_strategy,
+        "router_features": router_features,
         "source": source,
         "samples": len(samples.input_ids),
         "max_length": max_length,
@@ -221,6 +268,7 @@ def calibrate(
         exit_projections=projections or None,
         calibration=calibration,
         quality_table=table,
+        successor=successor,
     ).to(device)
     if save_path is not None:
         result.save(save_path, overwrite=overwrite)

@@ -77,8 +77,20 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
 
 
 def _router_logits(router: TokenRouter, x: torch.Tensor) -> torch.Tensor:
-    # ``x`` is already ``router.normalize(h)``: the same transform TokenRouter.logits applies.
-    return router.up(nn.functional.silu(router.down(x))).squeeze(-1)
+    # ``x`` is already ``router.normalize(h)`` (the same transform TokenRouter.logits
+    # applies), followed by the standardized features for a router that reads them.
+    if router.feat is None:
+        return router.up(nn.functional.silu(router.down(x))).squeeze(-1)
+    h, f = x[..., : router.hidden_size], x[..., router.hidden_size:]
+    return router.up(nn.functional.silu(router.down(h) + router.feat(f))).squeeze(-1)
+
+
+def _fold_standardization(router: TokenRouter, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Make ``router.feat`` read raw features: ``F((f - mean) / std) = (F / std) f - F mean / std``."""
+    with torch.no_grad():
+        w = router.feat.weight / std  # type: ignore[union-attr]
+        router.down.bias -= w @ mean
+        router.feat.weight.copy_(w)  # type: ignore[union-attr]
 
 
 def train_router(
@@ -94,17 +106,24 @@ def train_router(
     patience: int = 4,
     lr: float = 2e-3,
     weight_decay: float = 1e-2,
+    features: torch.Tensor | None = None,
 ) -> tuple[TokenRouter, dict[str, Any]]:
     """Train one :class:`TokenRouter` to predict ``labels`` from ``states`` (class-balanced BCE).
 
     Each class weighs half of the loss (weights from the training split), so a rare
     "done" class is not drowned by the common one. A training split with a single class
     gives a constant router (score = that class), with no training.
+
+    ``features`` (``[n, F]``, e.g. :meth:`RouterSet.confidence` of each state) makes a
+    router that reads them too: it trains on features standardized with the training
+    split's mean and standard deviation, then folds them into its weights, so the
+    returned router reads raw features.
     """
     hidden = states.shape[1]
+    width = 0 if features is None else int(features.shape[1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        router = TokenRouter(hidden, bottleneck_dim)
+        router = TokenRouter(hidden, bottleneck_dim, feature_dim=width)
     router = router.to(device=device, dtype=torch.float32)
     y_all = labels.to(torch.float32)
     y_train = y_all[split.train]
@@ -115,16 +134,25 @@ def train_router(
         info.update(epochs=0, constant=True)
         return router.eval(), info
 
-    def features(idx: torch.Tensor) -> torch.Tensor:
-        return router.normalize(states[idx].to(device))
+    if features is not None:
+        f_train = features[split.train].to(device, torch.float32)
+        mean, std = f_train.mean(0), f_train.std(0).clamp_min(1e-6)
 
-    x_train, t_train = features(split.train), y_train.to(device)
+    def inputs(idx: torch.Tensor) -> torch.Tensor:
+        x = router.normalize(states[idx].to(device))
+        if features is None:
+            return x
+        return torch.cat([x, (features[idx].to(device, torch.float32) - mean) / std], dim=-1)
+
+    x_train, t_train = inputs(split.train), y_train.to(device)
     has_val = split.val.numel() > 0
-    x_val = features(split.val) if has_val else x_train
+    x_val = inputs(split.val) if has_val else x_train
     t_val = y_all[split.val].to(device) if has_val else t_train
     fit = fit_router(router, lambda x: _router_logits(router, x), x_train, t_train, x_val, t_val,
                      seed=seed, batch_size=batch_size, max_epochs=max_epochs, patience=patience,
                      lr=lr, weight_decay=weight_decay)
+    if features is not None:
+        _fold_standardization(router, mean, std)
     info.update(epochs=fit["epochs"], best_epoch=fit["best_epoch"],
                 val_loss=round(fit["val_loss"], 6), constant=False)
     return router.eval(), info

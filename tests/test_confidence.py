@@ -1,0 +1,205 @@
+"""Routers that read the exit head's confidence (issue 20): the ops, calibration, the router
+file, the reference's exit rule, and the clear refusals (the compiled path does not run them)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import tide_compile
+from tide_compile import RouterSet, TIDEError
+from tide_compile import reference as R
+from tide_compile.confidence import COLUMNS, candidate_logits, confidence_features, successor_table
+from tide_compile.model_probe import probe
+from tide_compile.routers import RouterFileError, TokenRouter
+
+from test_calibration import FAST, char_tokenizer, small_config
+from tiny_models import make_model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def lines():
+    from test_calibration import HELDOUT_DIR
+
+    return (HELDOUT_DIR / "macbeth.txt").read_text().splitlines()
+
+
+@pytest.fixture(scope="module")
+def calibrated(tok, lines):
+    """A 4-layer Llama with rms+conf routers over exit projections, every layer a checkpoint."""
+    model = make_model("llama", 4)
+    cfg = small_config(exit_strategy="projection")
+    routers = tide_compile.calibrate(model, tok, lines, cfg, projection_rank=8, seed=3,
+                                     router_features="rms+conf", confidence_k=8, **FAST)
+    return model, routers
+
+
+def test_successor_table_rows():
+    ids = torch.tensor([5, 5, 5, 5, 2, 2, 7])
+    top1 = torch.tensor([3, 3, 4, 9, 4, 1, 3])
+    t = successor_table(ids, top1, vocab=10, k=3)
+    assert t.shape == (10, 3) and t.dtype == torch.int64
+    # Overall order: 3 (3x), 4 (2x), then 1 and 9 (1x each, by id).
+    assert t[5].tolist() == [3, 4, 9]        # its own counts, ties by id
+    assert t[2].tolist() == [1, 4, 3]        # 1 and 4 once each, then the most predicted overall
+    assert t[7].tolist() == [3, 4, 1]
+    assert t[0].tolist() == [3, 4, 1]        # unseen input id: the overall order
+    for row in t.tolist():
+        assert len(set(row)) == 3
+    # Fewer distinct predictions than k: filled with the lowest unused ids.
+    assert successor_table(torch.tensor([0]), torch.tensor([6]), vocab=8, k=4)[0].tolist() == [6, 0, 1, 2]
+    with pytest.raises(ValueError, match="k must be"):
+        successor_table(ids, top1, vocab=10, k=11)
+
+
+def test_candidate_logits_and_features_match_full_logits():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(50, 16), torch.randn(50)
+    x = torch.randn(3, 4, 16)
+    idx = torch.randint(0, 50, (3, 4, 6))
+    full = x @ weight.T + bias
+    z = candidate_logits(weight, x, idx, bias)
+    torch.testing.assert_close(z, full.gather(-1, idx), rtol=1e-5, atol=1e-5)
+    f = confidence_features(z)
+    assert f.shape == (3, 4, len(COLUMNS))
+    p = torch.softmax(z, -1)
+    top = p.sort(-1, descending=True).values
+    zs = z.sort(-1, descending=True).values
+    torch.testing.assert_close(f[..., 0], top[..., 0])
+    torch.testing.assert_close(f[..., 1], top[..., 0] - top[..., 1])
+    torch.testing.assert_close(f[..., 2], -(p * p.log()).sum(-1) / math.log(6))
+    torch.testing.assert_close(f[..., 3], zs[..., 0])
+    torch.testing.assert_close(f[..., 4], zs[..., 0] - zs[..., 1])
+
+
+def test_calibrated_routers_read_features_and_round_trip(calibrated, tmp_path):
+    model, routers = calibrated
+    assert routers.features == ("rms", "conf") and routers.confidence_k == 8
+    assert routers.calibration["router_features"] == "rms+conf"
+    assert routers.successor.shape == (97, 8)
+    p = probe(model)
+    c = routers.checkpoint_layers[0]
+    h = torch.randn(2, 5, 32)
+    ids = torch.randint(0, 97, (2, 5))
+    f = routers.confidence(c, h, ids, p)
+    assert f.shape == (2, 5, len(COLUMNS))
+    score = routers.score(c, h, f)
+    # The features really enter the score: zero the feature weights and it changes.
+    saved = routers.router(c).feat.weight.detach().clone()
+    with torch.no_grad():
+        routers.router(c).feat.weight.zero_()
+    assert not torch.allclose(routers.score(c, h, f), score)
+    with torch.no_grad():
+        routers.router(c).feat.weight.copy_(saved)
+    with pytest.raises(TIDEError, match="reads confidence features"):
+        routers.score(c, h)
+
+    path = tmp_path / "conf.tide"
+    routers.save(path)
+    loaded = RouterSet.load(path, model)
+    assert loaded.features == ("rms", "conf") and torch.equal(loaded.successor, routers.successor)
+    for key, value in routers.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    torch.testing.assert_close(loaded.score(c, h, loaded.confidence(c, h, ids, p)), score)
+
+
+def test_reference_exits_where_the_features_say(calibrated):
+    """Under kv="deferred" every h_c is the plain model's, so each token's exit is the first
+    checkpoint whose score, computed by hand from the plain states, passes the threshold."""
+    model, routers = calibrated
+    p = probe(model)
+    torch.manual_seed(1)
+    ids = torch.randint(2, 97, (3, 12))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+        scores = torch.stack([routers.score(c, hidden[c + 1],
+                                            routers.confidence(c, hidden[c + 1], ids, p))
+                              for c in routers.checkpoint_layers])
+    threshold = float(scores.flatten().quantile(0.6))
+    out = R.forward(model, routers, ids, exit_threshold=threshold, kv="deferred")
+    passed = scores > threshold
+    first = torch.where(passed.any(0), passed.float().argmax(0), -1)
+    want = torch.where(first >= 0, torch.tensor(routers.checkpoint_layers)[first.clamp_min(0)], -1)
+    assert torch.equal(out.exit_layers, want)
+    assert 0 < int((want >= 0).sum()) < want.numel()  # some tokens exit, some do not
+    with torch.no_grad():
+        for b, s in zip(*torch.nonzero(want >= 0, as_tuple=True)):
+            c = int(want[b, s])
+            expect = p.head(routers.exit_state(c, hidden[c + 1][b, s]))
+            torch.testing.assert_close(out.logits[b, s], expect, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_path_refuses_feature_routers(calibrated):
+    model, routers = calibrated
+    with pytest.raises(TIDEError, match="confidence features"):
+        tide_compile.optimize(model, routers, inductor=False)
+
+
+def test_files_without_features_still_load(tmp_path):
+    # The shipped routers were written before router features existed.
+    from tide_compile.demo import SHIPPED_ROUTERS
+
+    for name, path in SHIPPED_ROUTERS.items():
+        assert RouterSet.load(path).features == ("rms",), name
+    model = make_model("llama", 4)
+    path = tmp_path / "old.tide"
+    RouterSet.forced(model, 1, small_config(checkpoint_interval=2)).save(path)
+    meta, tensors = _read(path)
+    del meta["router"]["features"]  # as a file from before router features
+    _write(path, meta, tensors)
+    loaded = RouterSet.load(path, model)
+    assert loaded.features == ("rms",) and loaded.successor is None
+
+
+def _read(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["tide_compile"]), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _write(path, meta, tensors):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"tide_compile": json.dumps(meta)})
+
+
+def test_bad_feature_files_and_arguments(calibrated, tok, lines, tmp_path):
+    model, routers = calibrated
+    path = tmp_path / "bad.tide"
+    routers.save(path)
+    meta, tensors = _read(path)
+    bad = dict(tensors)
+    bad["candidates.successor"] = bad["candidates.successor"].clone()
+    bad["candidates.successor"][0, 0] = 500
+    meta.pop("tensors_sha256", None)
+    _write(path, meta, bad)
+    with pytest.raises(RouterFileError, match="outside the vocabulary"):
+        RouterSet.load(path)
+    meta["router"]["features"] = ["rms", "entropy"]
+    _write(path, meta, tensors)
+    with pytest.raises(RouterFileError, match="router.features"):
+        RouterSet.load(path)
+
+    info = RouterSet.describe(model)
+    plain = {1: TokenRouter(32, 4)}
+    with pytest.raises(TIDEError, match="successor table is given exactly"):
+        RouterSet(plain, model_info=info, config=small_config(), successor=routers.successor)
+    with pytest.raises(TIDEError, match="successor table is given exactly"):
+        RouterSet({1: TokenRouter(32, 4, feature_dim=len(COLUMNS))}, model_info=info,
+                  config=small_config())
+    with pytest.raises(TIDEError, match="reads no features"):
+        plain[1](torch.randn(2, 32), torch.randn(2, len(COLUMNS)))
+    with pytest.raises(ValueError, match="router_features"):
+        tide_compile.calibrate(model, tok, lines, small_config(), router_features="conf", **FAST)
+    with pytest.raises(ValueError, match="confidence_k"):
+        tide_compile.calibrate(model, tok, lines, small_config(), router_features="rms+conf",
+                               confidence_k=500, **FAST)
