@@ -407,12 +407,17 @@ def judge(row: dict[str, Any], predicted: dict[str, Any] | None, target: float |
     return out
 
 
+def router_set_name(strategy: str, interval: int, features: str) -> str:
+    """``identity_k2``, or ``identity_k2_conf`` for routers that read confidence features."""
+    return f"{strategy}_k{interval}" + ("_conf" if features == "rms+conf" else "")
+
+
 def make_routers(model: Any, tokenizer: Any, strategy: str, interval: int, args: argparse.Namespace,
-                 rows: list[str], out_dir: Path) -> tuple[Any, dict[str, Any]]:
+                 rows: list[str], out_dir: Path, features: str = "rms") -> tuple[Any, dict[str, Any]]:
     from tide_compile import TIDEConfig, calibrate
     from tide_compile.routers import RouterSet
 
-    name = f"{strategy}_k{interval}"
+    name = router_set_name(strategy, interval, features)
     path = out_dir / "routers" / f"{name}.tide"
     if args.reuse_routers and path.is_file():
         log(f"{name}: loading {path}")
@@ -423,6 +428,8 @@ def make_routers(model: Any, tokenizer: Any, strategy: str, interval: int, args:
                                   progress=args.progress)
     if args.max_tokens_per_checkpoint:
         kwargs["max_tokens_per_checkpoint"] = args.max_tokens_per_checkpoint
+    if features != "rms":
+        kwargs.update(router_features=features, confidence_k=args.confidence_k)
     log(f"{name}: calibrating ({args.samples} samples of <= {args.window} tokens)")
     t0 = time.perf_counter()
     routers = calibrate(model, tokenizer, rows, config, **kwargs)
@@ -438,6 +445,17 @@ def make_routers(model: Any, tokenizer: Any, strategy: str, interval: int, args:
     return routers, {"seconds": round(seconds, 1), "saved_to": str(path)}
 
 
+@torch.no_grad()
+def _score(routers: Any, p: Any, c: int, states: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Router scores of plain-model states at checkpoint ``c`` (with the confidence features
+    of the exit head over the successor candidates, for routers that read them)."""
+    if getattr(routers, "successor", None) is None:
+        return routers.score(c, states).float().cpu()
+    dev = next(p.model.parameters()).device
+    states, ids = states.to(dev), ids.to(dev)
+    return routers.score(c, states, routers.confidence(c, states, ids, p)).float().cpu()
+
+
 def evaluate_router_set(model: Any, p: Any, routers: Any, name: str, domains: list[Domain],
                         args: argparse.Namespace, result: dict[str, Any]) -> dict[str, Any]:
     L = p.num_layers
@@ -446,6 +464,7 @@ def evaluate_router_set(model: Any, p: Any, routers: Any, name: str, domains: li
     cal = routers.calibration
     entry: dict[str, Any] = {
         "name": name, "exit_strategy": strategy,
+        "router_features": list(getattr(routers, "features", ("rms",))),
         "checkpoint_interval": routers.config.checkpoint_interval,
         "checkpoints": routers.checkpoint_layers,
         "calibration": {k: cal.get(k) for k in ("source", "samples", "max_length", "tokens_seen",
@@ -460,8 +479,9 @@ def evaluate_router_set(model: Any, p: Any, routers: Any, name: str, domains: li
                 proj = routers.exit_projection(c)
                 dom.heads[(kind, c)] = head_pass(p, dom.states[c], dom.targets, proj)
         scores[dom.name] = {}
+        ids = dom.windows.reshape(-1)
         for c in routers.checkpoint_layers:
-            s = torch.cat([routers.score(c, dom.states[c][i : i + 4096]).float().cpu()
+            s = torch.cat([_score(routers, p, c, dom.states[c][i : i + 4096], ids[i : i + 4096])
                            for i in range(0, dom.states[c].shape[0], 4096)])
             scores[dom.name][c] = s
         heads = {c: dom.heads[(kind, c)][0] for c in routers.checkpoint_layers}
@@ -754,6 +774,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--intervals", type=_ints, default=[1, 2, 4])
     ap.add_argument("--strategies", type=_strs, default=["identity", "projection"])
     ap.add_argument("--targets", type=_floats, default=[0.99, 0.95, 0.90])
+    ap.add_argument("--router-features", type=_strs, default=["rms"],
+                    help="router inputs to calibrate and compare: rms, rms+conf (the exit head's "
+                         "confidence over --confidence-k successor candidates)")
+    ap.add_argument("--confidence-k", type=int, default=64,
+                    help="candidates per token for --router-features rms+conf")
     ap.add_argument("--extra-thresholds", type=_floats, default=[],
                     help="raw thresholds measured as well (e.g. 1.0: never exits, must equal plain)")
     ap.add_argument("--prompts", type=int, default=8, help="greedy prompts per domain (0: no greedy)")
@@ -786,6 +811,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.targets = [0.9]
         args.prompts, args.prompt_len, args.new_tokens = 2, 12, 6
         args.extra_thresholds = sorted({*args.extra_thresholds, 0.5, 1.0})
+    for f in args.router_features:
+        if f not in ("rms", "rms+conf"):
+            ap.error(f"--router-features: unknown {f!r} (rms, rms+conf)")
     for s in args.strategies:
         if s not in ("identity", "projection"):
             ap.error(f"--strategies: unknown {s!r} (identity, projection)")
@@ -829,6 +857,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "command": command, "windows": args.windows, "window": args.window, "batch": args.batch,
             "samples": args.samples, "max_tokens_per_checkpoint": args.max_tokens_per_checkpoint,
             "intervals": args.intervals, "strategies": args.strategies, "targets": args.targets,
+            "router_features": args.router_features, "confidence_k": args.confidence_k,
             "extra_thresholds": args.extra_thresholds, "prompts": args.prompts,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "deferred_from": args.deferred_from, "seed": args.seed, "decode_threads": args.decode_threads,
@@ -861,15 +890,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows, cal_info = calibration_rows(args.seed)
     result["calibration_text"] = cal_info
     write_outputs(result, args.out)
-    for strategy in args.strategies:
-        for interval in args.intervals:
-            name = f"{strategy}_k{interval}"
-            routers, how = make_routers(model, tokenizer, strategy, interval, args, rows, args.out)
-            entry = evaluate_router_set(model, p, routers, name, domains, args, result)
-            entry["routers"] = how
-            result["router_sets"].append(entry)
-            write_outputs(result, args.out)
-            log(f"{name}: done, wrote {args.out}")
+    for strategy, interval, features in [(s, i, f) for s in args.strategies for i in args.intervals
+                                         for f in args.router_features]:
+        name = router_set_name(strategy, interval, features)
+        routers, how = make_routers(model, tokenizer, strategy, interval, args, rows, args.out,
+                                    features)
+        entry = evaluate_router_set(model, p, routers, name, domains, args, result)
+        entry["routers"] = how
+        result["router_sets"].append(entry)
+        write_outputs(result, args.out)
+        log(f"{name}: done, wrote {args.out}")
     result["complete"] = True
     write_outputs(result, args.out)
     table = summary_table(result)

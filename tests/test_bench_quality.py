@@ -32,7 +32,8 @@ print("DATASETS_IMPORTED=" + json.dumps("datasets" in sys.modules))
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_quality")
-    argv = ["--tiny", "--no-progress", "--threads", "2", "--out", str(out)]
+    argv = ["--tiny", "--no-progress", "--threads", "2", "--router-features", "rms,rms+conf",
+            "--confidence-k", "16", "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-c", _RUN, str(SCRIPT), *argv], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
@@ -74,8 +75,11 @@ def test_structure_and_ranges(tiny_run):
         assert [int(k) for k in heads] == list(range(L - 1))
         assert all(_rate(v) for v in heads.values())
         assert 1.0 <= dom["identity_oracle_mean_depth"] <= L
-    assert [rs["name"] for rs in result["router_sets"]] == ["identity_k4", "projection_k4"]
+    assert [rs["name"] for rs in result["router_sets"]] == [
+        "identity_k4", "identity_k4_conf", "projection_k4", "projection_k4_conf"]
+    assert meta["router_features"] == ["rms", "rms+conf"] and meta["confidence_k"] == 16
     for rs in result["router_sets"]:
+        assert rs["router_features"] == (["rms", "conf"] if rs["name"].endswith("_conf") else ["rms"])
         assert rs["checkpoints"] == [3]
         assert {tr["threshold"] for tr in rs["thresholds"]} >= {0.5, 1.0}
         for dname, ceiling in rs["ceilings"].items():
