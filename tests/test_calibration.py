@@ -428,6 +428,15 @@ def test_cli_calibrate(tmp_path, capsys):
     assert rc == 1 and "does not exist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", str(model_dir), "--data", "f.txt", "--out", "x", "--threshold-target", "2"])
+    conf = tmp_path / "conf.tide"
+    rc = main([
+        "calibrate", "--model", str(model_dir), "--data", str(HELDOUT_DIR / "tempest.txt"),
+        "--out", str(conf), "--samples", "16", "--max-length", "40", "--checkpoint-interval", "2",
+        "--router-features", "rms+conf", "--confidence-k", "8", "--device", "cpu", "--quiet",
+    ])
+    assert rc == 0
+    loaded = RouterSet.load(conf)
+    assert loaded.features == ("rms", "conf") and loaded.confidence_k == 8
 
 
 # ----------------------------------------------------------------------------- demo model

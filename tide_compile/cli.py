@@ -105,6 +105,7 @@ def load_model(path: str, device: str | None, dtype: str) -> tuple[object, objec
 
 # ---------------------------------------------------------------------------- calibrate
 def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    from .calibration.pipeline import ROUTER_FEATURES
     from .config import EXIT_STRATEGIES, TIDEConfig
 
     d = TIDEConfig()
@@ -139,6 +140,12 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="identity or low-rank exit projection (default: %(default)s)")
     p.add_argument("--labels", choices=("agree", "cosine"), default="agree",
                    help="what counts as done (default: %(default)s)")
+    p.add_argument("--router-features", choices=ROUTER_FEATURES, default="rms",
+                   help="router inputs: rms(h_c), or also the exit head's confidence over "
+                        "--confidence-k candidates (rms+conf; tide_compile.reference only, the "
+                        "backend refuses it) (default: %(default)s)")
+    p.add_argument("--confidence-k", type=_positive_int, default=64,
+                   help="candidates per token with --router-features rms+conf (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
@@ -182,6 +189,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         split=args.split,
         text_field=args.text_field,
         labels=args.labels,
+        router_features=args.router_features,
+        confidence_k=args.confidence_k,
         max_length=args.max_length,
         max_tokens_per_checkpoint=args.max_tokens,
         batch_size=args.batch_size,
