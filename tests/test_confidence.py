@@ -1,5 +1,6 @@
 """Routers that read the exit head's confidence (issue 20): the ops, calibration, the router
-file, the reference's exit rule, and the clear refusals (the compiled path does not run them)."""
+file, the reference's exit rule, the compiled path (features computed in the graph: skip,
+frozen, deferred generate, lossless) against the reference, and the refusals."""
 
 from __future__ import annotations
 
@@ -137,10 +138,15 @@ def test_reference_exits_where_the_features_say(calibrated):
             torch.testing.assert_close(out.logits[b, s], expect, rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_path_refuses_feature_routers(calibrated):
+def test_compact_strategy_refuses_feature_routers(calibrated):
+    """Compaction does not gather the features' inputs for its continuing rows: an explicit
+    strategy="compact" is an error, and auto never compacts with these routers."""
+    from tide_compile.options import parse_options
+
     model, routers = calibrated
-    with pytest.raises(TIDEError, match="confidence features"):
-        tide_compile.optimize(model, routers, inductor=False)
+    with pytest.raises(TIDEError, match="compact strategy"):
+        tide_compile.optimize(model, routers, inductor=False, kv="propagate", strategy="compact")
+    assert parse_options({"routers": routers}).compaction == 0.0
 
 
 def test_files_without_features_still_load(tmp_path):
@@ -203,3 +209,90 @@ def test_bad_feature_files_and_arguments(calibrated, tok, lines, tmp_path):
     with pytest.raises(ValueError, match="confidence_k"):
         tide_compile.calibrate(model, tok, lines, small_config(), router_features="rms+conf",
                                confidence_k=500, **FAST)
+
+
+# ---------------------------------------------------------------------------- compiled path
+def random_conf_routers(model, seed: int, k: int = 6, scale: float = 4.0, projections: bool = False):
+    """Random routers that read confidence features, over a random successor table."""
+    from tide_testing import CFG
+
+    from tide_compile.routers import ExitProjection
+
+    g = torch.Generator().manual_seed(seed)
+    info = RouterSet.describe(model)
+    routers, projs = {}, {}
+    for c in CFG.checkpoint_layers(info["num_layers"]):
+        r = TokenRouter(info["hidden_size"], CFG.router_bottleneck_dim, feature_dim=len(COLUMNS))
+        with torch.no_grad():
+            for prm in r.parameters():
+                prm.copy_(torch.randn(prm.shape, generator=g) * scale / prm.shape[-1] ** 0.5)
+        routers[c] = r
+        if projections:
+            e = ExitProjection(info["hidden_size"], 4)
+            with torch.no_grad():
+                for prm in e.parameters():
+                    prm.copy_(torch.randn(prm.shape, generator=g) * 0.3)
+            projs[c] = e
+    successor = torch.randint(0, info["vocab_size"], (info["vocab_size"], k), generator=g)
+    return RouterSet(routers, model_info=info, config=CFG, successor=successor,
+                     exit_projections=projs or None)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("strategy", ["skip", "frozen"])
+@pytest.mark.parametrize("projections", [False, True])
+def test_compiled_equals_reference_with_features(arch, strategy, projections):
+    """The backend computes the features in the graph (the final norm copied onto each
+    checkpoint's state, k rows of lm_head): outputs and exits equal the reference, and the
+    skip strategy really stops early."""
+    from tide_compile import ExitStats
+    from tide_testing import compiled, model_for, run_both, skip_layers_executed
+
+    model = model_for(arch)
+    routers = random_conf_routers(model, 11, projections=projections)
+    fn, stats = compiled(model, routers, exit_threshold=0.5, strategy=strategy)
+    steps = run_both(model, routers, fn, "static", 2, 3, 3, 0.5, 5)
+    ref = ExitStats(4)
+    ref.record(torch.cat(steps, 1))
+    assert stats.exits_per_layer == ref.exits_per_layer and ref.exit_rate > 0
+    expected = sum(e.numel() * 4 if strategy == "frozen" else skip_layers_executed(e, 4) for e in steps)
+    assert stats.layers_executed == expected
+    if strategy == "skip":
+        assert stats.layers_executed < 4 * stats.total_tokens  # some steps skipped layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_optimize_generate_with_features_equals_reference(arch):
+    """optimize's default (kv="deferred") generate: the deferred reference's tokens and
+    exits, left-padded batch of 2, decode steps that skip."""
+    from tide_testing import model_for
+
+    torch._dynamo.reset()
+    model = model_for(arch)
+    routers = random_conf_routers(model, 21, projections=arch == "llama")
+    ids = torch.tensor([[0, 0, 5, 9, 13], [7, 3, 8, 2, 11]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
+    fast = tide_compile.optimize(model, routers, inductor=False, exit_threshold=0.5, max_pending=2)
+    got = fast.generate(ids, max_new_tokens=8, attention_mask=mask, eos_token_id=-1, pad_token_id=0)
+    ref = R.generate(model, routers, ids, 8, attention_mask=mask, exit_threshold=0.5,
+                     eos_token_id=-1, pad_token_id=0, kv="deferred")
+    assert torch.equal(got, ref.sequences)
+    stats = fast.tide_stats
+    assert stats.exits_per_layer == ref.stats.exits_per_layer and ref.stats.exit_rate > 0
+    assert stats.steps_by_strategy.get("deferred", 0) == 7
+
+
+def test_lossless_with_features_equals_plain_greedy():
+    """mode="lossless": feature routers draft, the deep layers verify: HF greedy's tokens."""
+    from tiny_models import make_model
+
+    torch._dynamo.reset()
+    model = make_model("llama", num_layers=4, seed=11)
+    routers = random_conf_routers(model, 31)
+    fast = tide_compile.optimize(model, routers, inductor=False, mode="lossless",
+                                 exit_threshold=0.3, adaptive=False)
+    for prompt in (6, 2):
+        ids = torch.arange(3, 3 + prompt)[None]
+        want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(fast.generate(ids, max_new_tokens=12, pad_token_id=0), want)
+    assert fast.lossless_stats.drafted > 0, fast.lossless_stats.summary()

@@ -142,8 +142,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="what counts as done (default: %(default)s)")
     p.add_argument("--router-features", choices=ROUTER_FEATURES, default="rms",
                    help="router inputs: rms(h_c), or also the exit head's confidence over "
-                        "--confidence-k candidates (rms+conf; tide_compile.reference only, the "
-                        "backend refuses it) (default: %(default)s)")
+                        "--confidence-k candidates (rms+conf) (default: %(default)s)")
     p.add_argument("--confidence-k", type=_positive_int, default=64,
                    help="candidates per token with --router-features rms+conf (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)

@@ -176,12 +176,11 @@ def parse_options(options: Mapping[str, Any] | TideOptions | None) -> TideOption
     if routers is not None and not isinstance(routers, RouterSet):
         raise TypeError(f"options['routers'] must be a RouterSet or a router file path, got "
                         f"{type(routers).__name__}")
-    if routers is not None and routers.successor is not None:
+    if routers is not None and routers.successor is not None and options.get("strategy") == "compact":
         raise TIDEError(
-            "these routers read confidence features (RouterSet.features is "
-            f"{routers.features}); the compiled path does not compute them yet: run them "
-            "with tide_compile.reference.forward / generate, or calibrate with "
-            "router_features='rms' for the backend")
+            "routers with confidence features (RouterSet.features is "
+            f"{routers.features}) do not run the compact strategy: pass strategy='auto', "
+            "'skip' or 'frozen'")
     # Ranges are TIDEConfig's (one statement of them).
     for key in ("exit_threshold", "min_layers", "compaction_threshold"):
         if options.get(key) is not None:
@@ -230,6 +229,8 @@ def parse_options(options: Mapping[str, Any] | TideOptions | None) -> TideOption
                              f"are for {routers.num_layers} layers")
         compaction = (routers.config.compaction_threshold if opts.compaction_threshold is None
                       else float(opts.compaction_threshold))
+        if routers.successor is not None:
+            compaction = 0.0  # confidence features are not gathered for compacted rows
         object.__setattr__(opts, "threshold", threshold)
         object.__setattr__(opts, "checkpoints", checkpoints)
         object.__setattr__(opts, "compaction", compaction)

@@ -110,8 +110,8 @@ def calibrate(
             raised before any work).
         router_features: ``"rms"`` (routers read ``rms(h_c)``) or ``"rms+conf"`` (also the
             exit head's confidence over ``confidence_k`` candidate tokens from a successor
-            table built on the training split; :mod:`tide_compile.confidence`). Such
-            routers run in :mod:`tide_compile.reference`; the compiled path refuses them.
+            table built on the training split; :mod:`tide_compile.confidence`). The
+            reference and the backend compute these features; compaction does not.
         confidence_k: candidates per token with ``"rms+conf"`` (2 .. vocabulary size).
 
     Returns:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["route", "route_reference", "exit_select", "exit_select_reference"]
+__all__ = ["route", "route_reference", "route_features_reference", "exit_select",
+           "exit_select_reference"]
 
 
 def route_reference(
@@ -40,10 +41,42 @@ def route_reference(
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     hidden = torch.nn.functional.silu(torch.nn.functional.linear(x, w1, b1))
     score = torch.sigmoid(torch.nn.functional.linear(hidden, w2, b2).squeeze(-1))
+    return _exit_update(score, threshold, layer, h, exited, frozen, exit_layer)
+
+
+def _exit_update(score: torch.Tensor, threshold: float, layer: int, h: torch.Tensor,
+                 exited: torch.Tensor, frozen: torch.Tensor, exit_layer: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A token that has not exited exits where ``score > threshold``: its state is frozen
+    to ``h`` and its exit layer set to ``layer``."""
     new = (score > threshold) & ~exited
     frozen_out = torch.where(new.unsqueeze(-1), h.to(frozen.dtype), frozen)
     exit_layer_out = torch.where(new, torch.full_like(exit_layer, layer), exit_layer)
     return exited | new, frozen_out, exit_layer_out
+
+
+def route_features_reference(
+    h: torch.Tensor,
+    features: torch.Tensor,
+    exited: torch.Tensor,
+    frozen: torch.Tensor,
+    exit_layer: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    wf: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    threshold: float,
+    layer: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`route_reference` for a router that also reads ``features`` (``[..., F]``,
+    the exit head's confidence): ``score = sigmoid(w2 . silu(w1 @ rms(h) + b1 + wf @ f) + b2)``."""
+    x = h.to(w1.dtype)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    a = torch.nn.functional.linear(x, w1, b1) + torch.nn.functional.linear(features.to(w1.dtype), wf)
+    score = torch.sigmoid(torch.nn.functional.linear(torch.nn.functional.silu(a), w2, b2).squeeze(-1))
+    return _exit_update(score, threshold, layer, h, exited, frozen, exit_layer)
 
 
 def exit_select_reference(

@@ -46,7 +46,9 @@ import operator
 import torch
 import torch.fx as fx
 
+from ..confidence import candidate_logits, confidence_features
 from ..kernels import exit_select_op, route_op
+from ..kernels.ops import route_features_reference
 from ._fx import PassError, example_value
 from .layers import META_KEY, LayerInfo
 
@@ -102,6 +104,81 @@ def final_select(
     return out
 
 
+def exit_state(h: torch.Tensor, down_w: torch.Tensor, up_w: torch.Tensor,
+               up_b: torch.Tensor) -> torch.Tensor:
+    """``E_c(h) = h + up(down(h))`` in the projection's dtype, back in ``h``'s dtype."""
+    x = h.to(down_w.dtype)
+    return (x + torch.nn.functional.linear(torch.nn.functional.linear(x, down_w), up_w, up_b)
+            ).to(h.dtype)
+
+
+def candidates(input_ids: torch.Tensor, successor: torch.Tensor) -> torch.Tensor:
+    """Each position's candidate tokens, ``successor[input_ids]`` (``[..., k]``)."""
+    return successor[input_ids]
+
+
+def head_confidence(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """The confidence features of ``lm_head`` over the candidates ``idx`` (one row of ``k``
+    per position of ``x``, in any leading shape), read from ``x``."""
+    idx = idx.reshape(*x.shape[:-1], idx.shape[-1])
+    return confidence_features(candidate_logits(weight, x, idx, bias))
+
+
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+_EMBEDDINGS = (torch.nn.functional.embedding, torch.embedding)
+
+
+def _head_reader(graph: fx.Graph, info: LayerInfo, routers: "RouterSet"
+                 ) -> tuple[fx.Node, tuple, fx.Node, list[fx.Node]]:
+    """What confidence features read, found in the graph: the token ids the embedding reads, the
+    ``lm_head`` linear's weight (and bias) arguments, and the chain of ``post`` nodes from
+    the last layer's output to ``lm_head``'s input (the final norm), in graph order."""
+    vocab, hidden = routers.model_info.get("vocab_size"), routers.hidden_size
+
+    def is_head_weight(a: object) -> bool:
+        ev = example_value(a) if isinstance(a, fx.Node) else None
+        return (isinstance(a, fx.Node) and a.op == "placeholder" and isinstance(ev, torch.Tensor)
+                and tuple(ev.shape) == (vocab, hidden))
+
+    head = next((n for n in graph.nodes if n.op == "call_function" and n.target in _LINEARS
+                 and n.meta.get(META_KEY) == "post" and len(n.args) >= 2
+                 and is_head_weight(n.args[1])), None)
+    embed = next((n for n in graph.nodes if n.op == "call_function" and n.target in _EMBEDDINGS
+                  and isinstance(n.args[0], fx.Node) and is_head_weight(n.args[1])), None)
+    if head is None or embed is None:
+        raise PassError("routers with confidence features need the graph's lm_head linear and "
+                        "token-embedding lookup (a [vocab, hidden] weight each); this graph has "
+                        + ("neither" if head is None and embed is None
+                           else "no lm_head linear" if head is None else "no embedding of input ids"))
+    if type(example_value(head.args[1])) is not torch.Tensor and hasattr(
+            example_value(head.args[1]), "device_mesh"):
+        raise PassError("routers with confidence features do not run under tensor parallelism "
+                        "(lm_head is sharded over the vocabulary)")
+    x = head.args[0]
+    last = info.last_output
+    downstream: set[fx.Node] = {last}
+    for n in graph.nodes:
+        if n is not last and any(a in downstream for a in n.all_input_nodes):
+            downstream.add(n)
+    upstream: set[fx.Node] = set()
+    stack = [x]
+    while stack:
+        n = stack.pop()
+        if n in upstream or n is last:
+            continue
+        upstream.add(n)
+        stack.extend(n.all_input_nodes)
+    if not isinstance(x, fx.Node) or x not in downstream:
+        raise PassError("lm_head does not read the last layer's output in this graph")
+    # The nodes lm_head's input needs after the last layer: its own values and the "post"
+    # shape arithmetic beside them (e.g. a view's size, built after the last layer).
+    chain = [n for n in graph.nodes if n in upstream and n is not last and n.op != "placeholder"
+             and (n in downstream or n.meta.get(META_KEY) == "post")]
+    bias = head.args[2] if len(head.args) > 2 else head.kwargs.get("bias")
+    return embed.args[0], (head.args[1], bias), x, chain
+
+
 def _fake_exit_state(h: fx.Node) -> tuple[torch.Tensor, ...] | None:
     ev = example_value(h)
     mode = getattr(ev, "fake_mode", None)
@@ -120,6 +197,32 @@ def _input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
     node.meta["example_value"] = value
     gm.meta.setdefault(EXTRA_INPUTS, []).append(value)
     return node
+
+
+def _confidence_nodes(gm: fx.GraphModule, graph: fx.Graph, c: int, h_c: fx.Node, last: fx.Node,
+                      routers: "RouterSet", device: torch.device | None, idx_node: fx.Node,
+                      head_w: fx.Node, head_b: object, head_x: fx.Node, chain: list[fx.Node],
+                      tag) -> tuple[fx.Node, fx.Node]:
+    """After ``h_c``: ``E_c(h_c)``, a copy of the final-norm chain (``last`` -> ``head_x``)
+    on it, and the confidence features of ``lm_head`` over the candidates. Returns (the
+    last node inserted, the features node)."""
+    anchor = state = h_c
+    proj = routers.exit_projection(c)
+    if proj is not None:
+        names = [tag(_input(gm, f"tide_confproj_{c}_{suffix}",
+                            (tensor.to(device) if device is not None else tensor).detach()), c)
+                 for suffix, tensor in (("down_w", proj.down.weight), ("up_w", proj.up.weight),
+                                        ("up_b", proj.up.bias))]
+        with graph.inserting_after(anchor):
+            state = anchor = tag(graph.call_function(exit_state, (h_c, *names)), c)
+    env: dict[fx.Node, fx.Node] = {last: state}
+    for n in chain:
+        with graph.inserting_after(anchor):
+            anchor = tag(graph.node_copy(n, lambda a: env.get(a, a)), c)
+        env[n] = anchor
+    with graph.inserting_after(anchor):
+        feats = tag(graph.call_function(head_confidence, (env[head_x], head_w, idx_node, head_b)), c)
+    return feats, feats
 
 
 def run(gm: fx.GraphModule, ctx: "PassContext") -> fx.GraphModule:
@@ -186,10 +289,25 @@ def insert_exits(
     state: tuple[fx.Node, fx.Node, fx.Node] | None = None
     state_by_layer: dict[int, tuple[fx.Node, fx.Node, fx.Node]] = {}
     route_end: dict[int, fx.Node] = {}
+    conf = routers.successor is not None
+    if conf:
+        ids_node, (head_w, head_b), head_x, chain = _head_reader(graph, info, routers)
+        successor = routers.successor
+        succ = tag(_input(gm, "tide_successor",
+                          (successor.to(device) if device is not None else successor).detach()),
+                   "pre")
+        # A "pre" value, read at every checkpoint; after the ids (placeholders come first).
+        with graph.inserting_after(succ if ids_node.op == "placeholder" else ids_node):
+            idx_node = tag(graph.call_function(candidates, (ids_node, succ)), "pre")
     for c in checkpoints:
         h_c = info.state_after(c)
         r = routers.router(c)
         anchor = h_c
+        feats = None
+        if conf:
+            anchor, feats = _confidence_nodes(gm, graph, c, h_c, info.last_output, routers,
+                                              device, idx_node, head_w, head_b, head_x, chain,
+                                              tag)
         if state is None:
             init_args: tuple = (h_c,)
             if live:
@@ -204,8 +322,10 @@ def insert_exits(
                 init = tag(graph.call_function(init_exit_state, init_args), c)
             state, anchor = unpack(init, c)
         weights = []
-        for suffix, tensor in (("w1", r.down.weight), ("b1", r.down.bias),
-                               ("w2", r.up.weight), ("b2", r.up.bias)):
+        named = [("w1", r.down.weight), ("b1", r.down.bias)]
+        if feats is not None:
+            named.append(("wf", r.feat.weight))
+        for suffix, tensor in (*named, ("w2", r.up.weight), ("b2", r.up.bias)):
             value = (tensor.to(device) if device is not None else tensor).detach()
             if live:  # the runner's own copy: set_threshold shifts the bias in place
                 value = value.clone()
@@ -215,10 +335,16 @@ def insert_exits(
             tag(node, c)
             weights.append(node)
         with graph.inserting_after(anchor):
-            route = tag(graph.call_function(
-                route_op(kernels),
-                (h_c, *state, *weights, float(threshold), int(c), float(r.eps)),
-            ), c)
+            if feats is None:
+                route = tag(graph.call_function(
+                    route_op(kernels),
+                    (h_c, *state, *weights, float(threshold), int(c), float(r.eps)),
+                ), c)
+            else:  # the composite on every device (no hand kernel reads features yet)
+                route = tag(graph.call_function(
+                    route_features_reference,
+                    (h_c, feats, *state, *weights, float(threshold), int(c), float(r.eps)),
+                ), c)
         state, anchor = unpack(route, c)
         state_by_layer[c] = state
         route_end[c] = anchor
