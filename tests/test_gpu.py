@@ -336,3 +336,22 @@ def test_probe_conditional_graph_if_node(tmp_path):
     assert result["correct"], result["checks"]
     assert set(result["ms"]) == {"graph_A", "graph_A+B", "if_node_pred_false", "if_node_pred_true",
                                  "host_read_pred_false", "host_read_pred_true"}
+
+
+def test_feature_routers_generate_on_cuda():
+    """Routers with confidence features under optimize's CUDA defaults (Inductor, CUDA
+    graphs, kv="deferred"): the deferred reference's tokens and exits, with skipped layers."""
+    from test_confidence import random_conf_routers
+
+    torch._dynamo.reset()
+    model = make_model("llama", num_layers=4, seed=3).cuda()
+    routers = random_conf_routers(model, 21, projections=True).to("cuda")
+    fast = tide_compile.optimize(model, routers, exit_threshold=0.5, max_pending=2)
+    ids = torch.randint(2, 97, (2, 5), device="cuda")
+    for _ in range(2):  # the second call replays the captured graphs
+        got = fast.generate(ids, max_new_tokens=10, eos_token_id=-1, pad_token_id=0)
+    ref = R.generate(model, routers, ids, 10, exit_threshold=0.5, eos_token_id=-1,
+                     pad_token_id=0, kv="deferred", cache="static")
+    assert torch.equal(got, ref.sequences)
+    assert ref.stats.exit_rate > 0
+    assert fast.tide_stats.steps_by_strategy.get("deferred", 0) > 0
