@@ -17,20 +17,8 @@ from tide_compile.confidence import COLUMNS, candidate_logits, confidence_featur
 from tide_compile.model_probe import probe
 from tide_compile.routers import RouterFileError, TokenRouter
 
-from test_calibration import FAST, char_tokenizer, small_config
+from test_calibration import FAST, lines, small_config, tok  # noqa: F401 (fixtures)
 from tiny_models import make_model
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return char_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def lines():
-    from test_calibration import HELDOUT_DIR
-
-    return (HELDOUT_DIR / "macbeth.txt").read_text().splitlines()
 
 
 @pytest.fixture(scope="module")
