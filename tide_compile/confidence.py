@@ -22,9 +22,15 @@ from __future__ import annotations
 import math
 from collections import Counter
 
+from typing import TYPE_CHECKING
+
 import torch
 
-__all__ = ["COLUMNS", "successor_table", "candidate_logits", "confidence_features"]
+if TYPE_CHECKING:
+    from .model_probe import ModelProbe
+
+__all__ = ["COLUMNS", "successor_table", "candidate_logits", "confidence_features",
+           "head_confidence", "exit_head_features"]
 
 #: The feature columns, in the order routers read them.
 COLUMNS = ("max_prob", "margin", "entropy", "top_logit", "logit_margin")
@@ -91,3 +97,23 @@ def confidence_features(z: torch.Tensor) -> torch.Tensor:
     entropy = -(p * logp).sum(-1) / math.log(k)
     return torch.stack([top_p[..., 0], top_p[..., 0] - top_p[..., 1], entropy,
                         top_z[..., 0], top_z[..., 0] - top_z[..., 1]], dim=-1)
+
+
+def head_confidence(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The :data:`COLUMNS` of ``lm_head`` (``weight``, ``bias``) over the candidates ``idx``
+    (``k`` per position of ``x``, in any leading shape), read from ``x``: ``[..., 5]``."""
+    idx = idx.reshape(*x.shape[:-1], idx.shape[-1])
+    return confidence_features(candidate_logits(weight, x, idx, bias))
+
+
+def exit_head_features(model: "ModelProbe", state: torch.Tensor, input_ids: torch.Tensor,
+                       successor: torch.Tensor) -> torch.Tensor:
+    """:func:`head_confidence` of the exit head that reads ``state`` (``E_c(h_c)``): ``lm_head``
+    over ``successor[input_ids]``, read from ``final_norm(state)`` (then ``project_out``)."""
+    x = model.final_norm(state)
+    if model.project_out is not None:
+        x = model.project_out(x)
+    idx = successor[input_ids.to(successor.device)].to(x.device)
+    head = model.lm_head
+    return head_confidence(x, head.weight, idx, getattr(head, "bias", None))

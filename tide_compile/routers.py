@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .config import TIDEConfig
-from .confidence import COLUMNS, candidate_logits, confidence_features
+from .confidence import COLUMNS, exit_head_features
 from .model_probe import ModelProbe, probe
 from .validation import TIDEError, routers_mismatch
 
@@ -266,13 +266,7 @@ class RouterSet(nn.Module):
         if self.successor is None:
             raise TIDEError("these routers read no confidence features (RouterSet.features "
                             f"is {self.features})")
-        x = model.final_norm(self.exit_state(layer, hidden))
-        if model.project_out is not None:
-            x = model.project_out(x)
-        idx = self.successor[input_ids.to(self.successor.device)].to(x.device)
-        head = model.lm_head
-        return confidence_features(candidate_logits(head.weight, x, idx,
-                                                    getattr(head, "bias", None)))
+        return exit_head_features(model, self.exit_state(layer, hidden), input_ids, self.successor)
 
     def exit_state(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         """``E_c(h_c)``: the state an exiting token is read out from."""

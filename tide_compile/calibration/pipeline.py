@@ -18,8 +18,8 @@ from torch import nn
 from ..config import TIDEConfig
 from ..model_probe import probe
 from ..outputs import check_output_file
-from ..confidence import COLUMNS, successor_table
-from ..routers import ExitProjection, RouterSet, TokenRouter
+from ..confidence import COLUMNS, exit_head_features, successor_table
+from ..routers import ExitProjection, RouterSet
 from ..validation import TIDEError
 from . import quality
 from .collect import collect_states
@@ -39,16 +39,20 @@ def _check_positive(name: str, value: Any) -> None:
 
 
 @torch.no_grad()
-def _features(reader: RouterSet, layer: int, states: torch.Tensor, token_ids: torch.Tensor,
-              p: Any, chunk: int = 4096) -> torch.Tensor:
-    """Confidence features of every collected state at ``layer``, on the CPU, in chunks."""
+def _features(p: Any, proj: ExitProjection | None, states: torch.Tensor, token_ids: torch.Tensor,
+              successor: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Confidence features of the exit head (``proj``: its exit projection) for every
+    collected state of one checkpoint, on the CPU, in chunks."""
     device = next(p.model.parameters()).device
     dtype = next(p.model.parameters()).dtype
-    return torch.cat([
-        reader.confidence(layer, states[i:i + chunk].to(device, dtype),
-                          token_ids[i:i + chunk].to(device), p).cpu()
-        for i in range(0, states.shape[0], chunk)
-    ]) if states.shape[0] else torch.empty(0, len(COLUMNS))
+
+    def part(h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        h = h.to(device, dtype)
+        return exit_head_features(p, h if proj is None else proj(h), ids.to(device), successor).cpu()
+
+    return torch.cat([part(states[i:i + chunk], token_ids[i:i + chunk])
+                      for i in range(0, states.shape[0], chunk)
+                      ]) if states.shape[0] else torch.empty(0, len(COLUMNS))
 
 
 def calibrate(
@@ -188,10 +192,6 @@ def calibrate(
                                   zip(collected.sample_index, collected.position)], dtype=torch.int64)
         successor = successor_table(token_ids[splits.train], final_top1[splits.train], vocab,
                                     confidence_k)
-        reader = RouterSet(  # only to compute features with the trained projections
-            {c: TokenRouter(p.hidden_size, 1, feature_dim=len(COLUMNS)) for c in layers},
-            model_info=RouterSet.describe(p), config=config,
-            exit_projections=projections or None, successor=successor).to(device)
 
     held = splits.heldout
     routers = {}
@@ -214,7 +214,8 @@ def calibrate(
             # An exiting first token counts as a disagreement in the table too.
             target = target & ~first
             table_agree = agree & ~first
-        features = None if successor is None else _features(reader, c, states, token_ids, p)
+        features = (None if successor is None
+                    else _features(p, projections.get(c), states, token_ids, successor))
         router, info = train_router(
             states, target, splits, bottleneck_dim=config.router_bottleneck_dim, device=device,
             seed=seed + 100 * c, features=features,

@@ -37,11 +37,20 @@ def route_reference(
     Returns:
         (exited, frozen, exit_layer), new tensors.
     """
+    return _exit_update(_score(h, w1, b1, w2, b2, eps), threshold, layer, h, exited, frozen,
+                        exit_layer)
+
+
+def _score(h: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+           b2: torch.Tensor, eps: float, features: torch.Tensor | None = None,
+           wf: torch.Tensor | None = None) -> torch.Tensor:
+    """``sigmoid(w2 . silu(w1 @ rms(h) + b1 [+ wf @ features]) + b2)`` in ``w1``'s dtype."""
     x = h.to(w1.dtype)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    hidden = torch.nn.functional.silu(torch.nn.functional.linear(x, w1, b1))
-    score = torch.sigmoid(torch.nn.functional.linear(hidden, w2, b2).squeeze(-1))
-    return _exit_update(score, threshold, layer, h, exited, frozen, exit_layer)
+    a = torch.nn.functional.linear(x, w1, b1)
+    if features is not None:
+        a = a + torch.nn.functional.linear(features.to(w1.dtype), wf)
+    return torch.sigmoid(torch.nn.functional.linear(torch.nn.functional.silu(a), w2, b2).squeeze(-1))
 
 
 def _exit_update(score: torch.Tensor, threshold: float, layer: int, h: torch.Tensor,
@@ -72,11 +81,8 @@ def route_features_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`route_reference` for a router that also reads ``features`` (``[..., F]``,
     the exit head's confidence): ``score = sigmoid(w2 . silu(w1 @ rms(h) + b1 + wf @ f) + b2)``."""
-    x = h.to(w1.dtype)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    a = torch.nn.functional.linear(x, w1, b1) + torch.nn.functional.linear(features.to(w1.dtype), wf)
-    score = torch.sigmoid(torch.nn.functional.linear(torch.nn.functional.silu(a), w2, b2).squeeze(-1))
-    return _exit_update(score, threshold, layer, h, exited, frozen, exit_layer)
+    return _exit_update(_score(h, w1, b1, w2, b2, eps, features, wf), threshold, layer, h,
+                        exited, frozen, exit_layer)
 
 
 def exit_select_reference(

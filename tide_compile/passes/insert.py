@@ -46,7 +46,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..confidence import candidate_logits, confidence_features
+from ..confidence import head_confidence
 from ..kernels import exit_select_op, route_op
 from ..kernels.ops import route_features_reference
 from ._fx import PassError, example_value
@@ -85,6 +85,14 @@ def init_exit_state(h: torch.Tensor, live: torch.Tensor | None = None
     )
 
 
+def exit_state(h: torch.Tensor, down_w: torch.Tensor, up_w: torch.Tensor,
+               up_b: torch.Tensor) -> torch.Tensor:
+    """``E_c(h) = h + up(down(h))`` in the projection's dtype, back in ``h``'s dtype."""
+    x = h.to(down_w.dtype)
+    return (x + torch.nn.functional.linear(torch.nn.functional.linear(x, down_w), up_w, up_b)
+            ).to(h.dtype)
+
+
 def final_select(
     exit_layer: torch.Tensor,
     frozen: torch.Tensor,
@@ -98,31 +106,14 @@ def final_select(
     """
     out = torch.where((exit_layer >= 0).unsqueeze(-1), frozen.to(h.dtype), h)
     for c, down_w, up_w, up_b in projections:
-        x = frozen.to(down_w.dtype)
-        proj = x + torch.nn.functional.linear(torch.nn.functional.linear(x, down_w), up_w, up_b)
+        proj = exit_state(frozen, down_w, up_w, up_b)
         out = torch.where((exit_layer == c).unsqueeze(-1), proj.to(h.dtype), out)
     return out
-
-
-def exit_state(h: torch.Tensor, down_w: torch.Tensor, up_w: torch.Tensor,
-               up_b: torch.Tensor) -> torch.Tensor:
-    """``E_c(h) = h + up(down(h))`` in the projection's dtype, back in ``h``'s dtype."""
-    x = h.to(down_w.dtype)
-    return (x + torch.nn.functional.linear(torch.nn.functional.linear(x, down_w), up_w, up_b)
-            ).to(h.dtype)
 
 
 def candidates(input_ids: torch.Tensor, successor: torch.Tensor) -> torch.Tensor:
     """Each position's candidate tokens, ``successor[input_ids]`` (``[..., k]``)."""
     return successor[input_ids]
-
-
-def head_confidence(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
-                    bias: torch.Tensor | None) -> torch.Tensor:
-    """The confidence features of ``lm_head`` over the candidates ``idx`` (one row of ``k``
-    per position of ``x``, in any leading shape), read from ``x``."""
-    idx = idx.reshape(*x.shape[:-1], idx.shape[-1])
-    return confidence_features(candidate_logits(weight, x, idx, bias))
 
 
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -202,10 +193,10 @@ def _input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
 def _confidence_nodes(gm: fx.GraphModule, graph: fx.Graph, c: int, h_c: fx.Node, last: fx.Node,
                       routers: "RouterSet", device: torch.device | None, idx_node: fx.Node,
                       head_w: fx.Node, head_b: object, head_x: fx.Node, chain: list[fx.Node],
-                      tag) -> tuple[fx.Node, fx.Node]:
+                      tag) -> fx.Node:
     """After ``h_c``: ``E_c(h_c)``, a copy of the final-norm chain (``last`` -> ``head_x``)
-    on it, and the confidence features of ``lm_head`` over the candidates. Returns (the
-    last node inserted, the features node)."""
+    on it, and the confidence features of ``lm_head`` over the candidates. Returns the
+    features node, the last one inserted."""
     anchor = state = h_c
     proj = routers.exit_projection(c)
     if proj is not None:
@@ -221,8 +212,7 @@ def _confidence_nodes(gm: fx.GraphModule, graph: fx.Graph, c: int, h_c: fx.Node,
             anchor = tag(graph.node_copy(n, lambda a: env.get(a, a)), c)
         env[n] = anchor
     with graph.inserting_after(anchor):
-        feats = tag(graph.call_function(head_confidence, (env[head_x], head_w, idx_node, head_b)), c)
-    return feats, feats
+        return tag(graph.call_function(head_confidence, (env[head_x], head_w, idx_node, head_b)), c)
 
 
 def run(gm: fx.GraphModule, ctx: "PassContext") -> fx.GraphModule:
@@ -305,9 +295,9 @@ def insert_exits(
         anchor = h_c
         feats = None
         if conf:
-            anchor, feats = _confidence_nodes(gm, graph, c, h_c, info.last_output, routers,
-                                              device, idx_node, head_w, head_b, head_x, chain,
-                                              tag)
+            anchor = feats = _confidence_nodes(gm, graph, c, h_c, info.last_output, routers,
+                                               device, idx_node, head_w, head_b, head_x, chain,
+                                               tag)
         if state is None:
             init_args: tuple = (h_c,)
             if live:
