@@ -132,8 +132,10 @@ def test_compact_strategy_refuses_feature_routers(calibrated):
     from tide_compile.options import parse_options
 
     model, routers = calibrated
-    with pytest.raises(TIDEError, match="compact strategy"):
+    with pytest.raises(TIDEError, match="never compact"):
         tide_compile.optimize(model, routers, inductor=False, kv="propagate", strategy="compact")
+    with pytest.raises(TIDEError, match="never compact"):
+        tide_compile.optimize(model, routers, inductor=False, kv="propagate", compaction_threshold=0.5)
     assert parse_options({"routers": routers}).compaction == 0.0
 
 

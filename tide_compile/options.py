@@ -176,11 +176,12 @@ def parse_options(options: Mapping[str, Any] | TideOptions | None) -> TideOption
     if routers is not None and not isinstance(routers, RouterSet):
         raise TypeError(f"options['routers'] must be a RouterSet or a router file path, got "
                         f"{type(routers).__name__}")
-    if routers is not None and routers.successor is not None and options.get("strategy") == "compact":
+    if routers is not None and routers.successor is not None and (
+            options.get("strategy") == "compact" or options.get("compaction_threshold")):
         raise TIDEError(
             "routers with confidence features (RouterSet.features is "
-            f"{routers.features}) do not run the compact strategy: pass strategy='auto', "
-            "'skip' or 'frozen'")
+            f"{routers.features}) never compact: drop strategy='compact' and "
+            "compaction_threshold (auto, skip and frozen run them)")
     # Ranges are TIDEConfig's (one statement of them).
     for key in ("exit_threshold", "min_layers", "compaction_threshold"):
         if options.get(key) is not None:
