@@ -286,3 +286,33 @@ def test_lossless_with_features_equals_plain_greedy():
         want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
         assert torch.equal(fast.generate(ids, max_new_tokens=12, pad_token_id=0), want)
     assert fast.lossless_stats.drafted > 0, fast.lossless_stats.summary()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_one_compile_serves_many_shapes_with_features(arch):
+    """One compiled forward with feature routers (default strategy), fed prompts of several
+    lengths and batch sizes in one process: every step equals the reference, and the
+    decode steps skipped layers."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tide_compile import ExitStats
+    from tide_testing import compiled, model_for, run_both
+
+    model = model_for(arch)
+    routers = random_conf_routers(model, 41)
+    fn, stats = compiled(model, routers, exit_threshold=0.5)
+    seen = ExitStats(4)
+    shapes = set()
+
+    @settings(max_examples=4, database=None, derandomize=True, deadline=None)
+    @given(batch=st.integers(1, 3), prompt=st.integers(1, 6), seed=st.integers(0, 1000))
+    def prop(batch, prompt, seed):
+        shapes.add((batch, prompt))
+        for e in run_both(model, routers, fn, "static", batch, prompt, 2, 0.5, seed):
+            seen.record(e)
+
+    prop()
+    assert len({b for b, _ in shapes}) >= 2 and len({p for _, p in shapes}) >= 2, shapes
+    assert stats.exits_per_layer == seen.exits_per_layer and seen.exit_rate > 0
+    assert stats.layers_executed < 4 * stats.total_tokens  # layers were really skipped
