@@ -7,6 +7,11 @@ Fixed-shape rows, all in one process on one GPU, same prompt, same StaticCache s
   in a hand decode loop on a StaticCache (cudagraph_mark_step_begin + clone per step).
 * ``tide_never``: the tide backend (skip strategy, segments captured as CUDA graphs) with
   routers that never exit: the overhead of the checkpoints.
+* ``tide_never_exit_conf<k>`` (``--rows ...,never_conf``): never-exit routers that read the
+  confidence features over ``--confidence-k`` candidates (``RouterSet.forced(...,
+  confidence_k=k)``): at every checkpoint the graph also gathers ``k`` rows of ``lm_head``
+  per token and computes the five feature columns. Its ratio minus ``tide_never_exit``'s,
+  over the checkpoints, is the features' cost per checkpoint.
 * ``tide_exit@d``: tide with ``RouterSet.forced`` exiting every token after ``d`` layers.
 
 The tide rows and the Inductor row use the same decode loop; prefill runs eagerly on the
@@ -368,8 +373,12 @@ def main() -> None:
                     help="tide backend option: route/exit-select as Inductor-fused composites "
                          "or hand Triton kernels")
     ap.add_argument("--rows", default="eager,inductor,never,exits",
-                    help="comma list of: eager, inductor, never, exits")
+                    help="comma list of: eager, inductor, never, never_conf (never-exit "
+                         "routers that read the confidence features, --confidence-k "
+                         "candidates), exits")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--confidence-k", type=int, default=64,
+                    help="candidates per token of the never_conf row's confidence features")
     ap.add_argument("--inductor-config", default="",
                     help="Inductor config patches for the tide rows, key=value comma list "
                          "(e.g. combo_kernels=1: horizontal fusion of the KV-fill's small kernels)")
@@ -485,11 +494,11 @@ def main() -> None:
 
     graphed = record_graphed_runners() if args.breakdown and device == "cuda" else []
 
-    def tide_row(name, exit_at):
+    def tide_row(name, exit_at, confidence_k=None):
         if time.time() - start > args.time_budget:
             print(f"# skipped {name}: time budget", flush=True)
             return
-        routers = RouterSet.forced(model, exit_at=exit_at, config=cfg)
+        routers = RouterSet.forced(model, exit_at=exit_at, config=cfg, confidence_k=confidence_k)
         t0 = time.time()
         graphed.clear()
         if gen_loop:
@@ -547,6 +556,8 @@ def main() -> None:
 
     if "never" in wanted:
         tide_row("tide_never_exit", None)
+    if "never_conf" in wanted:
+        tide_row(f"tide_never_exit_conf{args.confidence_k}", None, args.confidence_k)
     if "exits" in wanted:
         depths = [int(d) for d in args.depths.split(",") if d] or [c + 1 for c in checkpoints]
         for d in depths:

@@ -316,3 +316,42 @@ def test_one_compile_serves_many_shapes_with_features(arch):
     assert len({b for b, _ in shapes}) >= 2 and len({p for _, p in shapes}) >= 2, shapes
     assert stats.exits_per_layer == seen.exits_per_layer and seen.exit_rate > 0
     assert stats.layers_executed < 4 * stats.total_tokens  # layers were really skipped
+
+
+@pytest.mark.parametrize("exit_at", [None, 1])
+def test_forced_routers_with_features_compute_them_and_keep_the_forced_exits(exit_at, monkeypatch):
+    """``RouterSet.forced(..., confidence_k=k)`` (the benchmarks' feature-cost rows): the
+    compiled graph computes the features at every checkpoint of every step (a spy on the
+    feature route), and the exits are the forced ones, equal to the reference."""
+    from tide_compile.passes import insert
+    from tide_testing import CFG, compiled, model_for, run_both
+
+    calls = []
+    real = insert.route_features_reference
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(insert, "route_features_reference", spy)
+    model = model_for("llama")
+    routers = RouterSet.forced(model, exit_at, CFG, confidence_k=5)
+    assert routers.features == ("rms", "conf") and routers.confidence_k == 5
+    assert torch.equal(routers.successor[3], torch.tensor([4, 5, 6, 7, 8]))
+    fn, stats = compiled(model, routers, exit_threshold=0.5, strategy="skip")
+    steps = run_both(model, routers, fn, "static", 2, 3, 2, 0.5, 3)
+    depth = 4 if exit_at is None else exit_at + 1
+    assert stats.layers_executed == depth * stats.total_tokens and stats.total_tokens == 2 * 5
+    if exit_at is not None:
+        assert all(bool((e == exit_at).all()) for e in steps)
+    checkpoints = len(CFG.checkpoint_layers(4))
+    # prefill + 2 decode steps; a forced exit at layer 1 leaves no checkpoint after it to score
+    per_step = checkpoints if exit_at is None else CFG.checkpoint_layers(4).index(exit_at) + 1
+    assert len(calls) == 3 * per_step
+
+
+def test_forced_confidence_k_is_checked():
+    from tide_testing import CFG, model_for
+
+    with pytest.raises(TIDEError, match="confidence_k"):
+        RouterSet.forced(model_for("llama"), None, CFG, confidence_k=1)

@@ -296,21 +296,37 @@ class RouterSet(nn.Module):
         model: nn.Module,
         exit_at: int | None,
         config: TIDEConfig | None = None,
+        *,
+        confidence_k: int | None = None,
     ) -> "RouterSet":
         """Routers at the config's checkpoints that exit every token at ``exit_at``.
 
         Scores are exactly 1.0 at ``exit_at`` and exactly 0.0 elsewhere, so every token
         exits there for any ``exit_threshold < 1``. ``exit_at=None`` never exits. For
         tests and benchmarks.
+
+        ``confidence_k``: the routers read the confidence features (``rms+conf``) over a
+        successor table of that many candidates, so the compiled path computes them at
+        every checkpoint (``k`` rows of ``lm_head`` per token) and the cost of the
+        features can be measured. The feature weights are zero and the table holds
+        ``(t + 1 + j) % vocab`` for token ``t``: the decisions stay the forced ones.
         """
         config = config or TIDEConfig()
         p = probe(model)
         layers = config.checkpoint_layers(p.num_layers)
         if exit_at is not None and exit_at not in layers:
             raise TIDEError(f"exit_at={exit_at} is not a checkpoint; checkpoints are {layers}")
+        successor = None
+        if confidence_k is not None:
+            if not (isinstance(confidence_k, int) and 2 <= confidence_k <= p.vocab_size):
+                raise TIDEError(f"confidence_k must be an int in [2, vocab_size={p.vocab_size}], "
+                                f"got {confidence_k!r}")
+            successor = (torch.arange(p.vocab_size)[:, None]
+                         + torch.arange(1, confidence_k + 1)) % p.vocab_size
         routers: dict[int, TokenRouter] = {}
         for c in layers:
-            r = TokenRouter(p.hidden_size, config.router_bottleneck_dim)
+            r = TokenRouter(p.hidden_size, config.router_bottleneck_dim,
+                            feature_dim=0 if successor is None else len(COLUMNS))
             with torch.no_grad():
                 for param in r.parameters():
                     param.zero_()
@@ -321,7 +337,9 @@ class RouterSet(nn.Module):
             routers,
             model_info=_fingerprint(p),
             config=config,
-            calibration={"kind": "forced", "exit_at": exit_at},
+            calibration={"kind": "forced", "exit_at": exit_at,
+                         **({} if successor is None else {"confidence_k": confidence_k})},
+            successor=successor,
         ).to(device)
 
     # ------------------------------------------------------------------ quality
