@@ -355,3 +355,19 @@ def test_forced_confidence_k_is_checked():
 
     with pytest.raises(TIDEError, match="confidence_k"):
         RouterSet.forced(model_for("llama"), None, CFG, confidence_k=1)
+
+
+def test_feature_top_two_equal_topk_with_ties():
+    """The features take the top two by masked maxima (one fused reduction on CUDA), equal
+    bit for bit to ``topk(2)``, also where logits tie."""
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 5, 64):
+        z = torch.cat([torch.randn(40, k, generator=g) * 5,
+                       torch.randint(-2, 2, (40, k), generator=g).float(),  # many ties
+                       torch.full((1, k), 3.0)])
+        f = confidence_features(z)
+        logp = torch.log_softmax(z, -1)
+        top_p, top_z = logp.exp().topk(2, -1).values, z.topk(2, -1).values
+        assert torch.equal(f[:, 0], top_p[:, 0]) and torch.equal(f[:, 1], top_p[:, 0] - top_p[:, 1])
+        assert torch.equal(f[:, 3], top_z[:, 0]) and torch.equal(f[:, 4], top_z[:, 0] - top_z[:, 1])
+        assert (f[-1, [1, 4]] == 0).all()  # all tied: no margin

@@ -92,11 +92,16 @@ def confidence_features(z: torch.Tensor) -> torch.Tensor:
     k = z.shape[-1]
     logp = torch.log_softmax(z, dim=-1)
     p = logp.exp()
-    top_p = p.topk(2, dim=-1).values
-    top_z = z.topk(2, dim=-1).values
+    # The top two by a max and a max with the first's position masked, not topk: the same
+    # values (ties included; softmax keeps the order), and reductions that Inductor fuses
+    # into the softmax's kernels instead of a topk call per tensor.
+    first = torch.nn.functional.one_hot(z.argmax(-1), k).bool()
+    z1 = z.amax(-1)
+    z2 = z.masked_fill(first, -math.inf).amax(-1)
+    p1 = p.amax(-1)
+    p2 = p.masked_fill(first, -math.inf).amax(-1)
     entropy = -(p * logp).sum(-1) / math.log(k)
-    return torch.stack([top_p[..., 0], top_p[..., 0] - top_p[..., 1], entropy,
-                        top_z[..., 0], top_z[..., 0] - top_z[..., 1]], dim=-1)
+    return torch.stack([p1, p1 - p2, entropy, z1, z1 - z2], dim=-1)
 
 
 def head_confidence(x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
