@@ -371,3 +371,31 @@ def test_feature_top_two_equal_topk_with_ties():
         assert torch.equal(f[:, 0], top_p[:, 0]) and torch.equal(f[:, 1], top_p[:, 0] - top_p[:, 1])
         assert torch.equal(f[:, 3], top_z[:, 0]) and torch.equal(f[:, 4], top_z[:, 0] - top_z[:, 1])
         assert (f[-1, [1, 4]] == 0).all()  # all tied: no margin
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_triton_kernels_route_features_through_the_fused_op(arch, monkeypatch):
+    """``kernels="triton"``: the graph hands the candidate logits to ``tide::route_conf_fused``
+    (one launch on CUDA, the features in registers; here its CPU body, spied), and the
+    outputs and exits equal the reference."""
+    from tide_compile import ExitStats
+    from tide_compile.kernels import route_triton as RT
+    from tide_testing import compiled, model_for, run_both, skip_layers_executed
+
+    calls = []
+    real = RT.route_conf_reference
+
+    def spy(h, zc, *rest):
+        calls.append(zc.shape[-1])
+        return real(h, zc, *rest)
+
+    monkeypatch.setattr(RT, "route_conf_reference", spy)
+    model = model_for(arch)
+    routers = random_conf_routers(model, 11)
+    fn, stats = compiled(model, routers, exit_threshold=0.5, strategy="skip", kernels="triton")
+    steps = run_both(model, routers, fn, "static", 2, 3, 3, 0.5, 5)
+    ref = ExitStats(4)
+    ref.record(torch.cat(steps, 1))
+    assert stats.exits_per_layer == ref.exits_per_layer and ref.exit_rate > 0
+    assert stats.layers_executed == sum(skip_layers_executed(e, 4) for e in steps)
+    assert calls and set(calls) == {routers.confidence_k}

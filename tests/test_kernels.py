@@ -40,6 +40,10 @@ ROUTE_SHAPES = [(1, 1, 1), (3, 33, 7), (2, 130, 64), (5, 33, 1), (1, 130, 7), (2
 SELECT_SHAPES = [(1, 1), (3, 33), (4, 130), (2, 1030)]
 
 ROUTE_CASES = [f"route-{m}x{h}x{b}-{dt}" for (m, h, b) in ROUTE_SHAPES for dt in DTYPES]
+# The route with confidence features from C candidate logits: (rows, hidden, bottleneck, C).
+CONF_SHAPES = [(1, 33, 7, 2), (3, 130, 64, 5), (2, 33, 7, 64), (20, 33, 7, 9)]
+CONF_CASES = [f"conf-{m}x{h}x{b}x{c}-{dt}" for (m, h, b, c) in CONF_SHAPES
+              for dt in ("float32", "bfloat16")]
 SELECT_CASES = [f"select-{m}x{h}-{dt}" for (m, h) in SELECT_SHAPES for dt in DTYPES] \
     + ["select-3x33-mixed"]
 
@@ -62,7 +66,7 @@ _SCRIPT = textwrap.dedent(r'''
         b2 = torch.randn(1, generator=g) * 0.3
         return w1, b1, w2, b2
 
-    def route_case(name, M, H, B, dt, seed):
+    def route_case(name, M, H, B, dt, seed, C=None):
         g = torch.Generator().manual_seed(seed)
         dtype = getattr(torch, dt)
         # A residual stream: unit-scale noise plus a few large channels.
@@ -70,8 +74,19 @@ _SCRIPT = textwrap.dedent(r'''
         h[:, : max(1, H // 16)] *= 20
         h = h.to(dtype)
         w1, b1, w2, b2 = router(H, B, g)
-        s64 = RT.route_score_reference(h.double(), w1.double(), b1.double(), w2.double(),
-                                       b2.double(), 1e-6)
+        conf = {}
+        if C is None:
+            s64 = RT.route_score_reference(h.double(), w1.double(), b1.double(), w2.double(),
+                                           b2.double(), 1e-6)
+        else:
+            from tide_compile.confidence import confidence_features
+            from tide_compile.kernels.ops import _score
+            zc = torch.randn(M, C, generator=g) * 4
+            zc[0, :2] = zc[0].max() + 1  # a tie for the top
+            wf = torch.randn(B, 5, generator=g) * 0.05 / B ** 0.5
+            conf = dict(zc=zc, wf=wf)
+            s64 = _score(h.double(), w1.double(), b1.double(), w2.double(), b2.double(), 1e-6,
+                         confidence_features(zc).double(), wf.double())
         # Threshold between two scores, away from every score: decisions are exact.
         srt = sorted(s64.tolist())
         gaps = [(srt[i + 1] - srt[i], i) for i in range(len(srt) - 1)]
@@ -85,9 +100,14 @@ _SCRIPT = textwrap.dedent(r'''
         exit_layer = torch.where(exited, torch.tensor(2), torch.tensor(-1))
         score = torch.full((M,), float("nan"))
         out = RT.route_triton(h, exited, frozen, exit_layer, w1, b1, w2, b2, thr, 7, 1e-6,
-                              score=score)
-        ref = RT.route_reference(h, exited, frozen, exit_layer, w1.double(), b1.double(),
-                                 w2.double(), b2.double(), thr, 7, 1e-6)
+                              score=score, **conf)
+        if C is None:
+            ref = RT.route_reference(h, exited, frozen, exit_layer, w1.double(), b1.double(),
+                                     w2.double(), b2.double(), thr, 7, 1e-6)
+        else:
+            ref = RT.route_conf_reference(h, conf["zc"], exited, frozen, exit_layer,
+                                          w1.double(), b1.double(), conf["wf"].double(),
+                                          w2.double(), b2.double(), thr, 7, 1e-6)
         return dict(case=name, score_rel=rel(score, s64), finite=bool(score.isfinite().all()),
                     margin=min(gap / 2, min(abs(s - thr) for s in srt)),
                     smin=min(srt), smax=max(srt),
@@ -123,6 +143,9 @@ _SCRIPT = textwrap.dedent(r'''
             if parts[0] == "route":
                 M, H, B = map(int, parts[1].split("x"))
                 res = route_case(name, M, H, B, parts[2], seed)
+            elif parts[0] == "conf":
+                M, H, B, C = map(int, parts[1].split("x"))
+                res = route_case(name, M, H, B, parts[2], seed, C)
             else:
                 M, H = map(int, parts[1].split("x"))
                 res = select_case(name, M, H, parts[2], seed)
@@ -137,7 +160,7 @@ def interpreted():
     """Run every interpreter case in one subprocess; results by case name."""
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
-    cases = ROUTE_CASES + SELECT_CASES
+    cases = ROUTE_CASES + CONF_CASES + SELECT_CASES
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(cases)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     results = {}
@@ -166,9 +189,20 @@ def test_route_kernel_interpreted(interpreted, case):
     assert r["exited_eq"] and r["layer_eq"] and r["frozen_eq"] and r["dtypes_ok"], r
 
 
+@pytest.mark.parametrize("case", CONF_CASES)
+def test_route_kernel_with_confidence_features_interpreted(interpreted, case):
+    """The fused route of a router that reads the confidence features: the five columns
+    computed in the kernel from the candidate logits (a tie for the top included), equal
+    to the reference's score and decisions."""
+    r = _result(interpreted, case)
+    assert r["finite"]
+    assert r["score_rel"] < 1e-5, r
+    assert r["exited_eq"] and r["layer_eq"] and r["frozen_eq"] and r["dtypes_ok"], r
+
+
 def test_route_cases_are_not_saturated(interpreted):
     """The router scales are realistic: scores spread inside (0, 1), tokens do exit."""
-    rs = [_result(interpreted, c) for c in ROUTE_CASES]
+    rs = [_result(interpreted, c) for c in ROUTE_CASES + CONF_CASES]
     assert all(0.005 < r["smin"] and r["smax"] < 0.995 for r in rs), rs
     assert sum(r["new_exits"] for r in rs) > 0
 
@@ -213,6 +247,10 @@ def test_fused_ops_opcheck():
     args = _route_inputs(4, 16, 5, torch.float32)
     torch.library.opcheck(torch.ops.tide.route_fused.default, (*args, 0.5, 3, 1e-6))
     torch.library.opcheck(torch.ops.tide.exit_select_fused.default, (args[1], args[2], args[0]))
+    h, exited, frozen, exit_layer, w1, b1, w2, b2 = args
+    zc, wf = torch.randn(4, 6), torch.randn(5, 5) * 0.1
+    torch.library.opcheck(torch.ops.tide.route_conf_fused.default,
+                          (h, zc, exited, frozen, exit_layer, w1, b1, wf, w2, b2, 0.5, 3, 1e-6))
 
 
 def test_fused_ops_gradients_equal_the_references():
@@ -350,6 +388,43 @@ def test_route_kernel_gpu(rows, dtype):
     assert torch.equal(score, score2)
     # The op on CUDA is the kernel.
     got = torch.ops.tide.route_fused(*args, thr, 5, 1e-6)
+    for a, b in zip(got, out):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 333])
+def test_route_conf_kernel_gpu(rows, dtype):
+    """The fused route with confidence features (64 candidate logits) at the 8B router's
+    sizes: scores and decisions of the float64 reference, deterministic, and the op is
+    the kernel on CUDA."""
+    from tide_compile.confidence import confidence_features
+    from tide_compile.kernels.ops import _score
+    from tide_compile.kernels.route_triton import route_conf_reference, route_triton
+
+    H, B, C = 4096, 128, 64
+    h, exited, frozen, exit_layer, w1, b1, w2, b2 = _route_inputs(rows, H, B, dtype, "cuda", rows)
+    g = torch.Generator(device="cpu").manual_seed(100 + rows)
+    zc = (torch.randn(rows, C, generator=g) * 4).cuda()
+    wf = (torch.randn(B, 5, generator=g) * 0.05 / B ** 0.5).cuda()
+    s64 = _score(h.double(), w1.double(), b1.double(), w2.double(), b2.double(), 1e-6,
+                 confidence_features(zc).double(), wf.double())
+    thr = s64.median().item() if rows > 1 else s64.item() - 0.05
+    score = torch.full((rows,), float("nan"), device="cuda")
+    args = (h, exited, frozen, exit_layer, w1, b1, w2, b2, thr, 5, 1e-6)
+    out = route_triton(*args, score=score, zc=zc, wf=wf)
+    assert score.isfinite().all() and _rel(score, s64) < 1e-5
+    ref = route_conf_reference(h, zc, exited, frozen, exit_layer, w1.double(), b1.double(),
+                               wf.double(), w2.double(), b2.double(), thr, 5, 1e-6)
+    sure = (s64 - thr).abs() > 1e-5
+    for i in range(3):
+        assert torch.equal(out[i][sure], ref[i].to(out[i].dtype)[sure])
+    score2 = torch.empty_like(score)
+    route_triton(*args, score=score2, zc=zc, wf=wf)
+    assert torch.equal(score, score2)
+    got = torch.ops.tide.route_conf_fused(h, zc, exited, frozen, exit_layer, w1, b1, wf, w2, b2,
+                                          thr, 5, 1e-6)
     for a, b in zip(got, out):
         assert torch.equal(a, b)
 

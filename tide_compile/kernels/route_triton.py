@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import torch
 
-from .ops import route_reference
+import math
+
+from ..confidence import confidence_features
+from .ops import route_features_reference, route_reference
 
 try:
     import triton
@@ -42,7 +45,12 @@ try:
 except ImportError:  # pragma: no cover - platforms without triton
     HAS_TRITON = False
 
-__all__ = ["route_fused", "route_triton", "route_reference", "route_score_reference", "HAS_TRITON"]
+__all__ = ["route_fused", "route_conf_fused", "route_triton", "route_reference",
+           "route_conf_reference", "route_score_reference", "MAX_CONF_CANDIDATES", "HAS_TRITON"]
+
+#: The most candidates per token the fused kernel reads in registers (``BLOCK_C``); routers
+#: with more take the composite route.
+MAX_CONF_CANDIDATES = 1024
 
 
 if HAS_TRITON:
@@ -53,11 +61,13 @@ if HAS_TRITON:
         w1_ptr, b1_ptr, w2_ptr, b2_ptr,
         exited_out_ptr, frozen_out_ptr, exit_layer_out_ptr,
         partial_ptr, ticket_ptr, score_ptr,
-        M, H, B,
-        stride_h, stride_f, stride_fo, stride_w1,
-        threshold, layer, eps,
+        zc_ptr, wf_ptr,
+        M, H, B, C,
+        stride_h, stride_f, stride_fo, stride_w1, stride_zc,
+        threshold, layer, eps, inv_log_c,
         BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
         USE_DOT: tl.constexpr, WRITE_SCORE: tl.constexpr,
+        HAS_CONF: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_b = tl.program_id(1)
@@ -89,6 +99,28 @@ if HAS_TRITON:
         b1 = tl.load(b1_ptr + bs, mask=b_ok, other=0.0).to(tl.float32)
         w2 = tl.load(w2_ptr + bs, mask=b_ok, other=0.0).to(tl.float32)
         z = acc * rstd[:, None] + b1[None, :]
+        if HAS_CONF:
+            # The confidence columns of the candidate logits zc (C per row), computed by
+            # every b-block for its rows (C floats a row), then wf @ f.
+            cs = tl.arange(0, BLOCK_C)
+            c_ok = cs < C
+            zc = tl.load(zc_ptr + rows64[:, None] * stride_zc + cs[None, :],
+                         mask=row_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            zc = tl.where(c_ok[None, :], zc, float("-inf"))
+            z1 = tl.max(zc, axis=1)
+            lse = z1 + tl.log(tl.sum(tl.exp(zc - z1[:, None]), axis=1))
+            logp = zc - lse[:, None]
+            ent = -tl.sum(tl.where(c_ok[None, :], tl.exp(logp) * logp, 0.0), axis=1) * inv_log_c
+            first = tl.argmax(zc, axis=1)
+            z2 = tl.max(tl.where(cs[None, :] == first[:, None], float("-inf"), zc), axis=1)
+            p1 = tl.exp(z1 - lse)
+            p2 = tl.exp(z2 - lse)
+            wf = wf_ptr + bs * 5  # [B, 5] contiguous: confidence.COLUMNS
+            z += p1[:, None] * tl.load(wf, mask=b_ok, other=0.0)[None, :]
+            z += (p1 - p2)[:, None] * tl.load(wf + 1, mask=b_ok, other=0.0)[None, :]
+            z += ent[:, None] * tl.load(wf + 2, mask=b_ok, other=0.0)[None, :]
+            z += z1[:, None] * tl.load(wf + 3, mask=b_ok, other=0.0)[None, :]
+            z += (z1 - z2)[:, None] * tl.load(wf + 4, mask=b_ok, other=0.0)[None, :]
         act = z * tl.sigmoid(z)  # silu; masked units contribute w2 = 0
         part = tl.sum(act * w2[None, :], axis=1)
         tl.store(partial_ptr + pid_b * M + rows64, part, mask=row_ok)
@@ -148,7 +180,7 @@ def _blocks(m: int | torch.SymInt, h: int, b: int) -> tuple[int, int, int, bool]
 
 
 def _launch_route(kernel, h, exited, frozen, exit_layer, w1, b1, w2, b2,
-                  threshold, layer, eps, score=None):
+                  threshold, layer, eps, score=None, zc=None, wf=None):
     H = h.shape[-1]
     lead = h.shape[:-1]
     h2 = h.reshape(-1, H)
@@ -169,33 +201,56 @@ def _launch_route(kernel, h, exited, frozen, exit_layer, w1, b1, w2, b2,
     grid = (triton.cdiv(M, block_m), triton.cdiv(B, block_b))
     partial = torch.empty((grid[1], M), dtype=torch.float32, device=h.device)
     tickets = torch.zeros((grid[0],), dtype=torch.int32, device=h.device)
+    if zc is None:
+        z2, wfc, C = partial, partial, 2
+    else:
+        C = zc.shape[-1]
+        z2 = zc.reshape(-1, C)
+        if z2.stride(-1) != 1:
+            z2 = z2.contiguous()
+        wfc = wf.contiguous()
     kernel[grid](
         h2, ex, f2, el, w1c, b1c, w2c, b2c,
         exited_out, frozen_out, exit_layer_out, partial, tickets,
         partial if score is None else score.view(-1),
-        M, H, B, h2.stride(0), f2.stride(0), frozen_out.stride(0), w1c.stride(0),
-        float(threshold), int(layer), float(eps),
+        z2, wfc,
+        M, H, B, C, h2.stride(0), f2.stride(0), frozen_out.stride(0), w1c.stride(0),
+        z2.stride(0), float(threshold), int(layer), float(eps), 1.0 / math.log(C),
         BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_K=block_k, USE_DOT=use_dot,
-        WRITE_SCORE=score is not None, num_warps=4,
+        WRITE_SCORE=score is not None, HAS_CONF=zc is not None,
+        BLOCK_C=_pow2(C) if zc is not None else 2, num_warps=4,
     )
     return (exited_out.reshape(lead), frozen_out.reshape(frozen.shape),
             exit_layer_out.reshape(lead))
 
 
 def route_triton(h, exited, frozen, exit_layer, w1, b1, w2, b2, threshold, layer, eps,
-                 score=None):
+                 score=None, zc=None, wf=None):
     """Launch the fused route kernel directly (also under ``TRITON_INTERPRET=1``).
 
     Same arguments and results as :func:`route_reference`; ``h`` of any float dtype,
     router weights float32 (computed in float32 regardless). Launches on the current
     stream (Triton's default). ``score``: an optional float32 tensor shaped like
-    ``exited`` that receives the scores (for tests and statistics).
+    ``exited`` that receives the scores (for tests and statistics). ``zc`` (candidate
+    logits, ``[..., C]``) and ``wf`` (``[B, 5]``): a router that reads the confidence
+    features, as :func:`route_conf_reference`.
     """
     if h.numel() == 0:
+        if zc is not None:
+            return route_conf_reference(h, zc, exited, frozen, exit_layer, w1, b1, wf, w2, b2,
+                                        threshold, layer, eps)
         return route_reference(h, exited, frozen, exit_layer, w1, b1, w2, b2,
                                threshold, layer, eps)
     return _launch_route(_route_fused_kernel, h, exited, frozen, exit_layer, w1, b1, w2,
-                         b2, threshold, layer, eps, score)
+                         b2, threshold, layer, eps, score, zc, wf)
+
+
+def route_conf_reference(h, zc, exited, frozen, exit_layer, w1, b1, wf, w2, b2, threshold,
+                         layer, eps):
+    """:func:`~.ops.route_features_reference` with the features computed from the candidate
+    logits ``zc`` (:func:`~tide_compile.confidence.confidence_features`)."""
+    return route_features_reference(h, confidence_features(zc), exited, frozen, exit_layer,
+                                     w1, b1, wf, w2, b2, threshold, layer, eps)
 
 
 def route_score_reference(h, w1, b1, w2, b2, eps):
@@ -255,3 +310,48 @@ def _route_backward(ctx, g_exited, g_frozen, g_exit_layer):
 # Autograd as the reference's for the states (frozen <- h where a token exits now); the
 # exit decision itself is a threshold, so the router weights get no gradient.
 route_fused.register_autograd(_route_backward, setup_context=_route_setup)
+
+
+def _route_conf_fused_body(
+    h: torch.Tensor, zc: torch.Tensor, exited: torch.Tensor, frozen: torch.Tensor,
+    exit_layer: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, wf: torch.Tensor,
+    w2: torch.Tensor, b2: torch.Tensor, threshold: float, layer: int, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if h.device.type != "cuda" or h.numel() == 0:
+        return route_conf_reference(h, zc, exited, frozen, exit_layer, w1, b1, wf, w2, b2,
+                                    threshold, layer, eps)
+    from torch.library import wrap_triton
+
+    return _launch_route(wrap_triton(_route_fused_kernel), h, exited, frozen, exit_layer,
+                         w1, b1, w2, b2, threshold, layer, eps, None, zc, wf)
+
+
+# ``tide::route_conf_fused``: the route of a router that reads the confidence features,
+# from the candidate logits, in the same one launch (the features in registers).
+if HAS_TRITON:
+    route_conf_fused = torch.library.triton_op("tide::route_conf_fused", _route_conf_fused_body,
+                                               mutates_args=())
+else:  # pragma: no cover
+    route_conf_fused = torch.library.custom_op("tide::route_conf_fused", _route_conf_fused_body,
+                                               mutates_args=())
+    route_conf_fused.register_fake(
+        lambda h, zc, exited, frozen, exit_layer, *rest: (torch.empty_like(exited),
+                                                          torch.empty_like(frozen),
+                                                          torch.empty_like(exit_layer)))
+
+
+def _route_conf_setup(ctx, inputs, output) -> None:
+    h, _, exited, frozen = inputs[:4]
+    ctx.save_for_backward(exited, output[0])
+    ctx.dtypes = (h.dtype, frozen.dtype)
+
+
+def _route_conf_backward(ctx, g_exited, g_frozen, g_exit_layer):
+    grads = list(_route_backward(ctx, g_exited, g_frozen, g_exit_layer))
+    # inputs (h, zc, exited, frozen, ...): the states' grads at 0 and 3
+    out: list = [None] * 13
+    out[0], out[3] = grads[0], grads[2]
+    return tuple(out)
+
+
+route_conf_fused.register_autograd(_route_conf_backward, setup_context=_route_conf_setup)

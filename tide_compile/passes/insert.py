@@ -46,9 +46,10 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..confidence import head_confidence
+from ..confidence import candidate_logits, head_confidence
 from ..kernels import exit_select_op, route_op
 from ..kernels.ops import route_features_reference
+from ..kernels.route_triton import MAX_CONF_CANDIDATES
 from ._fx import PassError, example_value
 from .layers import META_KEY, LayerInfo
 
@@ -193,10 +194,11 @@ def _input(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
 def _confidence_nodes(gm: fx.GraphModule, graph: fx.Graph, c: int, h_c: fx.Node, last: fx.Node,
                       routers: "RouterSet", device: torch.device | None, idx_node: fx.Node,
                       head_w: fx.Node, head_b: object, head_x: fx.Node, chain: list[fx.Node],
-                      tag) -> fx.Node:
+                      tag, logits_only: bool = False) -> fx.Node:
     """After ``h_c``: ``E_c(h_c)``, a copy of the final-norm chain (``last`` -> ``head_x``)
-    on it, and the confidence features of ``lm_head`` over the candidates. Returns the
-    features node, the last one inserted."""
+    on it, and the confidence features of ``lm_head`` over the candidates (only their
+    logits with ``logits_only``: the fused route computes the features). Returns that
+    node, the last one inserted."""
     anchor = state = h_c
     proj = routers.exit_projection(c)
     if proj is not None:
@@ -212,6 +214,8 @@ def _confidence_nodes(gm: fx.GraphModule, graph: fx.Graph, c: int, h_c: fx.Node,
             anchor = tag(graph.node_copy(n, lambda a: env.get(a, a)), c)
         env[n] = anchor
     with graph.inserting_after(anchor):
+        if logits_only:
+            return tag(graph.call_function(candidate_logits, (head_w, env[head_x], idx_node, head_b)), c)
         return tag(graph.call_function(head_confidence, (env[head_x], head_w, idx_node, head_b)), c)
 
 
@@ -280,6 +284,8 @@ def insert_exits(
     state_by_layer: dict[int, tuple[fx.Node, fx.Node, fx.Node]] = {}
     route_end: dict[int, fx.Node] = {}
     conf = routers.successor is not None
+    # The hand kernel computes the features from the candidate logits in the route's launch.
+    fused_conf = conf and kernels == "triton" and routers.confidence_k <= MAX_CONF_CANDIDATES
     if conf:
         ids_node, (head_w, head_b), head_x, chain = _head_reader(graph, info, routers)
         successor = routers.successor
@@ -297,7 +303,7 @@ def insert_exits(
         if conf:
             anchor = feats = _confidence_nodes(gm, graph, c, h_c, info.last_output, routers,
                                                device, idx_node, head_w, head_b, head_x, chain,
-                                               tag)
+                                               tag, logits_only=fused_conf)
         if state is None:
             init_args: tuple = (h_c,)
             if live:
@@ -330,7 +336,12 @@ def insert_exits(
                     route_op(kernels),
                     (h_c, *state, *weights, float(threshold), int(c), float(r.eps)),
                 ), c)
-            else:  # the composite on every device (no hand kernel reads features yet)
+            elif fused_conf:  # feats: the candidate logits
+                route = tag(graph.call_function(
+                    torch.ops.tide.route_conf_fused.default,
+                    (h_c, feats, *state, *weights, float(threshold), int(c), float(r.eps)),
+                ), c)
+            else:
                 route = tag(graph.call_function(
                     route_features_reference,
                     (h_c, feats, *state, *weights, float(threshold), int(c), float(r.eps)),
