@@ -469,15 +469,20 @@ def first_exit_agreement(model, tokenizer, routers, text, threshold, *, window=1
     ]
     exited = agreed = total = 0
     per_layer = {c: 0 for c in routers.checkpoint_layers}
+    n = min(max_windows, len(ids) // window)
     try:
-        for w in range(min(max_windows, len(ids) // window)):
-            x = torch.tensor([[bos] + ids[w * window : (w + 1) * window]])
-            full = model(x).logits[0].argmax(-1)
+        for w0 in range(0, n, 32):  # 32 windows a forward: the same numbers, batched
+            x = torch.tensor([[bos] + ids[w * window : (w + 1) * window]
+                              for w in range(w0, min(n, w0 + 32))])
+            with torch.no_grad():
+                full = model(x).logits.argmax(-1)
             done = torch.zeros_like(full, dtype=torch.bool)
             for c in routers.checkpoint_layers:
-                h = states[c][0]
-                leave = (routers.score(c, h) > threshold) & ~done
-                top1 = p.head(routers.exit_state(c, h)).argmax(-1)
+                h = states[c]
+                with torch.no_grad():
+                    leave = (routers.score(c, h) > threshold) & ~done
+                with torch.no_grad():
+                    top1 = p.head(routers.exit_state(c, h)).argmax(-1)
                 agreed += int((top1 == full)[leave].sum())
                 exited += int(leave.sum())
                 per_layer[c] += int(leave.sum())
