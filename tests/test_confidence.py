@@ -95,6 +95,8 @@ def test_calibrated_routers_read_features_and_round_trip(calibrated, tmp_path):
     routers.save(path)
     loaded = RouterSet.load(path, model)
     assert loaded.features == ("rms", "conf") and torch.equal(loaded.successor, routers.successor)
+    assert loaded.successor.dtype == torch.int64
+    assert _read(path)[1]["candidates.successor"].dtype == torch.int32  # half the bytes on disk
     for key, value in routers.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     torch.testing.assert_close(loaded.score(c, h, loaded.confidence(c, h, ids, p)), score)
@@ -179,6 +181,15 @@ def test_bad_feature_files_and_arguments(calibrated, tok, lines, tmp_path):
     meta.pop("tensors_sha256", None)
     _write(path, meta, bad)
     with pytest.raises(RouterFileError, match="outside the vocabulary"):
+        RouterSet.load(path)
+    # The twelfth session's files stored the table as int64: they still load.
+    _write(path, meta, {**tensors, "candidates.successor": tensors["candidates.successor"].long()})
+    assert torch.equal(RouterSet.load(path).successor, routers.successor)
+    _write(path, meta, {**tensors, "candidates.successor": tensors["candidates.successor"].float()})
+    with pytest.raises(RouterFileError, match="token ids"):
+        RouterSet.load(path)
+    _write(path, meta, {**tensors, "routers.1.up.bias": torch.ones(1, dtype=torch.int32)})
+    with pytest.raises(RouterFileError, match="router weights are floats"):
         RouterSet.load(path)
     meta["router"]["features"] = ["rms", "entropy"]
     _write(path, meta, tensors)
