@@ -280,6 +280,21 @@ def test_fused_ops_gradients_equal_the_references():
         assert torch.equal(a, b)
     assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0
 
+    # The feature route: the same gradients for the states (zero feature weights keep the
+    # decisions); none for the candidate logits.
+    from tide_compile.kernels.route_triton import route_conf_reference
+
+    zc, wf = torch.randn(6, 4), torch.zeros(5, 5)
+    w1, b1, w2, b2 = args[4:]
+
+    def conf(route):
+        return lambda hh, ex, ff, el, *rest: route(hh, zc, ex, ff, el, w1, b1, wf, w2, b2, *rest[4:])
+
+    got_conf = grads(conf(torch.ops.tide.route_conf_fused), exit_select_reference)
+    ref_conf = grads(conf(route_conf_reference), exit_select_reference)
+    for a, b, c in zip(got_conf, ref_conf, ref):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
 
 @pytest.mark.parametrize("rows", [6, 40])
 def test_route_launch_keeps_a_symbolic_row_count_symbolic(rows):

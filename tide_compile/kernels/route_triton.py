@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+import inspect
 import math
 
 from ..confidence import confidence_features
@@ -277,41 +278,6 @@ def _route_fused_body(
                          w1, b1, w2, b2, threshold, layer, eps)
 
 
-if HAS_TRITON:
-    route_fused = torch.library.triton_op("tide::route_fused", _route_fused_body,
-                                          mutates_args=())
-else:  # pragma: no cover
-    route_fused = torch.library.custom_op("tide::route_fused", _route_fused_body,
-                                          mutates_args=())
-    route_fused.register_fake(
-        lambda h, exited, frozen, exit_layer, *rest: (torch.empty_like(exited),
-                                                      torch.empty_like(frozen),
-                                                      torch.empty_like(exit_layer)))
-
-
-def _route_setup(ctx, inputs, output) -> None:
-    h, exited, frozen = inputs[:3]
-    ctx.save_for_backward(exited, output[0])
-    ctx.dtypes = (h.dtype, frozen.dtype)
-
-
-def _route_backward(ctx, g_exited, g_frozen, g_exit_layer):
-    old, new = ctx.saved_tensors
-    h_dtype, frozen_dtype = ctx.dtypes
-    grads: list = [None] * 11
-    if g_frozen is not None:
-        mask = (new & ~old).unsqueeze(-1)
-        zero = torch.zeros((), dtype=g_frozen.dtype, device=g_frozen.device)
-        grads[0] = torch.where(mask, g_frozen, zero).to(h_dtype)
-        grads[2] = torch.where(mask, zero, g_frozen).to(frozen_dtype)
-    return tuple(grads)
-
-
-# Autograd as the reference's for the states (frozen <- h where a token exits now); the
-# exit decision itself is a threshold, so the router weights get no gradient.
-route_fused.register_autograd(_route_backward, setup_context=_route_setup)
-
-
 def _route_conf_fused_body(
     h: torch.Tensor, zc: torch.Tensor, exited: torch.Tensor, frozen: torch.Tensor,
     exit_layer: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, wf: torch.Tensor,
@@ -326,32 +292,41 @@ def _route_conf_fused_body(
                          w1, b1, w2, b2, threshold, layer, eps, None, zc, wf)
 
 
+def _define_route_op(name: str, body, state_at: int):
+    """``tide::<name>`` from ``body``: a ``triton_op`` where Triton is installed (Inductor sees
+    the kernel), else a custom op with a fake. ``exited, frozen, exit_layer`` are inputs
+    ``state_at ..`` (``h`` is input 0) and the three outputs.
+
+    Autograd as the reference's for the states (frozen <- h where a token exits now); the
+    exit decision itself is a threshold, so the router weights get no gradient.
+    """
+    if HAS_TRITON:
+        op = torch.library.triton_op(f"tide::{name}", body, mutates_args=())
+    else:  # pragma: no cover
+        op = torch.library.custom_op(f"tide::{name}", body, mutates_args=())
+        op.register_fake(lambda *a: tuple(torch.empty_like(t) for t in a[state_at:state_at + 3]))
+    num_inputs = len(inspect.signature(body).parameters)
+
+    def setup(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[state_at], output[0])
+        ctx.dtypes = (inputs[0].dtype, inputs[state_at + 1].dtype)
+
+    def backward(ctx, g_exited, g_frozen, g_exit_layer):
+        old, new = ctx.saved_tensors
+        h_dtype, frozen_dtype = ctx.dtypes
+        grads: list = [None] * num_inputs
+        if g_frozen is not None:
+            mask = (new & ~old).unsqueeze(-1)
+            zero = torch.zeros((), dtype=g_frozen.dtype, device=g_frozen.device)
+            grads[0] = torch.where(mask, g_frozen, zero).to(h_dtype)
+            grads[state_at + 1] = torch.where(mask, zero, g_frozen).to(frozen_dtype)
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup)
+    return op
+
+
+route_fused = _define_route_op("route_fused", _route_fused_body, 1)
 # ``tide::route_conf_fused``: the route of a router that reads the confidence features,
 # from the candidate logits, in the same one launch (the features in registers).
-if HAS_TRITON:
-    route_conf_fused = torch.library.triton_op("tide::route_conf_fused", _route_conf_fused_body,
-                                               mutates_args=())
-else:  # pragma: no cover
-    route_conf_fused = torch.library.custom_op("tide::route_conf_fused", _route_conf_fused_body,
-                                               mutates_args=())
-    route_conf_fused.register_fake(
-        lambda h, zc, exited, frozen, exit_layer, *rest: (torch.empty_like(exited),
-                                                          torch.empty_like(frozen),
-                                                          torch.empty_like(exit_layer)))
-
-
-def _route_conf_setup(ctx, inputs, output) -> None:
-    h, _, exited, frozen = inputs[:4]
-    ctx.save_for_backward(exited, output[0])
-    ctx.dtypes = (h.dtype, frozen.dtype)
-
-
-def _route_conf_backward(ctx, g_exited, g_frozen, g_exit_layer):
-    grads = list(_route_backward(ctx, g_exited, g_frozen, g_exit_layer))
-    # inputs (h, zc, exited, frozen, ...): the states' grads at 0 and 3
-    out: list = [None] * 13
-    out[0], out[3] = grads[0], grads[2]
-    return tuple(out)
-
-
-route_conf_fused.register_autograd(_route_conf_backward, setup_context=_route_conf_setup)
+route_conf_fused = _define_route_op("route_conf_fused", _route_conf_fused_body, 2)
