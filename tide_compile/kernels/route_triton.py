@@ -51,7 +51,7 @@ __all__ = ["route_fused", "route_conf_fused", "route_triton", "route_reference",
 
 #: The most candidates per token the fused kernel reads in registers (``BLOCK_C``); routers
 #: with more take the composite route.
-MAX_CONF_CANDIDATES = 1024
+MAX_CONF_CANDIDATES = 256
 
 
 if HAS_TRITON:
