@@ -410,3 +410,24 @@ def test_triton_kernels_route_features_through_the_fused_op(arch, monkeypatch):
     assert stats.exits_per_layer == ref.exits_per_layer and ref.exit_rate > 0
     assert stats.layers_executed == sum(skip_layers_executed(e, 4) for e in steps)
     assert calls and set(calls) == {routers.confidence_k}
+
+
+def test_more_candidates_than_the_kernel_holds_take_the_composite(monkeypatch):
+    """Past ``MAX_CONF_CANDIDATES`` the insert pass emits the composite feature route even
+    with ``kernels="triton"`` (here the limit is lowered below the routers' k = 6)."""
+    from tide_compile.kernels import route_triton as RT
+    from tide_compile.passes import insert
+    from tide_testing import compiled, model_for, run_both
+
+    fused, composite = [], []
+    real_fused, real_composite = RT.route_conf_reference, insert.route_features_reference
+    monkeypatch.setattr(RT, "route_conf_reference",
+                        lambda *a: fused.append(1) or real_fused(*a))
+    monkeypatch.setattr(insert, "route_features_reference",
+                        lambda *a: composite.append(1) or real_composite(*a))
+    monkeypatch.setattr(insert, "MAX_CONF_CANDIDATES", 4)
+    model = model_for("llama")
+    routers = random_conf_routers(model, 11)
+    fn, _ = compiled(model, routers, exit_threshold=0.5, strategy="skip", kernels="triton")
+    run_both(model, routers, fn, "static", 1, 3, 1, 0.5, 5)
+    assert composite and not fused
