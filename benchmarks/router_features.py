@@ -1223,6 +1223,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--combo-sets", type=_strs, default=["prev64", "succ64", "mix64", "succ8", "full"],
                     help="confidence sets also trained together with rms(h_c) (rms+conf routers)")
     ap.add_argument("--labels", type=_strs, default=list(LABELS))
+    ap.add_argument("--five-column-combos", action="store_true",
+                    help="also train each --combo-sets router on the five per-checkpoint columns "
+                         "only (rms+conf:<set>/5, what the runtime computes): the two columns "
+                         "that carry state across checkpoints measured by difference")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=1024, help="tokens per full-vocabulary head pass")
     ap.add_argument("--check-batches", type=int, default=1,
@@ -1336,6 +1340,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compute_features(p, ts, layers, args.chunk, args.progress, projections)
         log(f"features {ts.name}: {ts.n} tokens")
     timing["features_s"] = round(time.perf_counter() - t0, 1)
+    if args.five_column_combos:
+        # The runtime's router features: the five per-checkpoint columns only, without the
+        # two that carry state across checkpoints (agrees_prev_ckpt, agree_run).
+        for ts in [cal, *helds.values()]:
+            for c5 in args.combo_sets:
+                ts.feats[f"{c5}/5"] = ts.feats[c5][..., :5]
     lab_cal = labels(cal)
     lab_held = {d: labels(ts) for d, ts in helds.items()}
 
@@ -1345,6 +1355,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plan: list[tuple[str, str | None, bool]] = [("rms", None, False)]
     plan += [(f"conf:{s}", s, False) for s in conf_sets]
     plan += [(f"rms+conf:{s}", s, True) for s in args.combo_sets if s in conf_sets]
+    if args.five_column_combos:
+        plan += [(f"rms+conf:{s}/5", f"{s}/5", True) for s in args.combo_sets if s in conf_sets]
     variants: list[Variant] = []
     for label in args.labels:
         for name, conf, use_rms in plan:

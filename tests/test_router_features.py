@@ -49,7 +49,7 @@ def _run_tiny(out: Path, *extra: str) -> dict:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("router_features")
-    return out, _run_tiny(out, "--per-checkpoint-thresholds")
+    return out, _run_tiny(out, "--per-checkpoint-thresholds", "--five-column-combos")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,7 @@ def test_tiny_run(tiny_run):
     names = {(v["name"], v["label"]) for v in result["variants"]}
     assert ("rms", "agree") in names and ("conf:full", "agree") in names
     assert ("conf:succ8", "agree") in names and ("rms+conf:succ8", "agree") in names
+    assert ("rms+conf:succ8/5", "agree") in names  # --five-column-combos: the runtime's columns
     for v in result["variants"]:
         for d, r in v["domains"].items():
             for tgt in ("0.99", "0.95"):
