@@ -512,7 +512,7 @@ ROUTER_FILE_CASES = [
     ("weights changed", "do not match the checksum"),
     ("nan weights", "router weights at checkpoint 1 (routers.1.down.weight) hold NaN or Inf"),
     ("inf projection", "exit projection weights at checkpoint 0"),
-    ("tensor dtype int", "dtype 'I32'"),
+    ("tensor dtype int", "tensor routers.1.up.bias is I32; router weights are floats"),
 ]
 
 

@@ -58,9 +58,11 @@ def test_generate_keeps_skipping_for_every_shape(setup, dynamic):
         before = ExitStats(LAYERS)
         before.merge(stats)
         steps_before = dict(stats.steps_by_strategy)
-        got = fast.generate(ids, max_new_tokens=new, attention_mask=mask, pad_token_id=0)
+        # No end token (-1): every request decodes all its tokens, whatever the weights.
+        got = fast.generate(ids, max_new_tokens=new, attention_mask=mask, pad_token_id=0,
+                            eos_token_id=-1)
         ref = R.generate(model, routers, ids, new, attention_mask=mask, pad_token_id=0,
-                         cache="static")
+                         cache="static", eos_token_id=-1)
         where = f"prompt {prompt}, new {new}, batch {ids.shape[0]}"
         assert torch.equal(got, ref.sequences), where
         tokens = stats.total_tokens - before.total_tokens
