@@ -330,22 +330,16 @@ def insert_exits(
             node = _input(gm, f"tide_router_{c}_{suffix}", value)
             tag(node, c)
             weights.append(node)
+        if feats is None:
+            target, reads = route_op(kernels), ()
+        else:  # the fused op reads the candidate logits, the composite the features
+            target = (torch.ops.tide.route_conf_fused.default if fused_conf
+                      else route_features_reference)
+            reads = (feats,)
         with graph.inserting_after(anchor):
-            if feats is None:
-                route = tag(graph.call_function(
-                    route_op(kernels),
-                    (h_c, *state, *weights, float(threshold), int(c), float(r.eps)),
-                ), c)
-            elif fused_conf:  # feats: the candidate logits
-                route = tag(graph.call_function(
-                    torch.ops.tide.route_conf_fused.default,
-                    (h_c, feats, *state, *weights, float(threshold), int(c), float(r.eps)),
-                ), c)
-            else:
-                route = tag(graph.call_function(
-                    route_features_reference,
-                    (h_c, feats, *state, *weights, float(threshold), int(c), float(r.eps)),
-                ), c)
+            route = tag(graph.call_function(
+                target, (h_c, *reads, *state, *weights, float(threshold), int(c), float(r.eps)),
+            ), c)
         state, anchor = unpack(route, c)
         state_by_layer[c] = state
         route_end[c] = anchor
