@@ -299,11 +299,13 @@ def test_lossless_with_features_equals_plain_greedy():
     assert fast.lossless_stats.drafted > 0, fast.lossless_stats.summary()
 
 
+@pytest.mark.parametrize("kernels", ["auto", "triton"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_one_compile_serves_many_shapes_with_features(arch):
+def test_one_compile_serves_many_shapes_with_features(arch, kernels):
     """One compiled forward with feature routers (default strategy), fed prompts of several
     lengths and batch sizes in one process: every step equals the reference, and the
-    decode steps skipped layers."""
+    decode steps skipped layers. ``kernels="triton"``: the graph routes through
+    ``tide::route_conf_fused`` (its reference body on the CPU)."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -312,7 +314,7 @@ def test_one_compile_serves_many_shapes_with_features(arch):
 
     model = model_for(arch)
     routers = random_conf_routers(model, 41)
-    fn, stats = compiled(model, routers, exit_threshold=0.5)
+    fn, stats = compiled(model, routers, exit_threshold=0.5, kernels=kernels)
     seen = ExitStats(4)
     shapes = set()
 
